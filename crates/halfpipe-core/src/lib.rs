@@ -5,11 +5,14 @@
 //!
 //! - [`frame`]: the session frames and their codec, with a hard size limit.
 //! - [`record`]: the per-leg record layer (length header + AEAD with counter nonces).
-//! - [`handshake`]: the per-leg Noise IK handshake and its hello payload.
+//! - [`handshake`]: the per-leg Noise IK handshake and its hello payloads.
 //! - [`replay`]: the bounded replay cache for handshakes.
-//! - [`session`]: streams, sequence numbers, acks, retransmission and flow control.
 //! - [`target`]: destination addresses and connect outcomes.
 
+pub mod frame;
+pub mod handshake;
+pub mod record;
+pub mod replay;
 pub mod target;
 
 pub use target::{ConnectStatus, TargetAddr};

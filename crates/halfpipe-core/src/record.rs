@@ -1,0 +1,266 @@
+//! The per-leg record layer: `[length u32 BE][AEAD ciphertext][16-byte tag]`.
+//!
+//! Each leg carries records in one direction only, under a key from that leg's Noise
+//! handshake. Nonces are an explicit per-key counter (never random, never reused: the
+//! counter is refused past 2^64-1); the 4-byte length header is bound as associated data,
+//! so a record cannot be cut, grown or moved without the tag failing.
+
+use bytes::{Bytes, BytesMut};
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+
+use crate::frame::MAX_RECORD_PAYLOAD;
+
+/// Length of the record header.
+pub const HEADER_LEN: usize = 4;
+/// Length of the AEAD tag.
+pub const TAG_LEN: usize = 16;
+/// The largest value the length header may carry (payload plus tag).
+pub const MAX_RECORD_BODY: usize = MAX_RECORD_PAYLOAD + TAG_LEN;
+
+/// The AEAD used for records (and named in the Noise pattern).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CipherSuite {
+    /// AES-256-GCM: the default, fastest where AES instructions exist.
+    #[default]
+    Aes256Gcm,
+    /// ChaCha20-Poly1305: for machines without AES instructions.
+    ChaCha20Poly1305,
+}
+
+impl CipherSuite {
+    /// The wire value sent before the first handshake message.
+    pub fn id(self) -> u8 {
+        match self {
+            CipherSuite::Aes256Gcm => 1,
+            CipherSuite::ChaCha20Poly1305 => 2,
+        }
+    }
+
+    /// Decodes a wire value.
+    pub fn from_id(id: u8) -> Option<Self> {
+        match id {
+            1 => Some(CipherSuite::Aes256Gcm),
+            2 => Some(CipherSuite::ChaCha20Poly1305),
+            _ => None,
+        }
+    }
+
+    /// The name used in configuration files.
+    pub fn name(self) -> &'static str {
+        match self {
+            CipherSuite::Aes256Gcm => "aes-256-gcm",
+            CipherSuite::ChaCha20Poly1305 => "chacha20-poly1305",
+        }
+    }
+
+    fn algorithm(self) -> &'static aead::Algorithm {
+        match self {
+            CipherSuite::Aes256Gcm => &aead::AES_256_GCM,
+            CipherSuite::ChaCha20Poly1305 => &aead::CHACHA20_POLY1305,
+        }
+    }
+}
+
+/// A record that could not be opened or sealed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// The length header exceeds [`MAX_RECORD_BODY`] or is shorter than a tag.
+    #[error("record length {0} is outside 16..={max}", max = MAX_RECORD_BODY)]
+    BadLength(usize),
+    /// The tag did not verify: tampering, truncation, or the wrong key.
+    #[error("record failed authentication")]
+    BadTag,
+    /// The nonce counter is exhausted; the leg must be replaced.
+    #[error("record counter exhausted; the leg must be re-keyed")]
+    CounterExhausted,
+    /// The key material was rejected by the AEAD.
+    #[error("invalid record key")]
+    BadKey,
+}
+
+struct Keyed {
+    key: LessSafeKey,
+    counter: u64,
+}
+
+impl Keyed {
+    fn new(suite: CipherSuite, key: &[u8; 32]) -> Result<Self, RecordError> {
+        let unbound = UnboundKey::new(suite.algorithm(), key).map_err(|_| RecordError::BadKey)?;
+        Ok(Self {
+            key: LessSafeKey::new(unbound),
+            counter: 0,
+        })
+    }
+
+    fn next_nonce(&mut self) -> Result<Nonce, RecordError> {
+        let n = self.counter;
+        self.counter = n.checked_add(1).ok_or(RecordError::CounterExhausted)?;
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&n.to_be_bytes());
+        Ok(Nonce::assume_unique_for_key(nonce))
+    }
+}
+
+/// Seals records for the sending end of a leg.
+pub struct RecordSealer(Keyed);
+
+impl RecordSealer {
+    /// A sealer with nonce counter 0.
+    pub fn new(suite: CipherSuite, key: &[u8; 32]) -> Result<Self, RecordError> {
+        Keyed::new(suite, key).map(Self)
+    }
+
+    /// Reserves a header at the end of `out` and returns where this record starts; append
+    /// the plaintext after it, then call [`RecordSealer::seal`] with the same start.
+    pub fn begin(out: &mut Vec<u8>) -> usize {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; HEADER_LEN]);
+        start
+    }
+
+    /// Encrypts `out[start + HEADER_LEN..]` in place, appends the tag and fills the header.
+    pub fn seal(&mut self, out: &mut Vec<u8>, start: usize) -> Result<(), RecordError> {
+        let body_len = out.len() - start - HEADER_LEN + TAG_LEN;
+        if body_len > MAX_RECORD_BODY {
+            return Err(RecordError::BadLength(body_len));
+        }
+        let header = (body_len as u32).to_be_bytes();
+        out[start..start + HEADER_LEN].copy_from_slice(&header);
+        let nonce = self.0.next_nonce()?;
+        let tag = self
+            .0
+            .key
+            .seal_in_place_separate_tag(
+                nonce,
+                Aad::from(header),
+                &mut out[start + HEADER_LEN..],
+            )
+            .map_err(|_| RecordError::BadKey)?;
+        out.extend_from_slice(tag.as_ref());
+        Ok(())
+    }
+}
+
+/// Opens records at the receiving end of a leg.
+pub struct RecordOpener(Keyed);
+
+impl RecordOpener {
+    /// An opener expecting nonce counter 0 first.
+    pub fn new(suite: CipherSuite, key: &[u8; 32]) -> Result<Self, RecordError> {
+        Keyed::new(suite, key).map(Self)
+    }
+
+    /// If `buf` starts with a whole record, splits it off, decrypts it in place and returns
+    /// the plaintext; `Ok(None)` when more bytes are needed.
+    pub fn open_next(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, RecordError> {
+        if buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let body_len = record_body_len(&buf[..HEADER_LEN])?;
+        if buf.len() < HEADER_LEN + body_len {
+            buf.reserve(HEADER_LEN + body_len - buf.len());
+            return Ok(None);
+        }
+        let mut record = buf.split_to(HEADER_LEN + body_len);
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&record[..HEADER_LEN]);
+        let nonce = self.0.next_nonce()?;
+        let plain_len = self
+            .0
+            .key
+            .open_in_place(nonce, Aad::from(header), &mut record[HEADER_LEN..])
+            .map_err(|_| RecordError::BadTag)?
+            .len();
+        let _ = record.split_to(HEADER_LEN);
+        record.truncate(plain_len);
+        Ok(Some(record.freeze()))
+    }
+}
+
+/// Reads a record header: the body length, checked against the limits.
+pub fn record_body_len(header: &[u8]) -> Result<usize, RecordError> {
+    let mut h = [0u8; HEADER_LEN];
+    h.copy_from_slice(&header[..HEADER_LEN]);
+    let len = u32::from_be_bytes(h) as usize;
+    if !(TAG_LEN..=MAX_RECORD_BODY).contains(&len) {
+        return Err(RecordError::BadLength(len));
+    }
+    Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(suite: CipherSuite) -> (RecordSealer, RecordOpener) {
+        let key = [7u8; 32];
+        (
+            RecordSealer::new(suite, &key).unwrap(),
+            RecordOpener::new(suite, &key).unwrap(),
+        )
+    }
+
+    fn seal(s: &mut RecordSealer, out: &mut Vec<u8>, plain: &[u8]) {
+        let start = RecordSealer::begin(out);
+        out.extend_from_slice(plain);
+        s.seal(out, start).unwrap();
+    }
+
+    #[test]
+    fn records_roundtrip_in_both_suites_and_split_reads() {
+        for suite in [CipherSuite::Aes256Gcm, CipherSuite::ChaCha20Poly1305] {
+            let (mut s, mut o) = pair(suite);
+            let mut wire = Vec::new();
+            seal(&mut s, &mut wire, b"first");
+            seal(&mut s, &mut wire, b"");
+            seal(&mut s, &mut wire, &[9u8; 1000]);
+            // Feed one byte at a time: records come out whole and in order.
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            for b in wire {
+                buf.extend_from_slice(&[b]);
+                while let Some(p) = o.open_next(&mut buf).unwrap() {
+                    got.push(p);
+                }
+            }
+            assert_eq!(got.len(), 3);
+            assert_eq!(&got[0][..], b"first");
+            assert!(got[1].is_empty());
+            assert_eq!(&got[2][..], &[9u8; 1000][..]);
+        }
+    }
+
+    #[test]
+    fn any_flipped_bit_fails_authentication() {
+        let (mut s, _) = pair(CipherSuite::Aes256Gcm);
+        let mut wire = Vec::new();
+        seal(&mut s, &mut wire, b"payload bytes");
+        for i in HEADER_LEN..wire.len() {
+            let mut bad = wire.clone();
+            bad[i] ^= 0x01;
+            let (_, mut o) = pair(CipherSuite::Aes256Gcm);
+            let mut buf = BytesMut::from(&bad[..]);
+            assert_eq!(o.open_next(&mut buf), Err(RecordError::BadTag), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn header_tamper_and_reorder_are_detected() {
+        let (mut s, mut o) = pair(CipherSuite::Aes256Gcm);
+        let mut a = Vec::new();
+        seal(&mut s, &mut a, b"one");
+        let mut b = Vec::new();
+        seal(&mut s, &mut b, b"two");
+        // Swapped order: the counter nonce no longer matches.
+        let mut buf = BytesMut::from(&b[..]);
+        assert_eq!(o.open_next(&mut buf), Err(RecordError::BadTag));
+        // Oversized and undersized lengths are refused before any allocation.
+        let mut huge = BytesMut::from(&(MAX_RECORD_BODY as u32 + 1).to_be_bytes()[..]);
+        assert!(matches!(
+            o.open_next(&mut huge),
+            Err(RecordError::BadLength(_))
+        ));
+        let mut tiny = BytesMut::from(&3u32.to_be_bytes()[..]);
+        assert_eq!(o.open_next(&mut tiny), Err(RecordError::BadLength(3)));
+    }
+}
