@@ -429,12 +429,18 @@ fn decode_target(buf: &mut Bytes) -> Result<TargetAddr, FrameError> {
         ATYP_V4 => {
             need(buf, 6, "OPEN IPv4 address")?;
             let ip = Ipv4Addr::from(buf.get_u32());
-            Ok(TargetAddr::Ip(SocketAddr::new(IpAddr::V4(ip), buf.get_u16())))
+            Ok(TargetAddr::Ip(SocketAddr::new(
+                IpAddr::V4(ip),
+                buf.get_u16(),
+            )))
         }
         ATYP_V6 => {
             need(buf, 18, "OPEN IPv6 address")?;
             let ip = Ipv6Addr::from(buf.get_u128());
-            Ok(TargetAddr::Ip(SocketAddr::new(IpAddr::V6(ip), buf.get_u16())))
+            Ok(TargetAddr::Ip(SocketAddr::new(
+                IpAddr::V6(ip),
+                buf.get_u16(),
+            )))
         }
         ATYP_DOMAIN => {
             need(buf, 1, "OPEN domain length")?;
@@ -514,10 +520,7 @@ mod tests {
         let cases: Vec<(Vec<u8>, FrameError)> = vec![
             (vec![0x7f], FrameError::UnknownType(0x7f)),
             (vec![T_FIN, 0, 0], FrameError::Truncated("FIN")),
-            (
-                vec![T_OPEN, 0, 0, 0, 1, 9],
-                FrameError::BadAddressType(9),
-            ),
+            (vec![T_OPEN, 0, 0, 0, 1, 9], FrameError::BadAddressType(9)),
             (vec![T_OPEN, 0, 0, 0, 1, 3, 0, 0, 80], FrameError::BadDomain),
             (
                 vec![T_OPEN, 0, 0, 0, 1, 3, 2, 0xff, 0xfe, 0, 80],
@@ -568,16 +571,20 @@ mod tests {
                     target: TargetAddr::Domain(d, p),
                 }
             }),
-            (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..2048)).prop_map(
-                |(s, d)| Frame::Data {
+            (
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..2048)
+            )
+                .prop_map(|(s, d)| Frame::Data {
                     stream: s,
                     data: Bytes::from(d)
-                }
-            ),
+                }),
             any::<u32>().prop_map(|s| Frame::Fin { stream: s }),
             any::<u64>().prop_map(|n| Frame::Ack { next_seq: n }),
-            (any::<u32>(), any::<u64>())
-                .prop_map(|(s, l)| Frame::MaxStreamData { stream: s, limit: l }),
+            (any::<u32>(), any::<u64>()).prop_map(|(s, l)| Frame::MaxStreamData {
+                stream: s,
+                limit: l
+            }),
             any::<u64>().prop_map(|s| Frame::Resume { seq: s }),
         ]
     }

@@ -214,14 +214,20 @@ pub fn public_key_of(private_key: &[u8; 32]) -> Result<[u8; 32], HandshakeError>
     };
     let mut probe_public = [0u8; 32];
     probe_public.copy_from_slice(&probe.public);
-    let mut init = keys.builder()?.remote_public_key(&probe_public)?.build_initiator()?;
+    let mut init = keys
+        .builder()?
+        .remote_public_key(&probe_public)?
+        .build_initiator()?;
     let mut resp = probe_keys.builder()?.build_responder()?;
     let mut msg = [0u8; 128];
     let n = init.write_message(&[], &mut msg)?;
     let mut payload = [0u8; 16];
     resp.read_message(&msg[..n], &mut payload)?;
     let mut out = [0u8; 32];
-    out.copy_from_slice(resp.get_remote_static().ok_or(HandshakeError::Hello("no static"))?);
+    out.copy_from_slice(
+        resp.get_remote_static()
+            .ok_or(HandshakeError::Hello("no static"))?,
+    );
     Ok(out)
 }
 
@@ -521,7 +527,11 @@ mod tests {
                 let mut out = Vec::new();
                 let start = RecordSealer::begin(&mut out);
                 out.extend_from_slice(b"down");
-                skeys.server_sealer().unwrap().seal(&mut out, start).unwrap();
+                skeys
+                    .server_sealer()
+                    .unwrap()
+                    .seal(&mut out, start)
+                    .unwrap();
                 let mut buf = BytesMut::from(&out[..]);
                 let p = ckeys.client_opener().unwrap().open_next(&mut buf).unwrap();
                 assert_eq!(p.as_deref(), Some(&b"down"[..]));

@@ -7,12 +7,14 @@
 //! - [`record`]: the per-leg record layer (length header + AEAD with counter nonces).
 //! - [`handshake`]: the per-leg Noise IK handshake and its hello payloads.
 //! - [`replay`]: the bounded replay cache for handshakes.
+//! - [`session`]: streams, sequencing, acks, retransmission and flow control.
 //! - [`target`]: destination addresses and connect outcomes.
 
 pub mod frame;
 pub mod handshake;
 pub mod record;
 pub mod replay;
+pub mod session;
 pub mod target;
 
 pub use target::{ConnectStatus, TargetAddr};

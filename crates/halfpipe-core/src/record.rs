@@ -130,11 +130,7 @@ impl RecordSealer {
         let tag = self
             .0
             .key
-            .seal_in_place_separate_tag(
-                nonce,
-                Aad::from(header),
-                &mut out[start + HEADER_LEN..],
-            )
+            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut out[start + HEADER_LEN..])
             .map_err(|_| RecordError::BadKey)?;
         out.extend_from_slice(tag.as_ref());
         Ok(())

@@ -11,7 +11,9 @@ use std::collections::{HashMap, VecDeque};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReplayError {
     /// The timestamp is further from our clock than the allowed skew.
-    #[error("handshake timestamp is {skew_ms} ms away from the server clock (allowed {max_ms} ms)")]
+    #[error(
+        "handshake timestamp is {skew_ms} ms away from the server clock (allowed {max_ms} ms)"
+    )]
     Stale {
         /// Observed difference in milliseconds.
         skew_ms: u64,
