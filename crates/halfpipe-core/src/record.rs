@@ -120,19 +120,32 @@ impl RecordSealer {
 
     /// Encrypts `out[start + HEADER_LEN..]` in place, appends the tag and fills the header.
     pub fn seal(&mut self, out: &mut Vec<u8>, start: usize) -> Result<(), RecordError> {
-        let body_len = out.len() - start - HEADER_LEN + TAG_LEN;
-        if body_len > MAX_RECORD_BODY {
+        Self::reserve_tag(out);
+        self.seal_reserved(&mut out[start..])
+    }
+
+    /// Appends room for the tag after a record's plaintext, so that the record can be
+    /// sealed later with [`RecordSealer::seal_reserved`] without moving bytes.
+    pub fn reserve_tag(out: &mut Vec<u8>) {
+        out.extend_from_slice(&[0u8; TAG_LEN]);
+    }
+
+    /// Seals one record laid out as `[header][plaintext][tag room]`, in place.
+    pub fn seal_reserved(&mut self, record: &mut [u8]) -> Result<(), RecordError> {
+        let body_len = record.len() - HEADER_LEN;
+        if !(TAG_LEN..=MAX_RECORD_BODY).contains(&body_len) {
             return Err(RecordError::BadLength(body_len));
         }
         let header = (body_len as u32).to_be_bytes();
-        out[start..start + HEADER_LEN].copy_from_slice(&header);
+        record[..HEADER_LEN].copy_from_slice(&header);
         let nonce = self.0.next_nonce()?;
+        let (plain, tag_room) = record[HEADER_LEN..].split_at_mut(body_len - TAG_LEN);
         let tag = self
             .0
             .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut out[start + HEADER_LEN..])
+            .seal_in_place_separate_tag(nonce, Aad::from(header), plain)
             .map_err(|_| RecordError::BadKey)?;
-        out.extend_from_slice(tag.as_ref());
+        tag_room.copy_from_slice(tag.as_ref());
         Ok(())
     }
 }

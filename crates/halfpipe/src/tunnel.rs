@@ -1,0 +1,634 @@
+//! The async driver of one session: it owns the sans-io [`Session`] behind a mutex and runs
+//! the tasks around it — the send-leg writer, the receive-leg reader, the timer, and a pair
+//! of pumps per stream between a TCP socket and the session.
+//!
+//! Both the client and the exit use this driver; they differ only in who dials legs and who
+//! opens streams. What a side must decide (a new stream to connect, a leg gone, the session
+//! over) arrives on its bounded control channel.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use halfpipe_core::frame::{CloseCode, ResetCode, StreamId};
+use halfpipe_core::handshake::LegRole;
+use halfpipe_core::record::{RecordOpener, RecordSealer};
+use halfpipe_core::session::{CloseReason, Event, Recv, Session, SessionConfig, SessionError, Side};
+use halfpipe_core::{ConnectStatus, TargetAddr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+
+use crate::transport::BoxedLeg;
+
+/// Bytes gathered for one write to the send leg.
+const WRITE_BATCH: usize = 256 * 1024;
+/// Bytes read from an application socket at once.
+const APP_READ: usize = 64 * 1024;
+
+/// What the side owning the tunnel must act on.
+#[derive(Debug)]
+pub enum Control {
+    /// (Exit) connect this stream, then call [`Tunnel::open_result`].
+    StreamOpened {
+        /// The stream.
+        stream: StreamId,
+        /// Where to.
+        target: TargetAddr,
+    },
+    /// (Exit) a stream was refused at the stream limit.
+    StreamLimit(StreamId),
+    /// A leg ended (error, EOF, or silence); `error` says why.
+    LegDown {
+        /// Which leg.
+        role: LegRole,
+        /// What happened.
+        error: String,
+    },
+    /// The session ended.
+    Closed(CloseReason),
+}
+
+#[derive(Default)]
+struct StreamSignals {
+    readable: Notify,
+    writable: Notify,
+    connected: Notify,
+    status: Mutex<Option<ConnectStatus>>,
+}
+
+struct Inner {
+    session: Session,
+    signals: HashMap<StreamId, Arc<StreamSignals>>,
+}
+
+struct LegSlot {
+    generation: u64,
+    task: Option<JoinHandle<()>>,
+    wake: Arc<Notify>,
+}
+
+/// One session and its tasks.
+pub struct Tunnel {
+    inner: Mutex<Inner>,
+    control: mpsc::Sender<Control>,
+    send_leg: Mutex<LegSlot>,
+    recv_leg: Mutex<LegSlot>,
+    timer_wake: Notify,
+    /// Counters for status and tests.
+    pub stats: Stats,
+}
+
+/// Byte counters of a tunnel.
+#[derive(Default, Debug)]
+pub struct Stats {
+    /// Record bytes written to send legs.
+    pub bytes_sent: std::sync::atomic::AtomicU64,
+    /// Record bytes read from receive legs.
+    pub bytes_received: std::sync::atomic::AtomicU64,
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The session refused (closed, stream limit).
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The exit did not answer within the connect timeout.
+    #[error("the exit did not report the connect outcome within {0:?}")]
+    Timeout(Duration),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock would be a bug; keep serving with the data as it is.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Tunnel {
+    /// A tunnel with no legs yet, its timer task running, and its control channel.
+    pub fn new(side: Side, config: SessionConfig) -> (Arc<Self>, mpsc::Receiver<Control>) {
+        let (tx, rx) = mpsc::channel(config.max_streams + 64);
+        let slot = || {
+            Mutex::new(LegSlot {
+                generation: 0,
+                task: None,
+                wake: Arc::new(Notify::new()),
+            })
+        };
+        let t = Arc::new(Self {
+            inner: Mutex::new(Inner {
+                session: Session::new(side, config, Instant::now()),
+                signals: HashMap::new(),
+            }),
+            control: tx,
+            send_leg: slot(),
+            recv_leg: slot(),
+            timer_wake: Notify::new(),
+            stats: Stats::default(),
+        });
+        tokio::spawn(Arc::clone(&t).run_timer());
+        (t, rx)
+    }
+
+    /// The next sequence number expected from the peer (for the handshake hello).
+    pub fn recv_next(&self) -> u64 {
+        lock(&self.inner).session.recv_next()
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        lock(&self.inner).session.is_closed()
+    }
+
+    /// Number of open streams.
+    pub fn stream_count(&self) -> usize {
+        lock(&self.inner).session.stream_count()
+    }
+
+    /// Bytes buffered for applications plus bytes held for retransmission.
+    pub fn memory(&self) -> u64 {
+        let g = lock(&self.inner);
+        g.session.buffered() + g.session.unacked().1
+    }
+
+    /// Runs `f` on the session, then dispatches its events and wakes the writer if needed.
+    fn with_session<R>(&self, f: impl FnOnce(&mut Session) -> R) -> R {
+        self.with_inner(|i| f(&mut i.session))
+    }
+
+    /// Runs `f` on the session and the stream signals under one lock, then dispatches the
+    /// session's events outside the lock and wakes the writer if it has work.
+    fn with_inner<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let (r, events, wants_tx) = {
+            let mut g = lock(&self.inner);
+            let r = f(&mut g);
+            let mut events = Vec::new();
+            while let Some(e) = g.session.poll_event() {
+                let sig = match &e {
+                    Event::Readable(id)
+                    | Event::Writable(id)
+                    | Event::Connected { stream: id, .. }
+                    | Event::Reset { stream: id, .. } => g.signals.get(id).cloned(),
+                    _ => None,
+                };
+                events.push((e, sig));
+            }
+            (r, events, g.session.wants_transmit())
+        };
+        for (e, sig) in events {
+            self.dispatch(e, sig);
+        }
+        if wants_tx {
+            self.wake_writer();
+        }
+        r
+    }
+
+    fn dispatch(&self, e: Event, sig: Option<Arc<StreamSignals>>) {
+        match e {
+            Event::Readable(_) => sig.iter().for_each(|s| s.readable.notify_one()),
+            Event::Writable(_) => sig.iter().for_each(|s| s.writable.notify_one()),
+            Event::Connected { status, .. } => {
+                if let Some(s) = sig {
+                    *lock(&s.status) = Some(status);
+                    s.connected.notify_one();
+                }
+            }
+            Event::Reset { .. } => {
+                if let Some(s) = sig {
+                    s.readable.notify_one();
+                    s.writable.notify_one();
+                    s.connected.notify_one();
+                }
+            }
+            Event::StreamOpened { stream, target } => {
+                self.send_control(Control::StreamOpened { stream, target })
+            }
+            Event::StreamLimit { stream } => self.send_control(Control::StreamLimit(stream)),
+            Event::RecvLegSilent => {
+                self.drop_leg(LegEnd::Recv);
+                self.send_control(Control::LegDown {
+                    role: self.role_of(LegEnd::Recv),
+                    error: "no record received within the leg-silence timeout".into(),
+                });
+            }
+            Event::Closed(reason) => {
+                self.timer_wake.notify_one();
+                self.send_control(Control::Closed(reason));
+            }
+        }
+    }
+
+    fn send_control(&self, c: Control) {
+        if let Err(mpsc::error::TrySendError::Full(c)) = self.control.try_send(c) {
+            // The channel holds max_streams + 64 entries; being full means the owner has
+            // stalled. Refusing the stream keeps memory bounded.
+            if let Control::StreamOpened { stream, .. } = c {
+                tracing::warn!(stream, "control queue full: refusing stream");
+                self.with_session(|s| s.reset(stream, ResetCode::LimitReached).ok());
+            }
+        }
+    }
+
+    /// Which leg role an end of this side is: the client sends up, the exit sends down.
+    fn role_of(&self, end: LegEnd) -> LegRole {
+        match (lock(&self.inner).session.side(), end) {
+            (Side::Client, LegEnd::Send) | (Side::Server, LegEnd::Recv) => LegRole::Up,
+            _ => LegRole::Down,
+        }
+    }
+
+    fn wake_writer(&self) {
+        lock(&self.send_leg).wake.notify_one();
+    }
+
+    // ---- legs ----------------------------------------------------------------------
+
+    /// Attaches a new send leg (replacing any previous one) and starts its writer task.
+    /// `peer_recv_next` is the peer's ACK learnt in the handshake.
+    pub fn attach_send_leg(
+        self: &Arc<Self>,
+        io: BoxedLeg,
+        sealer: RecordSealer,
+        peer_recv_next: u64,
+    ) -> Result<(), SessionError> {
+        let mut slot = lock(&self.send_leg);
+        if let Some(old) = slot.task.take() {
+            old.abort();
+        }
+        self.with_session(|s| {
+            s.detach_send_leg(Instant::now());
+            s.attach_send_leg(Instant::now(), Some(peer_recv_next))
+        })?;
+        slot.generation += 1;
+        slot.wake = Arc::new(Notify::new());
+        let (gen, wake) = (slot.generation, slot.wake.clone());
+        slot.task = Some(tokio::spawn(Arc::clone(self).run_writer(io, sealer, gen, wake)));
+        Ok(())
+    }
+
+    /// Attaches a new receive leg (replacing any previous one) and starts its reader task.
+    pub fn attach_recv_leg(self: &Arc<Self>, io: BoxedLeg, opener: RecordOpener) {
+        let mut slot = lock(&self.recv_leg);
+        if let Some(old) = slot.task.take() {
+            old.abort();
+        }
+        self.with_session(|s| {
+            s.detach_recv_leg(Instant::now());
+            s.attach_recv_leg(Instant::now());
+        });
+        slot.generation += 1;
+        let gen = slot.generation;
+        slot.task = Some(tokio::spawn(Arc::clone(self).run_reader(io, opener, gen)));
+        self.timer_wake.notify_one();
+    }
+
+    /// Stops the leg of `role` as seen from this side (send or receive).
+    fn drop_leg(&self, which: LegEnd) {
+        let slot = match which {
+            LegEnd::Send => &self.send_leg,
+            LegEnd::Recv => &self.recv_leg,
+        };
+        if let Some(t) = lock(slot).task.take() {
+            t.abort();
+        }
+        self.with_session(|s| match which {
+            LegEnd::Send => s.detach_send_leg(Instant::now()),
+            LegEnd::Recv => s.detach_recv_leg(Instant::now()),
+        });
+    }
+
+    /// Stops the leg of `role` and reports it down, as a failure would (used by the
+    /// admin path and by tests that kill legs).
+    pub fn kill_leg(&self, role: LegRole) {
+        let end = if self.role_of(LegEnd::Send) == role {
+            LegEnd::Send
+        } else {
+            LegEnd::Recv
+        };
+        self.drop_leg(end);
+        self.send_control(Control::LegDown {
+            role,
+            error: "leg killed".into(),
+        });
+    }
+
+    fn leg_failed(&self, end: LegEnd, generation: u64, error: String) {
+        let slot = match end {
+            LegEnd::Send => &self.send_leg,
+            LegEnd::Recv => &self.recv_leg,
+        };
+        {
+            let mut g = lock(slot);
+            if g.generation != generation {
+                return; // a newer leg already replaced this one
+            }
+            g.task = None;
+        }
+        self.with_session(|s| match end {
+            LegEnd::Send => s.detach_send_leg(Instant::now()),
+            LegEnd::Recv => s.detach_recv_leg(Instant::now()),
+        });
+        let role = self.role_of(end);
+        self.timer_wake.notify_one();
+        self.send_control(Control::LegDown { role, error });
+    }
+
+    async fn run_writer(
+        self: Arc<Self>,
+        io: BoxedLeg,
+        mut sealer: RecordSealer,
+        generation: u64,
+        wake: Arc<Notify>,
+    ) {
+        let (_rd, mut wr): (ReadHalf<BoxedLeg>, WriteHalf<BoxedLeg>) = tokio::io::split(io);
+        let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + 70 * 1024);
+        let mut starts: Vec<usize> = Vec::new();
+        loop {
+            out.clear();
+            starts.clear();
+            let closed = {
+                let mut g = lock(&self.inner);
+                let now = Instant::now();
+                while out.len() < WRITE_BATCH {
+                    let start = RecordSealer::begin(&mut out);
+                    if g.session.poll_transmit(now, &mut out) == 0 {
+                        out.truncate(start);
+                        break;
+                    }
+                    RecordSealer::reserve_tag(&mut out);
+                    starts.push(start);
+                }
+                g.session.is_closed()
+            };
+            if out.is_empty() {
+                if closed {
+                    let _ = wr.shutdown().await;
+                    return;
+                }
+                wake.notified().await;
+                continue;
+            }
+            if let Err(e) = seal_all(&mut sealer, &mut out, &starts) {
+                self.leg_failed(LegEnd::Send, generation, e.to_string());
+                return;
+            }
+            if let Err(e) = wr.write_all(&out).await {
+                self.leg_failed(LegEnd::Send, generation, e.to_string());
+                return;
+            }
+            self.stats
+                .bytes_sent
+                .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    async fn run_reader(self: Arc<Self>, io: BoxedLeg, mut opener: RecordOpener, generation: u64) {
+        let (mut rd, _wr) = tokio::io::split(io);
+        let mut buf = BytesMut::with_capacity(256 * 1024);
+        let mut records = Vec::new();
+        loop {
+            if buf.capacity() - buf.len() < 64 * 1024 {
+                buf.reserve(128 * 1024);
+            }
+            match rd.read_buf(&mut buf).await {
+                Ok(0) => {
+                    self.leg_failed(LegEnd::Recv, generation, "leg closed by peer".into());
+                    return;
+                }
+                Ok(n) => {
+                    self.stats
+                        .bytes_received
+                        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.leg_failed(LegEnd::Recv, generation, e.to_string());
+                    return;
+                }
+            }
+            loop {
+                match opener.open_next(&mut buf) {
+                    Ok(Some(r)) => records.push(r),
+                    Ok(None) => break,
+                    Err(e) => {
+                        // A record that fails authentication on an authenticated leg means
+                        // tampering in transit: drop the leg, the session resumes on a new one.
+                        self.leg_failed(LegEnd::Recv, generation, e.to_string());
+                        return;
+                    }
+                }
+            }
+            if records.is_empty() {
+                continue;
+            }
+            let result = self.with_session(|s| {
+                let now = Instant::now();
+                for r in records.drain(..) {
+                    s.handle_record(now, r)?;
+                }
+                Ok::<(), SessionError>(())
+            });
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "peer broke the protocol; session closed");
+                return;
+            }
+        }
+    }
+
+    async fn run_timer(self: Arc<Self>) {
+        loop {
+            let deadline = {
+                let g = lock(&self.inner);
+                if g.session.is_closed() {
+                    break;
+                }
+                g.session.poll_timeout()
+            };
+            match deadline {
+                Some(d) => {
+                    let d = tokio::time::Instant::from_std(d);
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(d) => {}
+                        _ = self.timer_wake.notified() => continue,
+                    }
+                }
+                None => self.timer_wake.notified().await,
+            }
+            let now = Instant::now();
+            let keepalive = self.with_session(|s| {
+                s.handle_timeout(now);
+                s.keepalive_due(now)
+            });
+            if keepalive {
+                self.wake_writer();
+            }
+        }
+        // Let the writer flush CLOSE, then stop the reader.
+        self.wake_writer();
+        if let Some(t) = lock(&self.recv_leg).task.take() {
+            t.abort();
+        }
+    }
+
+    // ---- streams -------------------------------------------------------------------
+
+    /// (Client) opens a stream and waits for the exit's connect outcome.
+    pub async fn open_stream(
+        &self,
+        target: TargetAddr,
+        timeout: Duration,
+    ) -> Result<(StreamId, ConnectStatus), OpenError> {
+        let sig = Arc::new(StreamSignals::default());
+        let id = {
+            let sig = sig.clone();
+            self.with_inner(move |i| {
+                let id = i.session.open_stream(target)?;
+                i.signals.insert(id, sig);
+                Ok::<_, SessionError>(id)
+            })?
+        };
+        let wait = async {
+            loop {
+                if let Some(st) = *lock(&sig.status) {
+                    return Ok(st);
+                }
+                if !lock(&self.inner).signals.contains_key(&id) || self.is_closed() {
+                    return Err(OpenError::Session(SessionError::StreamClosed(id)));
+                }
+                sig.connected.notified().await;
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(st)) => {
+                if st != ConnectStatus::Succeeded {
+                    lock(&self.inner).signals.remove(&id);
+                }
+                Ok((id, st))
+            }
+            Ok(Err(e)) => {
+                lock(&self.inner).signals.remove(&id);
+                Err(e)
+            }
+            Err(_) => {
+                self.with_session(|s| s.reset(id, ResetCode::Cancelled).ok());
+                lock(&self.inner).signals.remove(&id);
+                Err(OpenError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// (Exit) reports the connect outcome of a stream; for success, registers the stream's
+    /// signals so [`Tunnel::pump`] can run.
+    pub fn open_result(&self, stream: StreamId, status: ConnectStatus) -> Result<(), SessionError> {
+        self.with_inner(|i| {
+            i.session.open_result(stream, status)?;
+            if status == ConnectStatus::Succeeded {
+                i.signals.insert(stream, Arc::new(StreamSignals::default()));
+            }
+            Ok(())
+        })
+    }
+
+    /// Resets a stream (e.g. the exit refused it for a limit).
+    pub fn reset(&self, stream: StreamId, code: ResetCode) {
+        self.with_session(|s| s.reset(stream, code).ok());
+        lock(&self.inner).signals.remove(&stream);
+    }
+
+    /// Closes the session.
+    pub fn close(&self, code: CloseCode) {
+        self.with_session(|s| s.close(code));
+    }
+
+    /// Moves bytes between `socket` and `stream` in both directions until both are done.
+    /// `initial` is data the application already sent (e.g. after an HTTP CONNECT head).
+    pub async fn pump(self: Arc<Self>, stream: StreamId, socket: TcpStream, initial: Bytes) {
+        let Some(sig) = lock(&self.inner).signals.get(&stream).cloned() else {
+            return;
+        };
+        let (rd, wr) = socket.into_split();
+        let up = Arc::clone(&self).pump_app_to_session(stream, sig.clone(), rd, initial);
+        let down = Arc::clone(&self).pump_session_to_app(stream, sig, wr);
+        tokio::join!(up, down);
+        lock(&self.inner).signals.remove(&stream);
+    }
+
+    async fn pump_app_to_session(
+        self: Arc<Self>,
+        stream: StreamId,
+        sig: Arc<StreamSignals>,
+        mut rd: tokio::net::tcp::OwnedReadHalf,
+        initial: Bytes,
+    ) {
+        let mut pending = initial;
+        loop {
+            while !pending.is_empty() {
+                match self.with_session(|s| s.send(stream, &mut pending)) {
+                    Ok(_) if pending.is_empty() => {}
+                    Ok(_) => sig.writable.notified().await,
+                    Err(_) => return,
+                }
+            }
+            let mut buf = BytesMut::with_capacity(APP_READ);
+            match rd.read_buf(&mut buf).await {
+                Ok(0) => {
+                    self.with_session(|s| s.finish(stream).ok());
+                    return;
+                }
+                Ok(_) => pending = buf.freeze(),
+                Err(_) => {
+                    self.with_session(|s| s.reset(stream, ResetCode::Cancelled).ok());
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn pump_session_to_app(
+        self: Arc<Self>,
+        stream: StreamId,
+        sig: Arc<StreamSignals>,
+        mut wr: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        loop {
+            let r = self.with_session(|s| s.recv(stream));
+            match r {
+                Ok(Recv::Data(d)) => {
+                    if wr.write_all(&d).await.is_err() {
+                        self.with_session(|s| s.reset(stream, ResetCode::Cancelled).ok());
+                        return;
+                    }
+                }
+                Ok(Recv::Fin) => {
+                    let _ = wr.shutdown().await;
+                    return;
+                }
+                Ok(Recv::Blocked) => sig.readable.notified().await,
+                Ok(Recv::Reset(_)) | Err(_) => return,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum LegEnd {
+    Send,
+    Recv,
+}
+
+/// Seals every record in `out`, in order (nonces are counters); `starts` are their
+/// offsets, each laid out as header, plaintext and tag room.
+fn seal_all(
+    sealer: &mut RecordSealer,
+    out: &mut [u8],
+    starts: &[usize],
+) -> Result<(), halfpipe_core::record::RecordError> {
+    let total = out.len();
+    for (i, &start) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).copied().unwrap_or(total);
+        sealer.seal_reserved(&mut out[start..end])?;
+    }
+    Ok(())
+}
