@@ -222,13 +222,13 @@ impl Tunnel {
     }
 
     fn send_control(&self, c: Control) {
-        if let Err(mpsc::error::TrySendError::Full(c)) = self.control.try_send(c) {
+        if let Err(mpsc::error::TrySendError::Full(Control::StreamOpened { stream, .. })) =
+            self.control.try_send(c)
+        {
             // The channel holds max_streams + 64 entries; being full means the owner has
             // stalled. Refusing the stream keeps memory bounded.
-            if let Control::StreamOpened { stream, .. } = c {
-                tracing::warn!(stream, "control queue full: refusing stream");
-                self.with_session(|s| s.reset(stream, ResetCode::LimitReached).ok());
-            }
+            tracing::warn!(stream, "control queue full: refusing stream");
+            self.with_session(|s| s.reset(stream, ResetCode::LimitReached).ok());
         }
     }
 

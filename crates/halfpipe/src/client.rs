@@ -1,0 +1,386 @@
+//! The client: keeps one session to the exit up (dialling each leg on its own URL, with
+//! backoff and jitter on loss) and serves the local inbounds — SOCKS5, HTTP CONNECT and
+//! fixed forwards — answering each application only once the exit reports its connect.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use halfpipe_core::handshake::{ClientHello, HandshakeKeys, HelloStatus, LegRole, SessionId};
+use halfpipe_core::session::{SessionConfig, Side};
+use halfpipe_core::{ConnectStatus, TargetAddr};
+use rand::Rng;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Mutex as AsyncMutex, Semaphore};
+
+use crate::leg::{client_handshake, LegError};
+use crate::leg_url::LegUrl;
+use crate::transport::{dial, tune_socket, TlsDialer, TransportError};
+use crate::tunnel::{Control, OpenError, Tunnel};
+
+/// How the client reaches the exit.
+#[derive(Clone)]
+pub struct ExitSettings {
+    /// Where the uplink goes.
+    pub uplink: LegUrl,
+    /// Where the downlink comes from.
+    pub downlink: LegUrl,
+    /// TLS settings for `tls://` legs.
+    pub tls: Option<TlsDialer>,
+    /// Our static key (user identity) and cipher.
+    pub keys: HandshakeKeys,
+    /// The exit's static public key.
+    pub server_public: [u8; 32],
+    /// Timeout for dial plus TLS plus Noise handshake of one leg.
+    pub dial_timeout: Duration,
+    /// Timeout for the exit's connect to a target.
+    pub connect_timeout: Duration,
+    /// Shortest wait before redialling a lost leg.
+    pub backoff_min: Duration,
+    /// Longest wait between redials.
+    pub backoff_max: Duration,
+    /// Session tunables.
+    pub session: SessionConfig,
+}
+
+/// Why the client could not reach the exit.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Dial or TLS failed.
+    #[error("{leg} {url}: {source}")]
+    Transport {
+        /// Which leg.
+        leg: &'static str,
+        /// Its URL.
+        url: String,
+        /// What failed.
+        source: TransportError,
+    },
+    /// The Noise handshake failed (wrong server key, PSK or cipher, or the exit is silent
+    /// because it does not know our key).
+    #[error("{leg} {url}: handshake failed: {source} (check server_public_key, the user key registered on the exit, psk and cipher)")]
+    Handshake {
+        /// Which leg.
+        leg: &'static str,
+        /// Its URL.
+        url: String,
+        /// What failed.
+        source: LegError,
+    },
+    /// The exit answered but refused the leg.
+    #[error("{leg} {url}: the exit refused: {}", .status.describe())]
+    Refused {
+        /// Which leg.
+        leg: &'static str,
+        /// Its URL.
+        url: String,
+        /// The exit's verdict.
+        status: HelloStatus,
+    },
+}
+
+struct Current {
+    id: SessionId,
+    tunnel: Arc<Tunnel>,
+}
+
+/// The connection to the exit: one live session at a time, re-established on demand.
+pub struct Exit {
+    settings: ExitSettings,
+    current: AsyncMutex<Option<Current>>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Exit {
+    /// A connection that dials lazily, on the first stream.
+    pub fn new(settings: ExitSettings) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            current: AsyncMutex::new(None),
+        })
+    }
+
+    /// The live tunnel, establishing a session when there is none.
+    pub async fn tunnel(self: &Arc<Self>) -> Result<Arc<Tunnel>, ClientError> {
+        let mut cur = self.current.lock().await;
+        if let Some(c) = cur.as_ref() {
+            if !c.tunnel.is_closed() {
+                return Ok(c.tunnel.clone());
+            }
+        }
+        let id = SessionId::random();
+        let (tunnel, control) = Tunnel::new(Side::Client, self.settings.session.clone());
+        let epochs = Arc::new([AtomicU32::new(0), AtomicU32::new(0)]);
+        let (up, down) = tokio::join!(
+            self.dial_leg(id, &tunnel, &epochs, LegRole::Up),
+            self.dial_leg(id, &tunnel, &epochs, LegRole::Down)
+        );
+        if let Err(e) = up.and(down) {
+            tunnel.close(halfpipe_core::frame::CloseCode::Normal);
+            return Err(e);
+        }
+        tracing::info!(session = %id, "session established");
+        tokio::spawn(self.clone().keep_legs_up(id, tunnel.clone(), epochs, control));
+        *cur = Some(Current {
+            id,
+            tunnel: tunnel.clone(),
+        });
+        Ok(tunnel)
+    }
+
+    /// The id of the live session, if any.
+    pub async fn session_id(&self) -> Option<SessionId> {
+        self.current.lock().await.as_ref().map(|c| c.id)
+    }
+
+    /// Kills one leg of the live session, as a network failure would (for tests and drills).
+    pub async fn kill_leg(&self, role: LegRole) {
+        if let Some(c) = self.current.lock().await.as_ref() {
+            c.tunnel.kill_leg(role);
+        }
+    }
+
+    async fn dial_leg(
+        &self,
+        id: SessionId,
+        tunnel: &Arc<Tunnel>,
+        epochs: &[AtomicU32; 2],
+        role: LegRole,
+    ) -> Result<(), ClientError> {
+        let s = &self.settings;
+        let (url, idx) = match role {
+            LegRole::Up => (&s.uplink, 0),
+            LegRole::Down => (&s.downlink, 1),
+        };
+        let leg = role.name();
+        let mut io = dial(url, s.tls.as_ref(), s.dial_timeout)
+            .await
+            .map_err(|source| ClientError::Transport {
+                leg,
+                url: url.to_string(),
+                source,
+            })?;
+        let hello = ClientHello {
+            role,
+            session_id: id,
+            epoch: epochs[idx].fetch_add(1, Ordering::SeqCst) + 1,
+            timestamp_ms: unix_ms(),
+            recv_next: tunnel.recv_next(),
+        };
+        let (reply, keys) = client_handshake(&mut io, &s.keys, &s.server_public, &hello, s.dial_timeout)
+            .await
+            .map_err(|source| ClientError::Handshake {
+                leg,
+                url: url.to_string(),
+                source,
+            })?;
+        if reply.status != HelloStatus::Accepted {
+            return Err(ClientError::Refused {
+                leg,
+                url: url.to_string(),
+                status: reply.status,
+            });
+        }
+        let r = match role {
+            LegRole::Up => keys
+                .client_sealer()
+                .map_err(|e| e.to_string())
+                .and_then(|sealer| {
+                    tunnel
+                        .attach_send_leg(io, sealer, reply.recv_next)
+                        .map_err(|e| e.to_string())
+                }),
+            LegRole::Down => keys
+                .client_opener()
+                .map(|opener| tunnel.attach_recv_leg(io, opener))
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = r {
+            tracing::warn!(session = %id, leg, error = %e, "leg rejected by the session state");
+        }
+        Ok(())
+    }
+
+    async fn keep_legs_up(
+        self: Arc<Self>,
+        id: SessionId,
+        tunnel: Arc<Tunnel>,
+        epochs: Arc<[AtomicU32; 2]>,
+        mut control: mpsc::Receiver<Control>,
+    ) {
+        while let Some(c) = control.recv().await {
+            match c {
+                Control::LegDown { role, error } => {
+                    tracing::info!(session = %id, leg = role.name(), error, "leg down; redialling");
+                    let this = self.clone();
+                    let tunnel = tunnel.clone();
+                    let epochs = epochs.clone();
+                    tokio::spawn(async move { this.redial(id, tunnel, epochs, role).await });
+                }
+                Control::Closed(reason) => {
+                    tracing::info!(session = %id, ?reason, "session closed");
+                    break;
+                }
+                Control::StreamOpened { .. } | Control::StreamLimit(_) => {}
+            }
+        }
+    }
+
+    async fn redial(&self, id: SessionId, tunnel: Arc<Tunnel>, epochs: Arc<[AtomicU32; 2]>, role: LegRole) {
+        let mut delay = self.settings.backoff_min;
+        while !tunnel.is_closed() {
+            match self.dial_leg(id, &tunnel, &epochs, role).await {
+                Ok(()) => {
+                    tracing::info!(session = %id, leg = role.name(), "leg re-established");
+                    return;
+                }
+                Err(ClientError::Refused {
+                    status: HelloStatus::UnknownSession,
+                    ..
+                }) => {
+                    tunnel.close(halfpipe_core::frame::CloseCode::Normal);
+                    return;
+                }
+                Err(e) => tracing::warn!(session = %id, error = %e, "redial failed"),
+            }
+            let jitter = rand::thread_rng().gen_range(0..=delay.as_millis() as u64 / 2);
+            tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
+            delay = (delay * 2).min(self.settings.backoff_max);
+        }
+    }
+
+    /// Opens a stream through the exit; the status is the exit's connect outcome.
+    pub async fn open(
+        self: &Arc<Self>,
+        target: TargetAddr,
+    ) -> Result<(Arc<Tunnel>, u32, ConnectStatus), ClientError> {
+        let tunnel = self.tunnel().await?;
+        match tunnel.open_stream(target, self.settings.connect_timeout).await {
+            Ok((id, st)) => Ok((tunnel, id, st)),
+            Err(OpenError::Timeout(_)) => Ok((tunnel, 0, ConnectStatus::TimedOut)),
+            Err(OpenError::Session(_)) => Ok((tunnel, 0, ConnectStatus::GeneralFailure)),
+        }
+    }
+}
+
+/// Which local inbound a listener serves.
+#[derive(Clone)]
+pub enum Inbound {
+    /// SOCKS5 with the given authentication.
+    Socks5(crate::socks5::Socks5Auth),
+    /// HTTP CONNECT, optionally with Basic credentials.
+    HttpConnect(Option<(String, String)>),
+    /// A fixed forward to a target (`-L` style).
+    Forward(TargetAddr),
+}
+
+/// Most application connections handled at once per inbound.
+const MAX_INBOUND_CONNECTIONS: usize = 4096;
+/// Time an application has to finish its SOCKS/HTTP request.
+const INBOUND_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Serves one inbound listener forever.
+pub async fn serve_inbound(listener: TcpListener, inbound: Inbound, exit: Arc<Exit>) {
+    let slots = Arc::new(Semaphore::new(MAX_INBOUND_CONNECTIONS));
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "inbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = MAX_INBOUND_CONNECTIONS, "inbound connection limit hit");
+            continue;
+        };
+        let inbound = inbound.clone();
+        let exit = exit.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle_inbound(socket, peer, inbound, exit).await {
+                tracing::info!(%peer, error = %e, "inbound connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// What ended an application connection early.
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    /// Socket error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Bad SOCKS5 request.
+    #[error("SOCKS5: {0}")]
+    Socks(#[from] crate::socks5::Socks5Error),
+    /// Bad HTTP CONNECT request.
+    #[error("HTTP CONNECT: {0}")]
+    Http(#[from] crate::http_connect::HttpConnectError),
+    /// The application took too long with its request.
+    #[error("request not completed within {0:?}")]
+    Timeout(Duration),
+    /// The exit could not be reached.
+    #[error(transparent)]
+    Exit(#[from] ClientError),
+    /// The exit reported a failed connect.
+    #[error("exit could not connect to {target}: {}", .status.describe())]
+    Connect {
+        /// Where.
+        target: TargetAddr,
+        /// Why.
+        status: ConnectStatus,
+    },
+}
+
+async fn handle_inbound(
+    mut socket: TcpStream,
+    _peer: SocketAddr,
+    inbound: Inbound,
+    exit: Arc<Exit>,
+) -> Result<(), InboundError> {
+    tune_socket(&socket)?;
+    let (target, initial) = match &inbound {
+        Inbound::Socks5(auth) => {
+            let t = tokio::time::timeout(INBOUND_HANDSHAKE_TIMEOUT, crate::socks5::accept(&mut socket, auth))
+                .await
+                .map_err(|_| InboundError::Timeout(INBOUND_HANDSHAKE_TIMEOUT))??;
+            (t, bytes::Bytes::new())
+        }
+        Inbound::HttpConnect(auth) => {
+            let (t, rest) = tokio::time::timeout(
+                INBOUND_HANDSHAKE_TIMEOUT,
+                crate::http_connect::accept(&mut socket, auth.as_ref()),
+            )
+            .await
+            .map_err(|_| InboundError::Timeout(INBOUND_HANDSHAKE_TIMEOUT))??;
+            (t, bytes::Bytes::from(rest))
+        }
+        Inbound::Forward(t) => (t.clone(), bytes::Bytes::new()),
+    };
+    let opened = exit.open(target.clone()).await;
+    let status = match &opened {
+        Ok((_, _, st)) => *st,
+        Err(ClientError::Transport { .. }) => ConnectStatus::NetworkUnreachable,
+        Err(_) => ConnectStatus::GeneralFailure,
+    };
+    match &inbound {
+        Inbound::Socks5(_) => crate::socks5::reply(&mut socket, status, None).await?,
+        Inbound::HttpConnect(_) => crate::http_connect::reply(&mut socket, status).await?,
+        Inbound::Forward(_) => {}
+    }
+    let (tunnel, id, status) = opened?;
+    if status != ConnectStatus::Succeeded {
+        return Err(InboundError::Connect { target, status });
+    }
+    tunnel.pump(id, socket, initial).await;
+    Ok(())
+}

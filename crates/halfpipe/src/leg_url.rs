@@ -1,0 +1,121 @@
+//! Leg URLs: `tcp://host:port` and `tls://host:port` (IPv6 in brackets).
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The transport a leg URL names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain TCP (behind a TLS-terminating balancer).
+    Tcp,
+    /// TCP with TLS 1.3.
+    Tls,
+}
+
+/// A parsed leg URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LegUrl {
+    /// The transport.
+    pub scheme: Scheme,
+    /// Host name or IP literal (without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+/// A leg URL that could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LegUrlError {
+    /// No `scheme://`.
+    #[error("{0:?} has no scheme: write tcp://host:port or tls://host:port")]
+    NoScheme(String),
+    /// A scheme this version does not support.
+    #[error("unsupported scheme {0:?}: use tcp:// or tls://")]
+    Scheme(String),
+    /// Missing or invalid port.
+    #[error("{0:?} needs a port between 1 and 65535, as in tls://host:8443")]
+    Port(String),
+    /// A path, query or user part that legs do not use.
+    #[error("{0:?} must be scheme://host:port with nothing after the port")]
+    Extra(String),
+    /// Empty host.
+    #[error("{0:?} has an empty host")]
+    Host(String),
+}
+
+impl FromStr for LegUrl {
+    type Err = LegUrlError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (scheme, rest) = s
+            .split_once("://")
+            .ok_or_else(|| LegUrlError::NoScheme(s.to_owned()))?;
+        let scheme = match scheme {
+            "tcp" => Scheme::Tcp,
+            "tls" => Scheme::Tls,
+            other => return Err(LegUrlError::Scheme(other.to_owned())),
+        };
+        if rest.contains(['/', '?', '#', '@']) {
+            return Err(LegUrlError::Extra(s.to_owned()));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, p) = v6
+                .split_once("]:")
+                .ok_or_else(|| LegUrlError::Port(s.to_owned()))?;
+            (h, p)
+        } else {
+            rest.rsplit_once(':')
+                .ok_or_else(|| LegUrlError::Port(s.to_owned()))?
+        };
+        if host.is_empty() {
+            return Err(LegUrlError::Host(s.to_owned()));
+        }
+        let port: u16 = port.parse().map_err(|_| LegUrlError::Port(s.to_owned()))?;
+        if port == 0 {
+            return Err(LegUrlError::Port(s.to_owned()));
+        }
+        Ok(Self {
+            scheme,
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for LegUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.scheme {
+            Scheme::Tcp => "tcp",
+            Scheme::Tls => "tls",
+        };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints() {
+        for s in ["tcp://127.0.0.1:80", "tls://example.com:443", "tls://[::1]:8443"] {
+            assert_eq!(s.parse::<LegUrl>().unwrap().to_string(), s);
+        }
+        assert_eq!("tls://[::1]:8443".parse::<LegUrl>().unwrap().host, "::1");
+    }
+
+    #[test]
+    fn errors_are_precise() {
+        assert!(matches!("h:1".parse::<LegUrl>(), Err(LegUrlError::NoScheme(_))));
+        assert!(matches!("udp://h:1".parse::<LegUrl>(), Err(LegUrlError::Scheme(_))));
+        assert!(matches!("tls://h".parse::<LegUrl>(), Err(LegUrlError::Port(_))));
+        assert!(matches!("tls://h:0".parse::<LegUrl>(), Err(LegUrlError::Port(_))));
+        assert!(matches!("tls://h:99999".parse::<LegUrl>(), Err(LegUrlError::Port(_))));
+        assert!(matches!("tls://h:1/x".parse::<LegUrl>(), Err(LegUrlError::Extra(_))));
+        assert!(matches!("tls://:1".parse::<LegUrl>(), Err(LegUrlError::Host(_))));
+    }
+}

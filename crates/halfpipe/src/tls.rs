@@ -1,0 +1,204 @@
+//! TLS 1.3 configurations for `tls://` legs (rustls with the ring provider).
+//!
+//! Clients verify the server by the bundled web roots, a CA file, or a pinned SHA-256 of the
+//! certificate's public key (`sha256/<base64>`); there is no way to turn verification off.
+
+use std::fs;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+use crate::keyfile::{check_private_permissions, KeyFileError};
+
+/// A TLS setup problem, naming the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The private key file is readable by others.
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    /// No certificate or key in the PEM file.
+    #[error("{0}: no PEM certificate or private key found (make one with 'halfpipe cert gen')")]
+    EmptyPem(PathBuf),
+    /// rustls rejected the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// A pin that is not `sha256/<base64 of 32 bytes>`.
+    #[error("pin {0:?} is not of the form sha256/<base64>, as printed by 'halfpipe cert gen'")]
+    BadPin(String),
+    /// A certificate that cannot be parsed.
+    #[error("certificate cannot be parsed: {0}")]
+    BadCertificate(String),
+}
+
+/// How a client trusts the server's certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerTrust {
+    /// The Mozilla root set bundled with halfpipe.
+    WebRoots,
+    /// Certificates in a PEM file.
+    CaFile(PathBuf),
+    /// SHA-256 of the server certificate's SubjectPublicKeyInfo, `sha256/<base64>`.
+    Pin(String),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let f = fs::File::open(path).map_err(|source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(f))
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::EmptyPem(path.to_owned()));
+    }
+    Ok(certs)
+}
+
+/// The server configuration from a certificate chain and a private key (PEM, key 0600).
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    check_private_permissions(key)?;
+    let certs = read_certs(cert)?;
+    let f = fs::File::open(key).map_err(|source| TlsError::Io {
+        path: key.to_owned(),
+        source,
+    })?;
+    let key_der: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut BufReader::new(f))
+        .map_err(|source| TlsError::Io {
+            path: key.to_owned(),
+            source,
+        })?
+        .ok_or_else(|| TlsError::EmptyPem(key.to_owned()))?;
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)?;
+    Ok(Arc::new(cfg))
+}
+
+/// The client configuration for a trust choice.
+pub fn client_config(trust: &ServerTrust) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let cfg = match trust {
+        ServerTrust::WebRoots => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        ServerTrust::CaFile(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in read_certs(path)? {
+                roots.add(c)?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        ServerTrust::Pin(pin) => {
+            let want = parse_pin(pin)?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinVerifier {
+                    want,
+                    algorithms: provider().signature_verification_algorithms,
+                }))
+                .with_no_client_auth()
+        }
+    };
+    Ok(Arc::new(cfg))
+}
+
+/// Decodes `sha256/<base64>` into the 32-byte digest.
+pub fn parse_pin(pin: &str) -> Result<[u8; 32], TlsError> {
+    let b64 = pin
+        .strip_prefix("sha256/")
+        .ok_or_else(|| TlsError::BadPin(pin.to_owned()))?;
+    let bytes = B64
+        .decode(b64)
+        .map_err(|_| TlsError::BadPin(pin.to_owned()))?;
+    bytes
+        .try_into()
+        .map_err(|_| TlsError::BadPin(pin.to_owned()))
+}
+
+/// The `sha256/<base64>` pin of a certificate's public key.
+pub fn spki_pin(cert_der: &[u8]) -> Result<String, TlsError> {
+    let der = CertificateDer::from(cert_der.to_vec());
+    let ee = webpki::EndEntityCert::try_from(&der)
+        .map_err(|e| TlsError::BadCertificate(format!("{e:?}")))?;
+    let spki = ee.subject_public_key_info();
+    Ok(format!("sha256/{}", B64.encode(Sha256::digest(spki.as_ref()))))
+}
+
+/// Accepts exactly the certificate whose public key matches the pin; the TLS 1.3 handshake
+/// signature is still verified with that key.
+#[derive(Debug)]
+struct PinVerifier {
+    want: [u8; 32],
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = spki_pin(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
+        let want = format!("sha256/{}", B64.encode(self.want));
+        if got == want {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "server certificate pin mismatch: expected {want}, server presented {got}"
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not accepted".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}

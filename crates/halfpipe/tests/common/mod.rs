@@ -1,0 +1,270 @@
+//! Test harness: an exit and a client in-process on loopback, with generated keys and a
+//! development certificate, plus small local targets (echo, sink) and a SOCKS5 client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use halfpipe::client::{serve_inbound, Exit, ExitSettings, Inbound};
+use halfpipe::egress::EgressPolicy;
+use halfpipe::leg_url::LegUrl;
+use halfpipe::server::{Server, ServerHandle, ServerLimits, ServerSettings, User};
+use halfpipe::transport::TlsDialer;
+use halfpipe_core::handshake::{generate_keypair, HandshakeKeys};
+use halfpipe_core::record::CipherSuite;
+use halfpipe_core::session::SessionConfig;
+use halfpipe_core::TargetAddr;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Options for [`start`].
+#[derive(Clone)]
+pub struct Opts {
+    pub scheme: &'static str,
+    pub allow_loopback: bool,
+    pub session: SessionConfig,
+    pub limits: ServerLimits,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self {
+            scheme: "tls",
+            allow_loopback: true,
+            session: SessionConfig::default(),
+            limits: ServerLimits {
+                handshake_timeout: Duration::from_secs(2),
+                ..ServerLimits::default()
+            },
+        }
+    }
+}
+
+pub struct Harness {
+    pub dir: PathBuf,
+    pub server: ServerHandle,
+    pub urls: Vec<LegUrl>,
+    pub server_public: [u8; 32],
+    pub user_keys: HandshakeKeys,
+    pub other_user_keys: HandshakeKeys,
+    pub exit: Arc<Exit>,
+    pub socks: SocketAddr,
+    pub http: SocketAddr,
+    pub tls: Option<TlsDialer>,
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "halfpipe-test-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn keys() -> (HandshakeKeys, [u8; 32]) {
+    let (private_key, public) = generate_keypair().unwrap();
+    (
+        HandshakeKeys {
+            suite: CipherSuite::Aes256Gcm,
+            private_key,
+            psk: None,
+        },
+        public,
+    )
+}
+
+pub async fn start(opts: Opts) -> Harness {
+    let dir = temp_dir("h");
+    let cert = halfpipe::cert::generate_self_signed(&["localhost".into()]).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("cert.key"));
+    halfpipe::cert::write_dev_cert(&cert, &cert_path, &key_path).unwrap();
+    let (server_keys, server_public) = keys();
+    let (user_keys, user_public) = keys();
+    let (other_user_keys, other_public) = keys();
+    let scheme = match opts.scheme {
+        "tcp" => halfpipe::leg_url::Scheme::Tcp,
+        _ => halfpipe::leg_url::Scheme::Tls,
+    };
+    let leg = || LegUrl {
+        scheme,
+        host: "127.0.0.1".into(),
+        port: 0,
+    };
+    let listen = vec![leg(), leg()];
+    let allow = if opts.allow_loopback {
+        vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()]
+    } else {
+        vec![]
+    };
+    let server = Server::bind(ServerSettings {
+        listen,
+        tls: Some(halfpipe::tls::server_config(&cert_path, &key_path).unwrap()),
+        keys: server_keys,
+        users: vec![
+            User {
+                name: "alice".into(),
+                public_key: user_public,
+            },
+            User {
+                name: "mallory".into(),
+                public_key: other_public,
+            },
+        ],
+        egress: EgressPolicy::new(allow, vec![]),
+        connect_timeout: Duration::from_secs(5),
+        limits: opts.limits.clone(),
+        session: opts.session.clone(),
+    })
+    .await
+    .unwrap();
+    let urls = server.urls();
+    let handle = server.handle();
+    tokio::spawn(server.run());
+    let tls = Some(TlsDialer {
+        config: halfpipe::tls::client_config(&halfpipe::tls::ServerTrust::CaFile(cert_path)).unwrap(),
+        server_name: "localhost".into(),
+    });
+    let exit = Exit::new(ExitSettings {
+        uplink: urls[0].clone(),
+        downlink: urls[1].clone(),
+        tls: tls.clone(),
+        keys: user_keys.clone(),
+        server_public,
+        dial_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(5),
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(500),
+        session: opts.session.clone(),
+    });
+    let socks_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let socks = socks_l.local_addr().unwrap();
+    tokio::spawn(serve_inbound(
+        socks_l,
+        Inbound::Socks5(halfpipe::socks5::Socks5Auth::None),
+        exit.clone(),
+    ));
+    let http_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = http_l.local_addr().unwrap();
+    tokio::spawn(serve_inbound(http_l, Inbound::HttpConnect(None), exit.clone()));
+    Harness {
+        dir,
+        server: handle,
+        urls,
+        server_public,
+        user_keys,
+        other_user_keys,
+        exit,
+        socks,
+        http,
+        tls,
+    }
+}
+
+/// An echo server on 127.0.0.1: every byte comes back.
+pub async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    a
+}
+
+/// SOCKS5 CONNECT through `proxy`; returns the reply code and, on success, the stream.
+pub async fn socks_connect(proxy: SocketAddr, target: &TargetAddr) -> (u8, TcpStream) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    assert_eq!(m, [5, 0]);
+    let mut req = vec![5, 1, 0];
+    match target {
+        TargetAddr::Ip(SocketAddr::V4(a)) => {
+            req.push(1);
+            req.extend_from_slice(&a.ip().octets());
+        }
+        TargetAddr::Ip(SocketAddr::V6(a)) => {
+            req.push(4);
+            req.extend_from_slice(&a.ip().octets());
+        }
+        TargetAddr::Domain(d, _) => {
+            req.push(3);
+            req.push(d.len() as u8);
+            req.extend_from_slice(d.as_bytes());
+        }
+    }
+    req.extend_from_slice(&target.port().to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).await.unwrap();
+    let rest = match head[3] {
+        1 => 4 + 2,
+        4 => 16 + 2,
+        _ => panic!("unexpected bound address type {}", head[3]),
+    };
+    let mut skip = vec![0u8; rest];
+    s.read_exact(&mut skip).await.unwrap();
+    (head[1], s)
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes `total` bytes (pseudo-random by `seed`) and reads the echo concurrently, returning
+/// (sha256 sent, sha256 received, bytes received). `between` runs once after `at` bytes.
+pub async fn echo_transfer(
+    stream: TcpStream,
+    total: usize,
+    seed: u64,
+) -> ([u8; 32], [u8; 32], usize) {
+    let (mut r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut sent = 0;
+        let mut i = 0u64;
+        while sent < total {
+            let n = (total - sent).min(256 * 1024);
+            let chunk = payload(n, seed.wrapping_add(i));
+            h.update(&chunk);
+            w.write_all(&chunk).await.unwrap();
+            sent += n;
+            i += 1;
+        }
+        w.shutdown().await.unwrap();
+        h.finalize().into()
+    });
+    let mut h = Sha256::new();
+    let mut got = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = r.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        got += n;
+    }
+    (writer.await.unwrap(), h.finalize().into(), got)
+}

@@ -1,0 +1,329 @@
+//! End-to-end tests on loopback: real sockets, real TLS, real Noise, in one process.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use halfpipe_core::handshake::{
+    ClientHello, HandshakeKeys, Initiator, LegRole, SessionId, SERVER_PREAMBLE_LEN,
+};
+use halfpipe_core::session::SessionConfig;
+use halfpipe_core::TargetAddr;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const MIB: usize = 1024 * 1024;
+
+fn is_release() -> bool {
+    !cfg!(debug_assertions)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_streams_each_way_hash_identical() {
+    let h = start(Opts::default()).await;
+    let echo = echo_server().await;
+    // 64 MiB each way per stream in release builds (the CI profile); 2 MiB in debug builds.
+    let per_stream = if is_release() { 64 * MIB } else { 2 * MIB };
+    let mut tasks = Vec::new();
+    for i in 0..64u64 {
+        let socks = h.socks;
+        tasks.push(tokio::spawn(async move {
+            let (code, s) = socks_connect(socks, &TargetAddr::Ip(echo)).await;
+            assert_eq!(code, 0, "stream {i}");
+            echo_transfer(s, per_stream, i * 7919).await
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (sent, got, n) = t.await.unwrap();
+        assert_eq!(n, per_stream, "stream {i} length");
+        assert_eq!(sent, got, "stream {i} hash");
+    }
+    assert_eq!(h.server.session_count(), 1, "all streams share one session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_uplink_then_downlink_then_both_loses_nothing() {
+    let h = start(Opts::default()).await;
+    let echo = echo_server().await;
+    let total = if is_release() { 256 * MIB } else { 24 * MIB };
+    let (code, s) = socks_connect(h.socks, &TargetAddr::Ip(echo)).await;
+    assert_eq!(code, 0);
+    let sid = h.exit.session_id().await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let mut hs = Sha256::new();
+        let mut sent = 0;
+        let mut i = 0u64;
+        while sent < total {
+            let chunk = payload(MIB, 1000 + i);
+            hs.update(&chunk);
+            w.write_all(&chunk).await.unwrap();
+            sent += chunk.len();
+            i += 1;
+        }
+        w.shutdown().await.unwrap();
+        hs.finalize()
+    });
+    let mut hr = Sha256::new();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 256 * 1024];
+    let marks = [total / 4, total / 2, 3 * total / 4];
+    let mut next_mark = 0;
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(60), r.read(&mut buf))
+            .await
+            .expect("transfer stalled")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        hr.update(&buf[..n]);
+        got += n;
+        if next_mark < marks.len() && got >= marks[next_mark] {
+            match next_mark {
+                0 => h.exit.kill_leg(LegRole::Up).await,
+                1 => h.exit.kill_leg(LegRole::Down).await,
+                _ => {
+                    h.exit.kill_leg(LegRole::Up).await;
+                    h.exit.kill_leg(LegRole::Down).await;
+                }
+            }
+            next_mark += 1;
+        }
+    }
+    assert_eq!(next_mark, 3, "all three kills happened mid-transfer");
+    assert_eq!(got, total);
+    assert_eq!(writer.await.unwrap(), hr.finalize(), "SHA-256 of echo");
+    assert_eq!(h.exit.session_id().await, Some(sid), "same session id");
+    let sessions = h.server.sessions();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].0, sid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_keeps_exit_memory_within_its_window() {
+    let session = SessionConfig {
+        stream_window: MIB as u64,
+        session_window: 4 * MIB as u64,
+        max_unacked: 4 * MIB as u64,
+        ..SessionConfig::default()
+    };
+    let h = start(Opts {
+        session: session.clone(),
+        ..Opts::default()
+    })
+    .await;
+    // A source that writes as fast as it can, towards an application that never reads.
+    let src = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let src_addr = src.local_addr().unwrap();
+    let (wrote_tx, mut wrote_rx) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(async move {
+        let (mut s, _) = src.accept().await.unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        let mut total = 0;
+        while s.write_all(&chunk).await.is_ok() {
+            total += chunk.len();
+            let _ = wrote_tx.send(total);
+        }
+    });
+    let (code, app) = socks_connect(h.socks, &TargetAddr::Ip(src_addr)).await;
+    assert_eq!(code, 0);
+    // Wait until the source is blocked: its count stops moving for a while.
+    let mut last = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), wrote_rx.changed()).await {
+            Ok(Ok(())) => last = *wrote_rx.borrow(),
+            _ => break,
+        }
+    }
+    assert!(last > 0, "the source wrote something");
+    let held = h.server.buffered_bytes();
+    // The exit holds at most what the client's window allows unacknowledged (plus the
+    // retransmit cap), however much the source tried to write.
+    assert!(
+        held <= session.max_unacked + session.stream_window,
+        "exit holds {held} bytes"
+    );
+    drop(app);
+}
+
+/// Builds message 1 for `keys` naming `session`, to the exit at `url`.
+async fn raw_leg_handshake(
+    h: &Harness,
+    keys: &HandshakeKeys,
+    session: SessionId,
+    epoch: u32,
+) -> Vec<u8> {
+    let url = &h.urls[0];
+    let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.unwrap();
+    let tls = h.tls.clone().unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls.config);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = connector.connect(name, tcp).await.unwrap();
+    let hello = ClientHello {
+        role: LegRole::Up,
+        session_id: session,
+        epoch,
+        timestamp_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+        recv_next: 0,
+    };
+    let (_init, msg1) = Initiator::start(keys, &h.server_public, &hello).unwrap();
+    s.write_all(&msg1).await.unwrap();
+    let mut got = Vec::new();
+    // The exit's handshake timeout is 2 s in tests; read until it closes (bounded).
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_user_naming_a_session_id_is_refused_and_session_untouched() {
+    let h = start(Opts::default()).await;
+    let echo = echo_server().await;
+    let (code, s) = socks_connect(h.socks, &TargetAddr::Ip(echo)).await;
+    assert_eq!(code, 0);
+    let sid = h.exit.session_id().await.unwrap();
+    let reply = raw_leg_handshake(&h, &h.other_user_keys, sid, 99).await;
+    assert!(reply.is_empty(), "hijacker got {} bytes back", reply.len());
+    // The real session still works on the same stream.
+    let (a, b, n) = echo_transfer(s, 4 * MIB, 5).await;
+    assert_eq!((a, n), (b, 4 * MIB));
+    assert_eq!(h.server.sessions(), vec![(sid, "alice".to_string())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_key_gets_no_byte_back() {
+    let h = start(Opts::default()).await;
+    let (private_key, _) = halfpipe_core::handshake::generate_keypair().unwrap();
+    let stranger = HandshakeKeys {
+        suite: halfpipe_core::record::CipherSuite::Aes256Gcm,
+        private_key,
+        psk: None,
+    };
+    let reply = raw_leg_handshake(&h, &stranger, SessionId::random(), 1).await;
+    assert!(reply.is_empty(), "stranger got {} bytes", reply.len());
+    // And the exit answers a real user right after: a control, so silence above is not
+    // simply a dead server.
+    let reply = raw_leg_handshake(&h, &h.user_keys.clone(), SessionId::random(), 1).await;
+    assert!(reply.len() >= SERVER_PREAMBLE_LEN, "registered user got a reply");
+    assert_eq!(h.server.session_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_targets_are_denied_by_default_with_not_allowed() {
+    let h = start(Opts {
+        allow_loopback: false,
+        ..Opts::default()
+    })
+    .await;
+    let echo = echo_server().await;
+    let v6: SocketAddr = format!("[::1]:{}", echo.port()).parse().unwrap();
+    for target in [
+        TargetAddr::Ip(echo),
+        TargetAddr::Ip(v6),
+        TargetAddr::Domain("localhost".into(), echo.port()),
+    ] {
+        let (code, _) = socks_connect(h.socks, &target).await;
+        assert_eq!(code, 2, "{target} must be refused as not allowed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks_garbage_gets_precise_replies_and_listener_keeps_serving() {
+    let h = start(Opts::default()).await;
+    let echo = echo_server().await;
+    // Wrong version: closed without a reply.
+    let mut s = TcpStream::connect(h.socks).await.unwrap();
+    s.write_all(&[4, 1, 0, 80, 127, 0, 0, 1, 0]).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(buf.len() <= 2);
+    // BIND: command not supported (7).
+    let mut s = TcpStream::connect(h.socks).await.unwrap();
+    s.write_all(&[5, 1, 0, 5, 2, 0, 1, 127, 0, 0, 1, 0, 80]).await.unwrap();
+    let mut r = [0u8; 4];
+    s.read_exact(&mut r[..2]).await.unwrap();
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!(r[1], 7);
+    // Unknown address type (8).
+    let mut s = TcpStream::connect(h.socks).await.unwrap();
+    s.write_all(&[5, 1, 0, 5, 1, 0, 9, 1, 2]).await.unwrap();
+    s.read_exact(&mut r[..2]).await.unwrap();
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!(r[1], 8);
+    // Truncated request: the peer goes away mid-request.
+    let mut s = TcpStream::connect(h.socks).await.unwrap();
+    s.write_all(&[5, 1]).await.unwrap();
+    drop(s);
+    // Still serving.
+    let (code, s) = socks_connect(h.socks, &TargetAddr::Ip(echo)).await;
+    assert_eq!(code, 0);
+    let (a, b, _) = echo_transfer(s, 1024, 3).await;
+    assert_eq!(a, b);
+}
+
+fn curl() -> Option<std::path::PathBuf> {
+    ["/usr/bin/curl", "/usr/local/bin/curl", "/bin/curl"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// A one-page HTTP server on 127.0.0.1.
+async fn web_page(body: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_socks5_and_http_connect() {
+    let curl = curl().expect("curl is required (.ci/run installs it)");
+    let h = start(Opts::default()).await;
+    let page = web_page("hello through halfpipe").await;
+    let url = format!("http://127.0.0.1:{}/", page.port());
+    for proxy in [
+        format!("socks5h://{}", h.socks),
+        format!("http://{}", h.http),
+    ] {
+        let mut args = vec!["-sS", "--max-time", "20", "-x", &proxy];
+        if proxy.starts_with("http://") {
+            args.push("--proxytunnel");
+        }
+        args.push(&url);
+        let out = tokio::process::Command::new(&curl)
+            .args(&args)
+            .env_remove("http_proxy")
+            .env_remove("https_proxy")
+            .env_remove("all_proxy")
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{proxy}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "hello through halfpipe", "{proxy}");
+    }
+}
