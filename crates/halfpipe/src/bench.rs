@@ -1,0 +1,526 @@
+//! The loopback benchmark: a tunnel's two ends (as separate processes) against a direct
+//! connection, measured in one run with the same load generator and target.
+//!
+//! Measures single- and multi-stream throughput both ways, request/response latency
+//! (p50/p99 at 1 byte and 1 KiB), new connections per second, CPU seconds per GB of both
+//! ends together (from `/proc/<pid>/stat`), and the peak resident memory of each end
+//! (`VmHWM`). Systems are interleaved round by round and medians reported, because shared
+//! machines are noisy.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Errors of the benchmark harness.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Socket or process error.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A system under test did not become ready.
+    #[error("{0} did not start listening within 15 s")]
+    NotReady(String),
+    /// A SOCKS5 request was refused.
+    #[error("SOCKS5 proxy {0} answered code {1}")]
+    Socks(SocketAddr, u8),
+    /// Setting up a system under test failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Io { what, source }
+}
+
+/// A system under test: how to reach the target through it, and its processes.
+pub struct System {
+    /// Display name.
+    pub name: String,
+    /// SOCKS5 address, or `None` for the direct connection.
+    pub socks: Option<SocketAddr>,
+    /// Child processes (client end first), killed on drop.
+    pub children: Vec<Child>,
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl System {
+    /// The direct connection (no tunnel).
+    pub fn direct() -> Self {
+        Self {
+            name: "direct".into(),
+            socks: None,
+            children: Vec::new(),
+        }
+    }
+
+    /// Total CPU seconds (user + system) used so far by the system's processes.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.children.iter().map(|c| proc_cpu_seconds(c.id())).sum()
+    }
+
+    /// Peak resident memory of each process, in bytes.
+    pub fn peak_rss(&self) -> Vec<u64> {
+        self.children.iter().map(|c| proc_peak_rss(c.id())).collect()
+    }
+}
+
+fn proc_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some(rest) = stat.rsplit_once(')').map(|x| x.1) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // rest starts at field 3 (state), so utime (14) is index 11 and stime (15) index 12.
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // USER_HZ is 100 on every Linux configuration we run on.
+    100.0
+}
+
+fn proc_peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub async fn wait_listening(name: &str, addr: SocketAddr) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(BenchError::NotReady(name.to_owned()))
+}
+
+/// Spawns a child process with output discarded (logs go to `log`).
+pub fn spawn(program: &PathBuf, args: &[String], log: &PathBuf) -> Result<Child, BenchError> {
+    let log_file = std::fs::File::create(log).map_err(io_err(format!("create {}", log.display())))?;
+    let err_file = log_file
+        .try_clone()
+        .map_err(io_err("clone log file handle"))?;
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(err_file)
+        .spawn()
+        .map_err(io_err(format!("start {}", program.display())))
+}
+
+// ---- the target ------------------------------------------------------------------------
+
+/// Commands understood by the benchmark target (first byte of a connection).
+const CMD_DOWNLOAD: u8 = b'D';
+const CMD_UPLOAD: u8 = b'U';
+const CMD_ECHO: u8 = b'E';
+
+/// Starts the benchmark target on 127.0.0.1: `D<len>` sends len bytes, `U<len>` reads len
+/// bytes then answers one byte, `E` echoes.
+pub async fn start_target() -> Result<SocketAddr, BenchError> {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(io_err("bind target"))?;
+    let addr = l.local_addr().map_err(io_err("target address"))?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = serve_target(s).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn serve_target(mut s: TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let cmd = s.read_u8().await?;
+    let buf = vec![0x5au8; 256 * 1024];
+    match cmd {
+        CMD_DOWNLOAD => {
+            let mut left = s.read_u64().await?;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                s.write_all(&buf[..n]).await?;
+                left -= n as u64;
+            }
+            s.shutdown().await?;
+        }
+        CMD_UPLOAD => {
+            let mut left = s.read_u64().await?;
+            let mut rbuf = vec![0u8; 256 * 1024];
+            while left > 0 {
+                let n = s.read(&mut rbuf).await?;
+                if n == 0 {
+                    break;
+                }
+                left = left.saturating_sub(n as u64);
+            }
+            s.write_u8(1).await?;
+        }
+        CMD_ECHO => {
+            let (mut r, mut w) = s.split();
+            tokio::io::copy(&mut r, &mut w).await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+// ---- the load ------------------------------------------------------------------------
+
+/// Opens a connection to `target`, through SOCKS5 when `socks` is set.
+pub async fn connect(socks: Option<SocketAddr>, target: SocketAddr) -> Result<TcpStream, BenchError> {
+    let Some(proxy) = socks else {
+        let s = TcpStream::connect(target).await.map_err(io_err("connect target"))?;
+        s.set_nodelay(true).map_err(io_err("nodelay"))?;
+        return Ok(s);
+    };
+    let mut s = TcpStream::connect(proxy).await.map_err(io_err("connect proxy"))?;
+    s.set_nodelay(true).map_err(io_err("nodelay"))?;
+    let SocketAddr::V4(t) = target else {
+        return Err(BenchError::Setup("benchmark target must be IPv4".into()));
+    };
+    let mut req = vec![5, 1, 0, 5, 1, 0, 1];
+    req.extend_from_slice(&t.ip().octets());
+    req.extend_from_slice(&t.port().to_be_bytes());
+    s.write_all(&req).await.map_err(io_err("socks request"))?;
+    let mut reply = [0u8; 2 + 10];
+    s.read_exact(&mut reply).await.map_err(io_err("socks reply"))?;
+    if reply[3] != 0 {
+        return Err(BenchError::Socks(proxy, reply[3]));
+    }
+    Ok(s)
+}
+
+/// Bytes per second over `streams` parallel connections moving `per_stream` bytes each,
+/// downloading (`true`) or uploading.
+pub async fn throughput(
+    socks: Option<SocketAddr>,
+    target: SocketAddr,
+    streams: usize,
+    per_stream: u64,
+    download: bool,
+) -> Result<f64, BenchError> {
+    let mut conns = Vec::new();
+    for _ in 0..streams {
+        conns.push(connect(socks, target).await?);
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for mut s in conns {
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0x33u8; 256 * 1024];
+            if download {
+                s.write_u8(CMD_DOWNLOAD).await?;
+                s.write_u64(per_stream).await?;
+                let mut got = 0u64;
+                while got < per_stream {
+                    let n = s.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    got += n as u64;
+                }
+                Ok::<u64, std::io::Error>(got)
+            } else {
+                s.write_u8(CMD_UPLOAD).await?;
+                s.write_u64(per_stream).await?;
+                let mut left = per_stream;
+                while left > 0 {
+                    let n = left.min(buf.len() as u64) as usize;
+                    s.write_all(&buf[..n]).await?;
+                    left -= n as u64;
+                }
+                s.read_u8().await?;
+                Ok(per_stream)
+            }
+        }));
+    }
+    let mut total = 0u64;
+    for t in tasks {
+        total += t
+            .await
+            .map_err(|e| BenchError::Setup(e.to_string()))?
+            .map_err(io_err("transfer"))?;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Round-trip times (µs) of `count` request/response exchanges of `size` bytes.
+pub async fn latency(
+    socks: Option<SocketAddr>,
+    target: SocketAddr,
+    size: usize,
+    count: usize,
+) -> Result<Vec<f64>, BenchError> {
+    let mut s = connect(socks, target).await?;
+    s.write_u8(CMD_ECHO).await.map_err(io_err("echo"))?;
+    let msg = vec![7u8; size];
+    let mut back = vec![0u8; size];
+    let mut rtts = Vec::with_capacity(count);
+    for i in 0..count + 50 {
+        let t = Instant::now();
+        s.write_all(&msg).await.map_err(io_err("echo write"))?;
+        s.read_exact(&mut back).await.map_err(io_err("echo read"))?;
+        if i >= 50 {
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(rtts)
+}
+
+/// New connections per second (connect, one echo byte, close), `parallel` at a time.
+pub async fn connection_rate(
+    socks: Option<SocketAddr>,
+    target: SocketAddr,
+    parallel: usize,
+    duration: Duration,
+) -> Result<f64, BenchError> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..parallel {
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while start.elapsed() < duration {
+                let mut s = connect(socks, target).await?;
+                s.write_all(&[CMD_ECHO, 1]).await.map_err(io_err("cps write"))?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await.map_err(io_err("cps read"))?;
+                n += 1;
+            }
+            Ok::<u64, BenchError>(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.map_err(|e| BenchError::Setup(e.to_string()))??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The value at quantile `q` (0..=1) of `v` (sorted in place).
+pub fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i]
+}
+
+/// Median of a list.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    quantile(&mut v, 0.5)
+}
+
+/// One round of every measurement on one system.
+#[derive(Clone, Debug, Default)]
+pub struct Round {
+    /// Download, 1 stream, bytes/s.
+    pub down1: f64,
+    /// Upload, 1 stream, bytes/s.
+    pub up1: f64,
+    /// Download, 8 streams, bytes/s.
+    pub down8: f64,
+    /// Upload, 8 streams, bytes/s.
+    pub up8: f64,
+    /// Download, 64 streams, bytes/s.
+    pub down64: f64,
+    /// RTT 1 B p50 / p99, µs.
+    pub rtt1: (f64, f64),
+    /// RTT 1 KiB p50 / p99, µs.
+    pub rtt1k: (f64, f64),
+    /// New connections per second.
+    pub cps: f64,
+    /// CPU seconds of both ends per GB moved in the throughput tests.
+    pub cpu_per_gb: f64,
+}
+
+/// Sizes of one round.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Bytes per single-stream transfer.
+    pub single: u64,
+    /// Bytes per stream in the 8-stream transfers.
+    pub per8: u64,
+    /// Bytes per stream in the 64-stream transfer.
+    pub per64: u64,
+    /// Exchanges per latency measurement.
+    pub rtt_count: usize,
+    /// Duration of the connection-rate measurement.
+    pub cps_time: Duration,
+}
+
+impl Plan {
+    /// Full-size plan (about 5 GB per system per round).
+    pub fn full() -> Self {
+        Self {
+            single: 1 << 30,
+            per8: 128 << 20,
+            per64: 16 << 20,
+            rtt_count: 5000,
+            cps_time: Duration::from_secs(3),
+        }
+    }
+
+    /// A quick plan for smoke runs.
+    pub fn quick() -> Self {
+        Self {
+            single: 64 << 20,
+            per8: 8 << 20,
+            per64: 1 << 20,
+            rtt_count: 500,
+            cps_time: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Runs one round against `sys`.
+pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Round, BenchError> {
+    let s = sys.socks;
+    let cpu0 = sys.cpu_seconds();
+    let down1 = throughput(s, target, 1, plan.single, true).await?;
+    let up1 = throughput(s, target, 1, plan.single, false).await?;
+    let down8 = throughput(s, target, 8, plan.per8, true).await?;
+    let up8 = throughput(s, target, 8, plan.per8, false).await?;
+    let down64 = throughput(s, target, 64, plan.per64, true).await?;
+    let cpu = sys.cpu_seconds() - cpu0;
+    let moved = (2 * plan.single + 16 * plan.per8 + 64 * plan.per64) as f64;
+    let mut r1 = latency(s, target, 1, plan.rtt_count).await?;
+    let mut r1k = latency(s, target, 1024, plan.rtt_count).await?;
+    let cps = connection_rate(s, target, 8, plan.cps_time).await?;
+    Ok(Round {
+        down1,
+        up1,
+        down8,
+        up8,
+        down64,
+        rtt1: (quantile(&mut r1, 0.5), quantile(&mut r1, 0.99)),
+        rtt1k: (quantile(&mut r1k, 0.5), quantile(&mut r1k, 0.99)),
+        cps,
+        cpu_per_gb: cpu / (moved / 1e9),
+    })
+}
+
+/// Medians over rounds, plus peak memory.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    /// System name.
+    pub name: String,
+    /// Median of each field.
+    pub median: Round,
+    /// Peak RSS of each process (client end first).
+    pub peak_rss: Vec<u64>,
+}
+
+/// Medians of every field over `rounds`.
+pub fn summarize(name: &str, rounds: &[Round], peak_rss: Vec<u64>) -> Summary {
+    let m = |f: fn(&Round) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+    Summary {
+        name: name.to_owned(),
+        median: Round {
+            down1: m(|r| r.down1),
+            up1: m(|r| r.up1),
+            down8: m(|r| r.down8),
+            up8: m(|r| r.up8),
+            down64: m(|r| r.down64),
+            rtt1: (m(|r| r.rtt1.0), m(|r| r.rtt1.1)),
+            rtt1k: (m(|r| r.rtt1k.0), m(|r| r.rtt1k.1)),
+            cps: m(|r| r.cps),
+            cpu_per_gb: m(|r| r.cpu_per_gb),
+        },
+        peak_rss,
+    }
+}
+
+/// Renders summaries as a Markdown table, with ratios against the first tunnel named
+/// `reference` when present.
+pub fn render(summaries: &[Summary]) -> String {
+    let gbs = |v: f64| format!("{:.2}", v / 1e9);
+    let mut out = String::from(
+        "| system | down 1 GB/s | up 1 GB/s | down 8 GB/s | up 8 GB/s | down 64 GB/s | RTT 1 B p50/p99 µs | RTT 1 KiB p50/p99 µs | conn/s | CPU-s/GB (both ends) | peak RSS MiB (client, server) |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for s in summaries {
+        let m = &s.median;
+        let rss: Vec<String> = s
+            .peak_rss
+            .iter()
+            .map(|b| format!("{:.1}", *b as f64 / (1024.0 * 1024.0)))
+            .collect();
+        let cpu = if s.peak_rss.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.2}", m.cpu_per_gb)
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {:.0}/{:.0} | {:.0}/{:.0} | {:.0} | {} | {} |\n",
+            s.name,
+            gbs(m.down1),
+            gbs(m.up1),
+            gbs(m.down8),
+            gbs(m.up8),
+            gbs(m.down64),
+            m.rtt1.0,
+            m.rtt1.1,
+            m.rtt1k.0,
+            m.rtt1k.1,
+            m.cps,
+            cpu,
+            if rss.is_empty() { "-".into() } else { rss.join(", ") }
+        ));
+    }
+    out
+}
+
+/// Ratios of `a` over `b` for the headline figures, as Markdown lines.
+pub fn ratios(a: &Summary, b: &Summary) -> String {
+    let (x, y) = (&a.median, &b.median);
+    format!(
+        "{} vs {}: down1 {:.2}x, up1 {:.2}x, down8 {:.2}x, up8 {:.2}x, down64 {:.2}x, RTT1 p50 {:.2}x, p99 {:.2}x, conn/s {:.2}x, CPU-s/GB {:.2}x\n",
+        a.name,
+        b.name,
+        x.down1 / y.down1,
+        x.up1 / y.up1,
+        x.down8 / y.down8,
+        x.up8 / y.up8,
+        x.down64 / y.down64,
+        x.rtt1.0 / y.rtt1.0,
+        x.rtt1.1 / y.rtt1.1,
+        x.cps / y.cps,
+        x.cpu_per_gb / y.cpu_per_gb,
+    )
+}
