@@ -78,7 +78,10 @@ impl System {
 
     /// Peak resident memory of each process, in bytes.
     pub fn peak_rss(&self) -> Vec<u64> {
-        self.children.iter().map(|c| proc_peak_rss(c.id())).collect()
+        self.children
+            .iter()
+            .map(|c| proc_peak_rss(c.id()))
+            .collect()
     }
 }
 
@@ -127,7 +130,8 @@ pub async fn wait_listening(name: &str, addr: SocketAddr) -> Result<(), BenchErr
 
 /// Spawns a child process with output discarded (logs go to `log`).
 pub fn spawn(program: &PathBuf, args: &[String], log: &PathBuf) -> Result<Child, BenchError> {
-    let log_file = std::fs::File::create(log).map_err(io_err(format!("create {}", log.display())))?;
+    let log_file =
+        std::fs::File::create(log).map_err(io_err(format!("create {}", log.display())))?;
     let err_file = log_file
         .try_clone()
         .map_err(io_err("clone log file handle"))?;
@@ -202,13 +206,20 @@ async fn serve_target(mut s: TcpStream) -> std::io::Result<()> {
 // ---- the load ------------------------------------------------------------------------
 
 /// Opens a connection to `target`, through SOCKS5 when `socks` is set.
-pub async fn connect(socks: Option<SocketAddr>, target: SocketAddr) -> Result<TcpStream, BenchError> {
+pub async fn connect(
+    socks: Option<SocketAddr>,
+    target: SocketAddr,
+) -> Result<TcpStream, BenchError> {
     let Some(proxy) = socks else {
-        let s = TcpStream::connect(target).await.map_err(io_err("connect target"))?;
+        let s = TcpStream::connect(target)
+            .await
+            .map_err(io_err("connect target"))?;
         s.set_nodelay(true).map_err(io_err("nodelay"))?;
         return Ok(s);
     };
-    let mut s = TcpStream::connect(proxy).await.map_err(io_err("connect proxy"))?;
+    let mut s = TcpStream::connect(proxy)
+        .await
+        .map_err(io_err("connect proxy"))?;
     s.set_nodelay(true).map_err(io_err("nodelay"))?;
     let SocketAddr::V4(t) = target else {
         return Err(BenchError::Setup("benchmark target must be IPv4".into()));
@@ -218,7 +229,9 @@ pub async fn connect(socks: Option<SocketAddr>, target: SocketAddr) -> Result<Tc
     req.extend_from_slice(&t.port().to_be_bytes());
     s.write_all(&req).await.map_err(io_err("socks request"))?;
     let mut reply = [0u8; 2 + 10];
-    s.read_exact(&mut reply).await.map_err(io_err("socks reply"))?;
+    s.read_exact(&mut reply)
+        .await
+        .map_err(io_err("socks reply"))?;
     if reply[3] != 0 {
         return Err(BenchError::Socks(proxy, reply[3]));
     }
@@ -316,7 +329,9 @@ pub async fn connection_rate(
             let mut n = 0u64;
             while start.elapsed() < duration {
                 let mut s = connect(socks, target).await?;
-                s.write_all(&[CMD_ECHO, 1]).await.map_err(io_err("cps write"))?;
+                s.write_all(&[CMD_ECHO, 1])
+                    .await
+                    .map_err(io_err("cps write"))?;
                 let mut b = [0u8; 1];
                 s.read_exact(&mut b).await.map_err(io_err("cps read"))?;
                 n += 1;
@@ -500,7 +515,11 @@ pub fn render(summaries: &[Summary]) -> String {
             m.rtt1k.1,
             m.cps,
             cpu,
-            if rss.is_empty() { "-".into() } else { rss.join(", ") }
+            if rss.is_empty() {
+                "-".into()
+            } else {
+                rss.join(", ")
+            }
         ));
     }
     out

@@ -127,7 +127,10 @@ impl Exit {
             return Err(e);
         }
         tracing::info!(session = %id, "session established");
-        tokio::spawn(self.clone().keep_legs_up(id, tunnel.clone(), epochs, control));
+        tokio::spawn(
+            self.clone()
+                .keep_legs_up(id, tunnel.clone(), epochs, control),
+        );
         *cur = Some(Current {
             id,
             tunnel: tunnel.clone(),
@@ -174,13 +177,14 @@ impl Exit {
             timestamp_ms: unix_ms(),
             recv_next: tunnel.recv_next(),
         };
-        let (reply, keys) = client_handshake(&mut io, &s.keys, &s.server_public, &hello, s.dial_timeout)
-            .await
-            .map_err(|source| ClientError::Handshake {
-                leg,
-                url: url.to_string(),
-                source,
-            })?;
+        let (reply, keys) =
+            client_handshake(&mut io, &s.keys, &s.server_public, &hello, s.dial_timeout)
+                .await
+                .map_err(|source| ClientError::Handshake {
+                    leg,
+                    url: url.to_string(),
+                    source,
+                })?;
         if reply.status != HelloStatus::Accepted {
             return Err(ClientError::Refused {
                 leg,
@@ -233,7 +237,13 @@ impl Exit {
         }
     }
 
-    async fn redial(&self, id: SessionId, tunnel: Arc<Tunnel>, epochs: Arc<[AtomicU32; 2]>, role: LegRole) {
+    async fn redial(
+        &self,
+        id: SessionId,
+        tunnel: Arc<Tunnel>,
+        epochs: Arc<[AtomicU32; 2]>,
+        role: LegRole,
+    ) {
         let mut delay = self.settings.backoff_min;
         while !tunnel.is_closed() {
             match self.dial_leg(id, &tunnel, &epochs, role).await {
@@ -262,7 +272,10 @@ impl Exit {
         target: TargetAddr,
     ) -> Result<(Arc<Tunnel>, u32, ConnectStatus), ClientError> {
         let tunnel = self.tunnel().await?;
-        match tunnel.open_stream(target, self.settings.connect_timeout).await {
+        match tunnel
+            .open_stream(target, self.settings.connect_timeout)
+            .await
+        {
             Ok((id, st)) => Ok((tunnel, id, st)),
             Err(OpenError::Timeout(_)) => Ok((tunnel, 0, ConnectStatus::TimedOut)),
             Err(OpenError::Session(_)) => Ok((tunnel, 0, ConnectStatus::GeneralFailure)),
@@ -350,9 +363,12 @@ async fn handle_inbound(
     tune_socket(&socket)?;
     let (target, initial) = match &inbound {
         Inbound::Socks5(auth) => {
-            let t = tokio::time::timeout(INBOUND_HANDSHAKE_TIMEOUT, crate::socks5::accept(&mut socket, auth))
-                .await
-                .map_err(|_| InboundError::Timeout(INBOUND_HANDSHAKE_TIMEOUT))??;
+            let t = tokio::time::timeout(
+                INBOUND_HANDSHAKE_TIMEOUT,
+                crate::socks5::accept(&mut socket, auth),
+            )
+            .await
+            .map_err(|_| InboundError::Timeout(INBOUND_HANDSHAKE_TIMEOUT))??;
             (t, bytes::Bytes::new())
         }
         Inbound::HttpConnect(auth) => {

@@ -268,7 +268,15 @@ mod tests {
     #[test]
     fn public_addresses_pass_and_allow_list_opens_exceptions() {
         let p = EgressPolicy::default();
-        for ip in ["1.1.1.1", "8.8.8.8", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:1.1.1.1", "64:ff9b::808:808"] {
+        for ip in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2606:4700::1111",
+            "::ffff:1.1.1.1",
+            "64:ff9b::808:808",
+        ] {
             assert_eq!(p.check_ip(ip.parse().unwrap()), Ok(()), "{ip}");
         }
         let p = EgressPolicy::new(
@@ -299,13 +307,20 @@ mod tests {
             TargetAddr::Ip("[::1]:80".parse().unwrap()),
             TargetAddr::Domain("localhost".into(), 80),
         ] {
-            assert_eq!(p.resolve_and_check(&t).await, Err(ConnectStatus::NotAllowed), "{t}");
+            assert_eq!(
+                p.resolve_and_check(&t).await,
+                Err(ConnectStatus::NotAllowed),
+                "{t}"
+            );
         }
         let p = EgressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![]);
         let got = p
             .resolve_and_check(&TargetAddr::Domain("localhost".into(), 80))
             .await
             .unwrap();
-        assert!(got.iter().all(|a| a.ip().is_loopback() && a.is_ipv4()), "{got:?}");
+        assert!(
+            got.iter().all(|a| a.ip().is_loopback() && a.is_ipv4()),
+            "{got:?}"
+        );
     }
 }

@@ -55,14 +55,22 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             break i + 4;
         }
         if buf.len() >= MAX_HEAD {
-            respond(s, "431 Request Header Fields Too Large", "", "request head too large\n").await?;
+            respond(
+                s,
+                "431 Request Header Fields Too Large",
+                "",
+                "request head too large\n",
+            )
+            .await?;
             return Err(HttpConnectError::HeadTooLarge);
         }
         let mut chunk = [0u8; 1024];
         let want = chunk.len().min(MAX_HEAD + 4 - buf.len());
         let n = s.read(&mut chunk[..want]).await?;
         if n == 0 {
-            return Err(HttpConnectError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            return Err(HttpConnectError::Io(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     };
@@ -84,7 +92,10 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-fn parse_head(head: &[u8], auth: Option<&(String, String)>) -> Result<TargetAddr, HttpConnectError> {
+fn parse_head(
+    head: &[u8],
+    auth: Option<&(String, String)>,
+) -> Result<TargetAddr, HttpConnectError> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
@@ -95,7 +106,9 @@ fn parse_head(head: &[u8], auth: Option<&(String, String)>) -> Result<TargetAddr
     if !method.eq_ignore_ascii_case("CONNECT") {
         return Err(HttpConnectError::Method(method.chars().take(16).collect()));
     }
-    let authority = req.path.ok_or(HttpConnectError::Malformed("missing host:port"))?;
+    let authority = req
+        .path
+        .ok_or(HttpConnectError::Malformed("missing host:port"))?;
     if let Some((user, pass)) = auth {
         let want = format!("Basic {}", B64.encode(format!("{user}:{pass}")));
         let ok = req.headers.iter().any(|h| {
@@ -121,7 +134,9 @@ fn parse_authority(a: &str) -> Result<TargetAddr, HttpConnectError> {
         .parse()
         .map_err(|_| HttpConnectError::Malformed("port must be 1..65535"))?;
     if host.is_empty() || host.len() > 255 || port == 0 {
-        return Err(HttpConnectError::Malformed("empty or overlong host, or port 0"));
+        return Err(HttpConnectError::Malformed(
+            "empty or overlong host, or port 0",
+        ));
     }
     Ok(match host.parse::<std::net::IpAddr>() {
         Ok(ip) => TargetAddr::Ip(std::net::SocketAddr::new(ip, port)),
@@ -133,11 +148,22 @@ fn parse_authority(a: &str) -> Result<TargetAddr, HttpConnectError> {
 pub async fn reply<S: AsyncWrite + Unpin>(s: &mut S, status: ConnectStatus) -> std::io::Result<()> {
     match status {
         ConnectStatus::Succeeded => {
-            s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await?;
+            s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await?;
             s.flush().await
         }
-        ConnectStatus::NotAllowed => respond(s, "403 Forbidden", "", &format!("{}\n", status.describe())).await,
-        ConnectStatus::TimedOut => respond(s, "504 Gateway Timeout", "", &format!("{}\n", status.describe())).await,
+        ConnectStatus::NotAllowed => {
+            respond(s, "403 Forbidden", "", &format!("{}\n", status.describe())).await
+        }
+        ConnectStatus::TimedOut => {
+            respond(
+                s,
+                "504 Gateway Timeout",
+                "",
+                &format!("{}\n", status.describe()),
+            )
+            .await
+        }
         other => respond(s, "502 Bad Gateway", "", &format!("{}\n", other.describe())).await,
     }
 }
@@ -147,7 +173,10 @@ mod tests {
     use super::*;
     use tokio::io::duplex;
 
-    async fn run(input: &[u8], auth: Option<(String, String)>) -> (Result<(TargetAddr, Vec<u8>), HttpConnectError>, String) {
+    async fn run(
+        input: &[u8],
+        auth: Option<(String, String)>,
+    ) -> (Result<(TargetAddr, Vec<u8>), HttpConnectError>, String) {
         let (mut client, mut server) = duplex(64 * 1024);
         client.write_all(input).await.unwrap();
         client.shutdown().await.unwrap();
@@ -160,7 +189,11 @@ mod tests {
 
     #[tokio::test]
     async fn connect_with_pipelined_bytes() {
-        let (r, out) = run(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\nHELLO", None).await;
+        let (r, out) = run(
+            b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\nHELLO",
+            None,
+        )
+        .await;
         let (t, rest) = r.unwrap();
         assert_eq!(t, TargetAddr::Domain("example.com".into(), 443));
         assert_eq!(rest, b"HELLO");
@@ -173,7 +206,10 @@ mod tests {
     async fn errors_get_their_status() {
         let (r, out) = run(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", None).await;
         assert!(matches!(r, Err(HttpConnectError::Method(_))));
-        assert!(out.starts_with("HTTP/1.1 405") && out.contains("Allow: CONNECT"), "{out}");
+        assert!(
+            out.starts_with("HTTP/1.1 405") && out.contains("Allow: CONNECT"),
+            "{out}"
+        );
         let (r, out) = run(b"CONNECT nohost HTTP/1.1\r\n\r\n", None).await;
         assert!(matches!(r, Err(HttpConnectError::Malformed(_))));
         assert!(out.starts_with("HTTP/1.1 400"), "{out}");
@@ -193,8 +229,14 @@ mod tests {
         let creds = Some(("u".to_string(), "p".to_string()));
         let (r, out) = run(b"CONNECT a:1 HTTP/1.1\r\n\r\n", creds.clone()).await;
         assert!(matches!(r, Err(HttpConnectError::Auth)));
-        assert!(out.starts_with("HTTP/1.1 407") && out.contains("Proxy-Authenticate"), "{out}");
-        let ok = format!("CONNECT a:1 HTTP/1.1\r\nProxy-Authorization: Basic {}\r\n\r\n", B64.encode("u:p"));
+        assert!(
+            out.starts_with("HTTP/1.1 407") && out.contains("Proxy-Authenticate"),
+            "{out}"
+        );
+        let ok = format!(
+            "CONNECT a:1 HTTP/1.1\r\nProxy-Authorization: Basic {}\r\n\r\n",
+            B64.encode("u:p")
+        );
         let (r, _) = run(ok.as_bytes(), creds).await;
         assert!(r.is_ok());
     }

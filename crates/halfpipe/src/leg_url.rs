@@ -102,7 +102,11 @@ mod tests {
 
     #[test]
     fn parses_and_prints() {
-        for s in ["tcp://127.0.0.1:80", "tls://example.com:443", "tls://[::1]:8443"] {
+        for s in [
+            "tcp://127.0.0.1:80",
+            "tls://example.com:443",
+            "tls://[::1]:8443",
+        ] {
             assert_eq!(s.parse::<LegUrl>().unwrap().to_string(), s);
         }
         assert_eq!("tls://[::1]:8443".parse::<LegUrl>().unwrap().host, "::1");
@@ -110,12 +114,33 @@ mod tests {
 
     #[test]
     fn errors_are_precise() {
-        assert!(matches!("h:1".parse::<LegUrl>(), Err(LegUrlError::NoScheme(_))));
-        assert!(matches!("udp://h:1".parse::<LegUrl>(), Err(LegUrlError::Scheme(_))));
-        assert!(matches!("tls://h".parse::<LegUrl>(), Err(LegUrlError::Port(_))));
-        assert!(matches!("tls://h:0".parse::<LegUrl>(), Err(LegUrlError::Port(_))));
-        assert!(matches!("tls://h:99999".parse::<LegUrl>(), Err(LegUrlError::Port(_))));
-        assert!(matches!("tls://h:1/x".parse::<LegUrl>(), Err(LegUrlError::Extra(_))));
-        assert!(matches!("tls://:1".parse::<LegUrl>(), Err(LegUrlError::Host(_))));
+        assert!(matches!(
+            "h:1".parse::<LegUrl>(),
+            Err(LegUrlError::NoScheme(_))
+        ));
+        assert!(matches!(
+            "udp://h:1".parse::<LegUrl>(),
+            Err(LegUrlError::Scheme(_))
+        ));
+        assert!(matches!(
+            "tls://h".parse::<LegUrl>(),
+            Err(LegUrlError::Port(_))
+        ));
+        assert!(matches!(
+            "tls://h:0".parse::<LegUrl>(),
+            Err(LegUrlError::Port(_))
+        ));
+        assert!(matches!(
+            "tls://h:99999".parse::<LegUrl>(),
+            Err(LegUrlError::Port(_))
+        ));
+        assert!(matches!(
+            "tls://h:1/x".parse::<LegUrl>(),
+            Err(LegUrlError::Extra(_))
+        ));
+        assert!(matches!(
+            "tls://:1".parse::<LegUrl>(),
+            Err(LegUrlError::Host(_))
+        ));
     }
 }

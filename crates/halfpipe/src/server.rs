@@ -245,7 +245,12 @@ fn security_refusal(peer: SocketAddr, reason: &str) {
     tracing::warn!(target: "security", %peer, reason, "leg refused");
 }
 
-async fn handle_leg(state: Arc<State>, listener: Arc<LegListener>, tcp: TcpStream, peer: SocketAddr) {
+async fn handle_leg(
+    state: Arc<State>,
+    listener: Arc<LegListener>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
     let deadline = tokio::time::Instant::now() + state.limits.handshake_timeout;
     let mut io = match tokio::time::timeout_at(deadline, listener.upgrade(tcp)).await {
         Ok(Ok(io)) => io,
@@ -307,7 +312,9 @@ fn admit(state: &Arc<State>, peer: SocketAddr, acc: &AcceptedHello) -> Admission
     let Some(user) = state.users.get(&acc.client_static) else {
         return Admission::Silence("unknown client key".into());
     };
-    if let Err(e) = lock(&state.replay).check_and_insert(acc.replay_id, acc.hello.timestamp_ms, unix_ms()) {
+    if let Err(e) =
+        lock(&state.replay).check_and_insert(acc.replay_id, acc.hello.timestamp_ms, unix_ms())
+    {
         return Admission::Silence(format!("user {user}: {e}"));
     }
     let hello = &acc.hello;
@@ -333,7 +340,10 @@ fn admit(state: &Arc<State>, peer: SocketAddr, acc: &AcceptedHello) -> Admission
         tracing::warn!(%peer, user, limit = state.limits.max_sessions, "session limit hit");
         return Admission::Refuse(HelloStatus::SessionLimit);
     }
-    let per_user = sessions.values().filter(|e| e.user_key == acc.client_static).count();
+    let per_user = sessions
+        .values()
+        .filter(|e| e.user_key == acc.client_static)
+        .count();
     if per_user >= state.limits.max_sessions_per_user {
         tracing::warn!(%peer, user, limit = state.limits.max_sessions_per_user, "per-user session limit hit");
         return Admission::Refuse(HelloStatus::UserSessionLimit);
@@ -351,7 +361,13 @@ fn admit(state: &Arc<State>, peer: SocketAddr, acc: &AcceptedHello) -> Admission
         },
     );
     tracing::info!(%peer, user, session = %hello.session_id, "session opened");
-    tokio::spawn(run_session(state.clone(), hello.session_id, user.clone(), tunnel.clone(), control));
+    tokio::spawn(run_session(
+        state.clone(),
+        hello.session_id,
+        user.clone(),
+        tunnel.clone(),
+        control,
+    ));
     Admission::Attach(tunnel)
 }
 
@@ -375,7 +391,10 @@ async fn attach(
     };
     let role = acc.hello.role;
     let attached = match role {
-        LegRole::Up => keys.server_opener().map(|o| tunnel.attach_recv_leg(io, o)).map_err(|e| e.to_string()),
+        LegRole::Up => keys
+            .server_opener()
+            .map(|o| tunnel.attach_recv_leg(io, o))
+            .map_err(|e| e.to_string()),
         LegRole::Down => match keys.server_sealer() {
             Ok(s) => tunnel
                 .attach_send_leg(io, s, acc.hello.recv_next)
@@ -384,7 +403,9 @@ async fn attach(
         },
     };
     match attached {
-        Ok(()) => tracing::debug!(%peer, session = %acc.hello.session_id, leg = role.name(), epoch = acc.hello.epoch, "leg attached"),
+        Ok(()) => {
+            tracing::debug!(%peer, session = %acc.hello.session_id, leg = role.name(), epoch = acc.hello.epoch, "leg attached")
+        }
         Err(e) => {
             tracing::warn!(%peer, session = %acc.hello.session_id, error = %e, "leg refused by session; closing it");
             tunnel.close(CloseCode::ProtocolError);
@@ -406,9 +427,14 @@ async fn run_session(
                 let state = state.clone();
                 let user = user.clone();
                 tokio::spawn(async move {
-                    match crate::outbound::connect(&state.egress, &target, state.connect_timeout).await {
+                    match crate::outbound::connect(&state.egress, &target, state.connect_timeout)
+                        .await
+                    {
                         Ok(socket) => {
-                            if tunnel.open_result(stream, halfpipe_core::ConnectStatus::Succeeded).is_ok() {
+                            if tunnel
+                                .open_result(stream, halfpipe_core::ConnectStatus::Succeeded)
+                                .is_ok()
+                            {
                                 tunnel.pump(stream, socket, bytes::Bytes::new()).await;
                             }
                         }

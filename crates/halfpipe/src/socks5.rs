@@ -93,7 +93,9 @@ async fn check_user_pass<S: AsyncRead + AsyncWrite + Unpin>(
     let ver = s.read_u8().await?;
     if ver != 1 {
         s.write_all(&[1, 1]).await?;
-        return Err(Socks5Error::Malformed("username/password sub-negotiation version"));
+        return Err(Socks5Error::Malformed(
+            "username/password sub-negotiation version",
+        ));
     }
     let user = read_short_string(s).await?;
     let pass = read_short_string(s).await?;
@@ -143,12 +145,18 @@ async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
         1 => {
             let mut a = [0u8; 4];
             s.read_exact(&mut a).await?;
-            TargetAddr::Ip(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(a)), s.read_u16().await?))
+            TargetAddr::Ip(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(a)),
+                s.read_u16().await?,
+            ))
         }
         4 => {
             let mut a = [0u8; 16];
             s.read_exact(&mut a).await?;
-            TargetAddr::Ip(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(a)), s.read_u16().await?))
+            TargetAddr::Ip(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(a)),
+                s.read_u16().await?,
+            ))
         }
         3 => {
             let name = read_short_string(s).await?;
@@ -227,7 +235,10 @@ mod tests {
     #[tokio::test]
     async fn every_address_type() {
         let cases: Vec<(Vec<u8>, TargetAddr)> = vec![
-            (vec![1, 10, 0, 0, 1, 0, 80], TargetAddr::Ip("10.0.0.1:80".parse().unwrap())),
+            (
+                vec![1, 10, 0, 0, 1, 0, 80],
+                TargetAddr::Ip("10.0.0.1:80".parse().unwrap()),
+            ),
             (
                 [vec![4], vec![0; 15], vec![1, 1, 187]].concat(),
                 TargetAddr::Ip("[::1]:443".parse().unwrap()),
@@ -251,7 +262,12 @@ mod tests {
             username: "u".into(),
             password: "secret".into(),
         };
-        let good = [&[5, 1, 2, 1, 1, b'u', 6][..], b"secret", &[5, 1, 0, 1, 1, 2, 3, 4, 0, 80]].concat();
+        let good = [
+            &[5, 1, 2, 1, 1, b'u', 6][..],
+            b"secret",
+            &[5, 1, 0, 1, 1, 2, 3, 4, 0, 80],
+        ]
+        .concat();
         let (r, out) = run(&good, auth.clone()).await;
         assert!(r.is_ok());
         assert_eq!(out, vec![5, 2, 1, 0]);
@@ -303,12 +319,18 @@ mod tests {
     #[tokio::test]
     async fn reply_encodes_status_and_bound_address() {
         let mut out = Vec::new();
-        reply(&mut out, ConnectStatus::NotAllowed, None).await.unwrap();
-        assert_eq!(out, reply_bytes(2));
-        let mut out = Vec::new();
-        reply(&mut out, ConnectStatus::Succeeded, Some("[::1]:5".parse().unwrap()))
+        reply(&mut out, ConnectStatus::NotAllowed, None)
             .await
             .unwrap();
+        assert_eq!(out, reply_bytes(2));
+        let mut out = Vec::new();
+        reply(
+            &mut out,
+            ConnectStatus::Succeeded,
+            Some("[::1]:5".parse().unwrap()),
+        )
+        .await
+        .unwrap();
         assert_eq!(out, [vec![5, 0, 0, 4], vec![0; 15], vec![1, 0, 5]].concat());
     }
 

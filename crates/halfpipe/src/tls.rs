@@ -149,7 +149,10 @@ pub fn spki_pin(cert_der: &[u8]) -> Result<String, TlsError> {
     let ee = webpki::EndEntityCert::try_from(&der)
         .map_err(|e| TlsError::BadCertificate(format!("{e:?}")))?;
     let spki = ee.subject_public_key_info();
-    Ok(format!("sha256/{}", B64.encode(Sha256::digest(spki.as_ref()))))
+    Ok(format!(
+        "sha256/{}",
+        B64.encode(Sha256::digest(spki.as_ref()))
+    ))
 }
 
 /// Accepts exactly the certificate whose public key matches the pin; the TLS 1.3 handshake

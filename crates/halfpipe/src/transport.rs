@@ -153,9 +153,11 @@ impl LegListener {
     ) -> Result<Self, TransportError> {
         let tls = match url.scheme {
             Scheme::Tcp => None,
-            Scheme::Tls => Some(TlsAcceptor::from(
-                tls.ok_or_else(|| TransportError::TlsNotConfigured(url.to_string()))?,
-            )),
+            Scheme::Tls => {
+                Some(TlsAcceptor::from(tls.ok_or_else(|| {
+                    TransportError::TlsNotConfigured(url.to_string())
+                })?))
+            }
         };
         let addr = format!("{}:{}", url.host, url.port);
         let tcp = TcpListener::bind(&addr)

@@ -14,7 +14,9 @@ use bytes::{Bytes, BytesMut};
 use halfpipe_core::frame::{CloseCode, ResetCode, StreamId};
 use halfpipe_core::handshake::LegRole;
 use halfpipe_core::record::{RecordOpener, RecordSealer};
-use halfpipe_core::session::{CloseReason, Event, Recv, Session, SessionConfig, SessionError, Side};
+use halfpipe_core::session::{
+    CloseReason, Event, Recv, Session, SessionConfig, SessionError, Side,
+};
 use halfpipe_core::{ConnectStatus, TargetAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -254,34 +256,54 @@ impl Tunnel {
         sealer: RecordSealer,
         peer_recv_next: u64,
     ) -> Result<(), SessionError> {
-        let mut slot = lock(&self.send_leg);
-        if let Some(old) = slot.task.take() {
+        // Claim the slot first (a failing old writer then sees a newer generation and
+        // leaves the session alone); the slot lock is not held while the session runs,
+        // because a session call may wake the writer.
+        let (old, gen, wake) = {
+            let mut slot = lock(&self.send_leg);
+            slot.generation += 1;
+            slot.wake = Arc::new(Notify::new());
+            (slot.task.take(), slot.generation, slot.wake.clone())
+        };
+        if let Some(old) = old {
             old.abort();
         }
         self.with_session(|s| {
             s.detach_send_leg(Instant::now());
             s.attach_send_leg(Instant::now(), Some(peer_recv_next))
         })?;
-        slot.generation += 1;
-        slot.wake = Arc::new(Notify::new());
-        let (gen, wake) = (slot.generation, slot.wake.clone());
-        slot.task = Some(tokio::spawn(Arc::clone(self).run_writer(io, sealer, gen, wake)));
+        let task = tokio::spawn(Arc::clone(self).run_writer(io, sealer, gen, wake));
+        let mut slot = lock(&self.send_leg);
+        if slot.generation == gen {
+            slot.task = Some(task);
+        } else {
+            task.abort();
+        }
         Ok(())
     }
 
     /// Attaches a new receive leg (replacing any previous one) and starts its reader task.
     pub fn attach_recv_leg(self: &Arc<Self>, io: BoxedLeg, opener: RecordOpener) {
-        let mut slot = lock(&self.recv_leg);
-        if let Some(old) = slot.task.take() {
+        let (old, gen) = {
+            let mut slot = lock(&self.recv_leg);
+            slot.generation += 1;
+            (slot.task.take(), slot.generation)
+        };
+        if let Some(old) = old {
             old.abort();
         }
         self.with_session(|s| {
             s.detach_recv_leg(Instant::now());
             s.attach_recv_leg(Instant::now());
         });
-        slot.generation += 1;
-        let gen = slot.generation;
-        slot.task = Some(tokio::spawn(Arc::clone(self).run_reader(io, opener, gen)));
+        let task = tokio::spawn(Arc::clone(self).run_reader(io, opener, gen));
+        let mut slot = lock(&self.recv_leg);
+        if slot.generation == gen {
+            slot.task = Some(task);
+        } else {
+            task.abort();
+        }
+        drop(slot);
         self.timer_wake.notify_one();
     }
 
@@ -291,7 +313,8 @@ impl Tunnel {
             LegEnd::Send => &self.send_leg,
             LegEnd::Recv => &self.recv_leg,
         };
-        if let Some(t) = lock(slot).task.take() {
+        let task = lock(slot).task.take();
+        if let Some(t) = task {
             t.abort();
         }
         self.with_session(|s| match which {

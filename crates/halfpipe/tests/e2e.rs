@@ -158,7 +158,9 @@ async fn raw_leg_handshake(
     epoch: u32,
 ) -> Vec<u8> {
     let url = &h.urls[0];
-    let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.unwrap();
+    let tcp = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .unwrap();
     let tls = h.tls.clone().unwrap();
     let connector = tokio_rustls::TlsConnector::from(tls.config);
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
@@ -210,7 +212,10 @@ async fn unknown_key_gets_no_byte_back() {
     // And the exit answers a real user right after: a control, so silence above is not
     // simply a dead server.
     let reply = raw_leg_handshake(&h, &h.user_keys.clone(), SessionId::random(), 1).await;
-    assert!(reply.len() >= SERVER_PREAMBLE_LEN, "registered user got a reply");
+    assert!(
+        reply.len() >= SERVER_PREAMBLE_LEN,
+        "registered user got a reply"
+    );
     assert_eq!(h.server.session_count(), 1);
 }
 
@@ -245,7 +250,9 @@ async fn socks_garbage_gets_precise_replies_and_listener_keeps_serving() {
     assert!(buf.len() <= 2);
     // BIND: command not supported (7).
     let mut s = TcpStream::connect(h.socks).await.unwrap();
-    s.write_all(&[5, 1, 0, 5, 2, 0, 1, 127, 0, 0, 1, 0, 80]).await.unwrap();
+    s.write_all(&[5, 1, 0, 5, 2, 0, 1, 127, 0, 0, 1, 0, 80])
+        .await
+        .unwrap();
     let mut r = [0u8; 4];
     s.read_exact(&mut r[..2]).await.unwrap();
     s.read_exact(&mut r).await.unwrap();
@@ -323,7 +330,15 @@ async fn curl_through_socks5_and_http_connect() {
             .output()
             .await
             .unwrap();
-        assert!(out.status.success(), "{proxy}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "hello through halfpipe", "{proxy}");
+        assert!(
+            out.status.success(),
+            "{proxy}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "hello through halfpipe",
+            "{proxy}"
+        );
     }
 }

@@ -79,6 +79,10 @@ fn keys() -> (HandshakeKeys, [u8; 32]) {
 }
 
 pub async fn start(opts: Opts) -> Harness {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let dir = temp_dir("h");
     let cert = halfpipe::cert::generate_self_signed(&["localhost".into()]).unwrap();
     let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("cert.key"));
@@ -126,7 +130,8 @@ pub async fn start(opts: Opts) -> Harness {
     let handle = server.handle();
     tokio::spawn(server.run());
     let tls = Some(TlsDialer {
-        config: halfpipe::tls::client_config(&halfpipe::tls::ServerTrust::CaFile(cert_path)).unwrap(),
+        config: halfpipe::tls::client_config(&halfpipe::tls::ServerTrust::CaFile(cert_path))
+            .unwrap(),
         server_name: "localhost".into(),
     });
     let exit = Exit::new(ExitSettings {
@@ -150,7 +155,11 @@ pub async fn start(opts: Opts) -> Harness {
     ));
     let http_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = http_l.local_addr().unwrap();
-    tokio::spawn(serve_inbound(http_l, Inbound::HttpConnect(None), exit.clone()));
+    tokio::spawn(serve_inbound(
+        http_l,
+        Inbound::HttpConnect(None),
+        exit.clone(),
+    ));
     Harness {
         dir,
         server: handle,
