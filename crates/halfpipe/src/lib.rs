@@ -1,13 +1,32 @@
-//! temp
+//! # halfpipe: a hardened split-path tunnel
+//!
+//! The protocol core (frames, handshake, records, session) is the sans-io crate
+//! `halfpipe-core`; this crate drives it with tokio and adds everything around it.
+//!
+//! | module | job |
+//! | --- | --- |
+//! | [`transport`] | dial/accept `tcp://` and `tls://` leg pipes |
+//! | [`leg`] | the Noise handshake over a pipe |
+//! | [`tunnel`] | the async session driver shared by client and exit |
+//! | [`client`] | session upkeep and local inbounds (SOCKS5, HTTP CONNECT, forwards) |
+//! | [`server`] | leg admission, session table, outbound connects |
+//! | [`egress`], [`outbound`] | the exit's egress policy and connector |
+//! | [`socks5`], [`http_connect`] | inbound protocol parsers |
+//! | [`config`], [`keyfile`], [`tls`], [`cert`], [`leg_url`] | configuration and key material |
+//! | [`quickstart`] | the zero-config local demo |
+//! | [`bench`] | the loopback benchmark |
+
 pub mod bench;
 pub mod cert;
 pub mod client;
+pub mod config;
 pub mod egress;
 pub mod http_connect;
 pub mod keyfile;
 pub mod leg;
 pub mod leg_url;
 pub mod outbound;
+
 pub mod server;
 pub mod socks5;
 pub mod tls;

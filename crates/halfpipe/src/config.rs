@@ -1,0 +1,698 @@
+//! Configuration files (TOML), one per role, turned into the runtime settings.
+//!
+//! Every problem is reported with the file, the key and the reason, and all problems are
+//! collected rather than stopping at the first (`halfpipe check-config` prints them all).
+//! Secrets can come from the environment instead of files: `HALFPIPE_SERVER_PRIVATE_KEY`,
+//! `HALFPIPE_CLIENT_PRIVATE_KEY`, `HALFPIPE_PSK` (base64). Key files that group or others
+//! can read are refused. Relative paths are relative to the config file.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use halfpipe_core::handshake::HandshakeKeys;
+use halfpipe_core::record::CipherSuite;
+use halfpipe_core::session::SessionConfig;
+use halfpipe_core::TargetAddr;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::client::{ExitSettings, Inbound};
+use crate::egress::EgressPolicy;
+use crate::keyfile::{decode_key, decode_public, read_private_key};
+use crate::leg_url::{LegUrl, Scheme};
+use crate::server::{ServerLimits, ServerSettings, User};
+use crate::socks5::Socks5Auth;
+use crate::tls::{client_config, server_config, ServerTrust};
+use crate::transport::TlsDialer;
+
+/// Environment variable overriding the server's private key file.
+pub const ENV_SERVER_KEY: &str = "HALFPIPE_SERVER_PRIVATE_KEY";
+/// Environment variable overriding the client's private key file.
+pub const ENV_CLIENT_KEY: &str = "HALFPIPE_CLIENT_PRIVATE_KEY";
+/// Environment variable overriding the PSK file.
+pub const ENV_PSK: &str = "HALFPIPE_PSK";
+
+const NOT_A_PUBLIC_KEY: &str =
+    "not a public key (expected 44 characters of standard base64, as printed by 'halfpipe keys gen')";
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// The key, as a path (`users[1].public_key`), or `(syntax)`.
+    pub key: String,
+    /// What is wrong and what to do.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
+    }
+}
+
+/// All problems found in a file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects problems while a file is checked.
+struct Check<'a> {
+    file: &'a Path,
+    base: PathBuf,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    errors: Vec<ConfigError>,
+}
+
+impl<'a> Check<'a> {
+    fn new(file: &'a Path, env: &'a dyn Fn(&str) -> Option<String>) -> Self {
+        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self {
+            file,
+            base,
+            env,
+            errors: Vec::new(),
+        }
+    }
+
+    fn err(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_owned(),
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn duration(&mut self, key: &str, v: &Option<String>, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    self.err(key, "must be greater than zero");
+                    default
+                }
+                Err(e) => {
+                    self.err(key, format!("{s:?} is not a duration ({e}); write e.g. \"10s\" or \"500ms\""));
+                    default
+                }
+            },
+        }
+    }
+
+    fn positive(&mut self, key: &str, v: Option<usize>, default: usize) -> usize {
+        match v {
+            Some(0) => {
+                self.err(key, "must be at least 1");
+                default
+            }
+            Some(n) => n,
+            None => default,
+        }
+    }
+
+    fn leg_url(&mut self, key: &str, s: &str) -> Option<LegUrl> {
+        s.parse()
+            .map_err(|e: crate::leg_url::LegUrlError| self.err(key, e.to_string()))
+            .ok()
+    }
+
+    /// A private key from the environment variable `env_var` or from `file`.
+    fn private_key(&mut self, key: &str, file: &Option<String>, env_var: &str) -> Option<Zeroizing<[u8; 32]>> {
+        if let Some(v) = (self.env)(env_var) {
+            return decode_key(&v, env_var).map_err(|e| self.err(key, e.to_string())).ok();
+        }
+        let Some(f) = file else {
+            self.err(key, format!("missing: name a key file made by 'halfpipe keys gen', or set {env_var}"));
+            return None;
+        };
+        read_private_key(&self.path(f))
+            .map_err(|e| self.err(key, e.to_string()))
+            .ok()
+    }
+
+    fn psk(&mut self, file: &Option<String>) -> Option<Zeroizing<[u8; 32]>> {
+        if let Some(v) = (self.env)(ENV_PSK) {
+            return decode_key(&v, ENV_PSK).map_err(|e| self.err("psk_file", e.to_string())).ok();
+        }
+        let f = file.as_ref()?;
+        read_private_key(&self.path(f))
+            .map_err(|e| self.err("psk_file", e.to_string()))
+            .ok()
+    }
+
+    fn cipher(&mut self, v: &Option<String>) -> CipherSuite {
+        match v.as_deref() {
+            None | Some("aes-256-gcm") => CipherSuite::Aes256Gcm,
+            Some("chacha20-poly1305") => CipherSuite::ChaCha20Poly1305,
+            Some(other) => {
+                self.err("cipher", format!("{other:?} is not a cipher: use \"aes-256-gcm\" or \"chacha20-poly1305\""));
+                CipherSuite::Aes256Gcm
+            }
+        }
+    }
+
+    fn finish<T>(self, value: Option<T>) -> Result<T, ConfigErrors> {
+        match value {
+            Some(v) if self.errors.is_empty() => Ok(v),
+            _ => Err(ConfigErrors(self.errors)),
+        }
+    }
+}
+
+fn parse_toml<T: for<'de> Deserialize<'de>>(file: &Path, text: &str) -> Result<T, ConfigErrors> {
+    toml::from_str(text).map_err(|e| {
+        let key = match e.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].lines().count().max(1);
+                format!("line {line}")
+            }
+            None => "(syntax)".into(),
+        };
+        ConfigErrors(vec![ConfigError {
+            file: file.to_owned(),
+            key,
+            reason: e.message().to_owned(),
+        }])
+    })
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            key: "(file)".into(),
+            reason: format!("cannot read: {e}"),
+        }])
+    })
+}
+
+/// The process environment, for [`load_server`] and [`load_client`].
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+// ---- server --------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServerFile {
+    listen: Vec<String>,
+    private_key_file: Option<String>,
+    psk_file: Option<String>,
+    cipher: Option<String>,
+    tls: Option<ServerTlsFile>,
+    #[serde(default)]
+    users: Vec<UserFile>,
+    #[serde(default)]
+    egress: EgressFile,
+    #[serde(default)]
+    limits: ServerLimitsFile,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerTlsFile {
+    cert_file: String,
+    key_file: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserFile {
+    name: String,
+    public_key: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EgressFile {
+    #[serde(default)]
+    allow: Vec<String>,
+    connect_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServerLimitsFile {
+    max_sessions: Option<usize>,
+    max_sessions_per_user: Option<usize>,
+    max_streams_per_session: Option<usize>,
+    max_handshakes_in_flight: Option<usize>,
+    handshake_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    resume_window: Option<String>,
+}
+
+/// Loads and checks a server configuration.
+pub fn load_server(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<ServerSettings, ConfigErrors> {
+    let text = read_file(path)?;
+    server_from_str(path, &text, env)
+}
+
+/// Checks a server configuration given as text (`path` names it and anchors relative paths).
+pub fn server_from_str(
+    path: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ServerSettings, ConfigErrors> {
+    let f: ServerFile = parse_toml(path, text)?;
+    let mut c = Check::new(path, env);
+    if f.listen.is_empty() {
+        c.err("listen", "needs at least one leg URL, e.g. [\"tls://0.0.0.0:8443\", \"tls://0.0.0.0:8444\"]");
+    }
+    let listen: Vec<LegUrl> = f
+        .listen
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| c.leg_url(&format!("listen[{i}]"), s))
+        .collect();
+    let suite = c.cipher(&f.cipher);
+    let private_key = c.private_key("private_key_file", &f.private_key_file, ENV_SERVER_KEY);
+    let psk = c.psk(&f.psk_file);
+    let needs_tls = listen.iter().any(|u| u.scheme == Scheme::Tls);
+    let tls = match (&f.tls, needs_tls) {
+        (Some(t), _) => server_config(&c.path(&t.cert_file), &c.path(&t.key_file))
+            .map_err(|e| c.err("tls", e.to_string()))
+            .ok(),
+        (None, true) => {
+            c.err("tls", "a tls:// listener needs a [tls] section with cert_file and key_file ('halfpipe cert gen' makes a development pair)");
+            None
+        }
+        (None, false) => None,
+    };
+    let mut users = Vec::new();
+    for (i, u) in f.users.iter().enumerate() {
+        if u.name.trim().is_empty() {
+            c.err(format!("users[{i}].name"), "must not be empty");
+        }
+        if f.users[..i].iter().any(|o| o.name == u.name) {
+            c.err(format!("users[{i}].name"), format!("{:?} is listed twice", u.name));
+        }
+        match decode_public(&u.public_key, "public key") {
+            Ok(k) if users.iter().any(|x: &User| x.public_key == k) => {
+                c.err(format!("users[{i}].public_key"), "the same key is listed for another user")
+            }
+            Ok(k) => users.push(User {
+                name: u.name.clone(),
+                public_key: k,
+            }),
+            Err(_) => c.err(format!("users[{i}].public_key"), NOT_A_PUBLIC_KEY),
+        }
+    }
+    if f.users.is_empty() {
+        c.err("users", "no [[users]]: nobody could connect; add one with a public key from 'halfpipe keys gen'");
+    }
+    let mut allow = Vec::new();
+    for (i, a) in f.egress.allow.iter().enumerate() {
+        match a.parse::<ipnet::IpNet>() {
+            Ok(n) => allow.push(n),
+            Err(_) => match a.parse::<IpAddr>() {
+                Ok(ip) => allow.push(ipnet::IpNet::from(ip)),
+                Err(_) => c.err(format!("egress.allow[{i}]"), format!("{a:?} is not a CIDR such as \"10.0.0.0/8\" or an IP address")),
+            },
+        }
+    }
+    let own: Vec<IpAddr> = listen.iter().filter_map(|u| u.host.parse().ok()).filter(|ip: &IpAddr| !ip.is_unspecified()).collect();
+    let connect_timeout = c.duration("egress.connect_timeout", &f.egress.connect_timeout, Duration::from_secs(10));
+    let l = &f.limits;
+    let defaults = ServerLimits::default();
+    let session_defaults = SessionConfig::default();
+    let limits = ServerLimits {
+        max_sessions: c.positive("limits.max_sessions", l.max_sessions, defaults.max_sessions),
+        max_sessions_per_user: c.positive("limits.max_sessions_per_user", l.max_sessions_per_user, defaults.max_sessions_per_user),
+        max_handshakes_in_flight: c.positive("limits.max_handshakes_in_flight", l.max_handshakes_in_flight, defaults.max_handshakes_in_flight),
+        handshake_timeout: c.duration("limits.handshake_timeout", &l.handshake_timeout, defaults.handshake_timeout),
+        ..defaults
+    };
+    let session = SessionConfig {
+        max_streams: c.positive("limits.max_streams_per_session", l.max_streams_per_session, session_defaults.max_streams),
+        idle_timeout: c.duration("limits.idle_timeout", &l.idle_timeout, session_defaults.idle_timeout),
+        resume_window: c.duration("limits.resume_window", &l.resume_window, session_defaults.resume_window),
+        ..session_defaults
+    };
+    let settings = private_key.map(|private_key| ServerSettings {
+        listen,
+        tls,
+        keys: HandshakeKeys {
+            suite,
+            private_key,
+            psk,
+        },
+        users,
+        egress: EgressPolicy::new(allow, own),
+        connect_timeout,
+        limits,
+        session,
+    });
+    c.finish(settings)
+}
+
+// ---- client --------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientFile {
+    server_public_key: String,
+    private_key_file: Option<String>,
+    psk_file: Option<String>,
+    cipher: Option<String>,
+    uplink: String,
+    downlink: String,
+    tls: Option<ClientTlsFile>,
+    socks5: Option<SocksFile>,
+    http: Option<HttpFile>,
+    #[serde(default)]
+    forward: Vec<ForwardFile>,
+    #[serde(default)]
+    limits: ClientLimitsFile,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientTlsFile {
+    server_name: Option<String>,
+    ca_file: Option<String>,
+    pin: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SocksFile {
+    listen: String,
+    username: Option<String>,
+    password: Option<String>,
+    #[serde(default)]
+    allow_remote: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpFile {
+    listen: String,
+    username: Option<String>,
+    password: Option<String>,
+    #[serde(default)]
+    allow_remote: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForwardFile {
+    listen: String,
+    target: String,
+    #[serde(default)]
+    allow_remote: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ClientLimitsFile {
+    connect_timeout: Option<String>,
+    handshake_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    resume_window: Option<String>,
+    backoff_min: Option<String>,
+    backoff_max: Option<String>,
+}
+
+/// A client's checked settings: how to reach the exit and which local listeners to run.
+pub struct ClientSettings {
+    /// The exit.
+    pub exit: ExitSettings,
+    /// Local listeners.
+    pub inbounds: Vec<(SocketAddr, Inbound)>,
+}
+
+/// Loads and checks a client configuration.
+pub fn load_client(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<ClientSettings, ConfigErrors> {
+    let text = read_file(path)?;
+    client_from_str(path, &text, env)
+}
+
+fn local_listen(c: &mut Check, key: &str, s: &str, allow_remote: bool) -> Option<SocketAddr> {
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|_| c.err(key, format!("{s:?} is not an address such as \"127.0.0.1:1080\"")))
+        .ok()?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        c.err(key, format!("{addr} is reachable from other machines, which would make an open proxy; bind 127.0.0.1, or set allow_remote = true in this section (and require a password)"));
+    }
+    Some(addr)
+}
+
+fn credentials(c: &mut Check, section: &str, user: &Option<String>, pass: &Option<String>) -> Option<(String, String)> {
+    match (user, pass) {
+        (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+        (None, None) => None,
+        _ => {
+            c.err(format!("{section}.username"), "username and password go together: set both or neither");
+            None
+        }
+    }
+}
+
+fn parse_target(s: &str) -> Option<TargetAddr> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Some(TargetAddr::Ip(a));
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    (!host.is_empty() && host.len() <= 255).then(|| TargetAddr::Domain(host.to_owned(), port))
+}
+
+/// Checks a client configuration given as text.
+pub fn client_from_str(
+    path: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ClientSettings, ConfigErrors> {
+    let f: ClientFile = parse_toml(path, text)?;
+    let mut c = Check::new(path, env);
+    let server_public = decode_public(&f.server_public_key, "server_public_key")
+        .map_err(|_| c.err("server_public_key", NOT_A_PUBLIC_KEY))
+        .ok();
+    let suite = c.cipher(&f.cipher);
+    let private_key = c.private_key("private_key_file", &f.private_key_file, ENV_CLIENT_KEY);
+    let psk = c.psk(&f.psk_file);
+    let uplink = c.leg_url("uplink", &f.uplink);
+    let downlink = c.leg_url("downlink", &f.downlink);
+    let needs_tls = [&uplink, &downlink].iter().any(|u| u.as_ref().is_some_and(|u| u.scheme == Scheme::Tls));
+    let tls = if needs_tls {
+        let t = f.tls.as_ref();
+        let trust = match (t.and_then(|t| t.ca_file.as_ref()), t.and_then(|t| t.pin.as_ref())) {
+            (Some(_), Some(_)) => {
+                c.err("tls", "set ca_file or pin, not both");
+                None
+            }
+            (Some(ca), None) => Some(ServerTrust::CaFile(c.path(ca))),
+            (None, Some(pin)) => Some(ServerTrust::Pin(pin.clone())),
+            (None, None) => Some(ServerTrust::WebRoots),
+        };
+        let host = uplink.as_ref().map(|u| u.host.clone()).unwrap_or_default();
+        let server_name = t.and_then(|t| t.server_name.clone()).unwrap_or(host);
+        trust.and_then(|trust| {
+            client_config(&trust)
+                .map(|config| TlsDialer { config, server_name })
+                .map_err(|e| c.err("tls", e.to_string()))
+                .ok()
+        })
+    } else {
+        None
+    };
+    let mut inbounds = Vec::new();
+    if let Some(s) = &f.socks5 {
+        let creds = credentials(&mut c, "socks5", &s.username, &s.password);
+        if let Some(a) = local_listen(&mut c, "socks5.listen", &s.listen, s.allow_remote) {
+            let auth = creds.map_or(Socks5Auth::None, |(username, password)| Socks5Auth::UserPass { username, password });
+            inbounds.push((a, Inbound::Socks5(auth)));
+        }
+    }
+    if let Some(h) = &f.http {
+        let creds = credentials(&mut c, "http", &h.username, &h.password);
+        if let Some(a) = local_listen(&mut c, "http.listen", &h.listen, h.allow_remote) {
+            inbounds.push((a, Inbound::HttpConnect(creds)));
+        }
+    }
+    for (i, fw) in f.forward.iter().enumerate() {
+        let target = parse_target(&fw.target);
+        if target.is_none() {
+            c.err(format!("forward[{i}].target"), format!("{:?} is not host:port", fw.target));
+        }
+        if let (Some(a), Some(t)) = (local_listen(&mut c, &format!("forward[{i}].listen"), &fw.listen, fw.allow_remote), target) {
+            inbounds.push((a, Inbound::Forward(t)));
+        }
+    }
+    if inbounds.is_empty() {
+        c.err("socks5", "no inbound: add a [socks5] section (listen = \"127.0.0.1:1080\"), [http] or [[forward]]");
+    }
+    let l = &f.limits;
+    let sd = SessionConfig::default();
+    let connect_timeout = c.duration("limits.connect_timeout", &l.connect_timeout, Duration::from_secs(10));
+    let dial_timeout = c.duration("limits.handshake_timeout", &l.handshake_timeout, Duration::from_secs(10));
+    let idle_timeout = c.duration("limits.idle_timeout", &l.idle_timeout, sd.idle_timeout);
+    let resume_window = c.duration("limits.resume_window", &l.resume_window, sd.resume_window);
+    let backoff_min = c.duration("limits.backoff_min", &l.backoff_min, Duration::from_millis(100));
+    let backoff_max = c.duration("limits.backoff_max", &l.backoff_max, Duration::from_secs(5));
+    if backoff_min > backoff_max {
+        c.err("limits.backoff_min", "must not exceed limits.backoff_max");
+    }
+    let settings = match (server_public, private_key, uplink, downlink) {
+        (Some(server_public), Some(private_key), Some(uplink), Some(downlink)) => Some(ClientSettings {
+            exit: ExitSettings {
+                uplink,
+                downlink,
+                tls,
+                keys: HandshakeKeys {
+                    suite,
+                    private_key,
+                    psk,
+                },
+                server_public,
+                dial_timeout,
+                connect_timeout,
+                backoff_min,
+                backoff_max,
+                session: SessionConfig {
+                    idle_timeout,
+                    resume_window,
+                    ..sd
+                },
+            },
+            inbounds,
+        }),
+        _ => None,
+    };
+    c.finish(settings)
+}
+
+/// Reads just enough of a file to tell its role: servers have `listen`.
+pub fn is_server_config(text: &str) -> bool {
+    toml::from_str::<toml::Table>(text).is_ok_and(|t| t.contains_key("listen"))
+}
+
+// ---- templates -----------------------------------------------------------------------
+
+/// Values for [`server_toml`].
+pub struct ServerTemplate<'a> {
+    /// Leg listeners.
+    pub listen: &'a [String],
+    /// Users (name, base64 public key).
+    pub users: &'a [(String, String)],
+    /// CIDRs allowed despite the default deny, with the reason shown in a comment.
+    pub allow: &'a [String],
+    /// Why `allow` is there.
+    pub allow_comment: &'a str,
+}
+
+/// A complete, commented server configuration.
+pub fn server_toml(t: &ServerTemplate) -> String {
+    let quoted = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+    let mut out = format!(
+        "# halfpipe exit server configuration.\n\
+         # Leg listeners: each accepts uplinks and downlinks; clients name one URL per leg.\n\
+         listen = [{}]\n\
+         # Static Noise key (mode 0600). {ENV_SERVER_KEY} (base64) overrides it.\n\
+         private_key_file = \"server.key\"\n\
+         cipher = \"aes-256-gcm\"\n\n\
+         [tls]\n\
+         cert_file = \"cert.pem\"\n\
+         key_file = \"cert.key\"\n\n",
+        quoted(t.listen)
+    );
+    for (name, key) in t.users {
+        out.push_str(&format!("[[users]]\nname = {name:?}\npublic_key = {key:?}\n\n"));
+    }
+    out.push_str(&format!(
+        "[egress]\n\
+         # Loopback, private, link-local, CGNAT, multicast and the server's own addresses are\n\
+         # denied unless listed here.\n\
+         # {}\n\
+         allow = [{}]\n\
+         connect_timeout = \"10s\"\n\n\
+         [limits]\n\
+         max_sessions = 1024\n\
+         max_sessions_per_user = 16\n\
+         max_streams_per_session = 1024\n\
+         max_handshakes_in_flight = 64\n\
+         handshake_timeout = \"10s\"\n\
+         idle_timeout = \"300s\"\n\
+         resume_window = \"60s\"\n",
+        t.allow_comment,
+        quoted(t.allow)
+    ));
+    out
+}
+
+/// Values for [`client_toml`].
+pub struct ClientTemplate<'a> {
+    /// The exit's public key, base64.
+    pub server_public_key: &'a str,
+    /// Uplink URL.
+    pub uplink: &'a str,
+    /// Downlink URL.
+    pub downlink: &'a str,
+    /// TLS server name.
+    pub server_name: &'a str,
+    /// CA file path.
+    pub ca_file: &'a str,
+    /// SOCKS5 listen address.
+    pub socks: &'a str,
+    /// HTTP CONNECT listen address.
+    pub http: &'a str,
+}
+
+/// A complete, commented client configuration.
+pub fn client_toml(t: &ClientTemplate) -> String {
+    format!(
+        "# halfpipe client configuration.\n\
+         server_public_key = {:?}\n\
+         # Our static key: the user identity. {ENV_CLIENT_KEY} (base64) overrides it.\n\
+         private_key_file = \"client.key\"\n\
+         cipher = \"aes-256-gcm\"\n\
+         # What goes up and what comes down travel on separate legs.\n\
+         uplink = {:?}\n\
+         downlink = {:?}\n\n\
+         [tls]\n\
+         server_name = {:?}\n\
+         ca_file = {:?}\n\n\
+         [socks5]\n\
+         listen = {:?}\n\n\
+         [http]\n\
+         listen = {:?}\n\n\
+         [limits]\n\
+         connect_timeout = \"10s\"\n\
+         handshake_timeout = \"10s\"\n\
+         idle_timeout = \"300s\"\n\
+         resume_window = \"60s\"\n\
+         backoff_min = \"100ms\"\n\
+         backoff_max = \"5s\"\n",
+        t.server_public_key, t.uplink, t.downlink, t.server_name, t.ca_file, t.socks, t.http
+    )
+}
+
+#[cfg(test)]
+mod tests;

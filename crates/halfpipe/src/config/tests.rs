@@ -1,0 +1,125 @@
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+use crate::keyfile::{encode_key, write_private_key};
+
+struct Fixture {
+    dir: PathBuf,
+    user_public: String,
+    server_public: String,
+}
+
+fn fixture() -> Fixture {
+    let dir = std::env::temp_dir().join(format!("hp-config-{}-{}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (sk, sp) = halfpipe_core::handshake::generate_keypair().unwrap();
+    let (ck, cp) = halfpipe_core::handshake::generate_keypair().unwrap();
+    write_private_key(&dir.join("server.key"), &sk).unwrap();
+    write_private_key(&dir.join("client.key"), &ck).unwrap();
+    let cert = crate::cert::generate_self_signed(&["localhost".into()]).unwrap();
+    crate::cert::write_dev_cert(&cert, &dir.join("cert.pem"), &dir.join("cert.key")).unwrap();
+    Fixture {
+        dir,
+        user_public: encode_key(&cp),
+        server_public: encode_key(&sp),
+    }
+}
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn server_text(f: &Fixture) -> String {
+    server_toml(&ServerTemplate {
+        listen: &["tls://127.0.0.1:8443".into(), "tls://127.0.0.1:8444".into()],
+        users: &[("alice".into(), f.user_public.clone())],
+        allow: &["127.0.0.0/8".into()],
+        allow_comment: "test",
+    })
+}
+
+fn client_text(f: &Fixture) -> String {
+    client_toml(&ClientTemplate {
+        server_public_key: &f.server_public,
+        uplink: "tls://127.0.0.1:8443",
+        downlink: "tls://127.0.0.1:8444",
+        server_name: "localhost",
+        ca_file: "cert.pem",
+        socks: "127.0.0.1:1080",
+        http: "127.0.0.1:8080",
+    })
+}
+
+fn keys_of(e: ConfigErrors) -> Vec<String> {
+    e.0.into_iter().map(|e| e.key).collect()
+}
+
+#[test]
+fn templates_load_back() {
+    let f = fixture();
+    let s = server_from_str(&f.dir.join("server.toml"), &server_text(&f), &no_env).unwrap();
+    assert_eq!(s.listen.len(), 2);
+    assert_eq!(s.users[0].name, "alice");
+    assert!(s.egress.check_ip("127.0.0.1".parse().unwrap()).is_ok());
+    assert!(s.egress.check_ip("10.0.0.1".parse().unwrap()).is_err());
+    let c = client_from_str(&f.dir.join("client.toml"), &client_text(&f), &no_env).unwrap();
+    assert_eq!(c.inbounds.len(), 2);
+    assert_eq!(c.exit.uplink.port, 8443);
+    assert_eq!(c.exit.downlink.port, 8444);
+    assert!(is_server_config(&server_text(&f)));
+    assert!(!is_server_config(&client_text(&f)));
+}
+
+#[test]
+fn every_error_names_its_key_and_all_are_reported() {
+    let f = fixture();
+    let text = server_text(&f)
+        .replace("tls://127.0.0.1:8444", "udp://127.0.0.1:8444")
+        .replace(&f.user_public, "not-base64")
+        .replace("\"127.0.0.0/8\"", "\"127.0.0.0/99\"")
+        .replace("max_sessions = 1024", "max_sessions = 0")
+        .replace("idle_timeout = \"300s\"", "idle_timeout = \"soon\"")
+        .replace("aes-256-gcm", "rot13");
+    let e = server_from_str(&f.dir.join("server.toml"), &text, &no_env).err().unwrap();
+    let keys = keys_of(e.clone());
+    for want in ["listen[1]", "users[0].public_key", "egress.allow[0]", "limits.max_sessions", "limits.idle_timeout", "cipher"] {
+        assert!(keys.contains(&want.to_string()), "missing {want} in {keys:?}");
+    }
+    let shown = e.to_string();
+    assert!(shown.contains("server.toml: users[0].public_key: not a public key"), "{shown}");
+    // Unknown keys are caught with their line.
+    let e = server_from_str(&f.dir.join("s.toml"), &format!("{}\nlisten_typo = 1\n", server_text(&f)), &no_env)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("unknown field"), "{e}");
+    assert!(e.0[0].key.starts_with("line "), "{:?}", e.0[0].key);
+}
+
+#[test]
+fn client_errors_open_proxy_and_half_credentials() {
+    let f = fixture();
+    let text = client_text(&f)
+        .replace("listen = \"127.0.0.1:1080\"", "listen = \"0.0.0.0:1080\"\nusername = \"u\"");
+    let keys = keys_of(client_from_str(&f.dir.join("client.toml"), &text, &no_env).err().unwrap());
+    assert!(keys.contains(&"socks5.listen".to_string()), "{keys:?}");
+    assert!(keys.contains(&"socks5.username".to_string()), "{keys:?}");
+}
+
+#[test]
+fn environment_overrides_the_key_file_and_permissions_are_enforced() {
+    let f = fixture();
+    let key_path = f.dir.join("server.key");
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = server_from_str(&f.dir.join("server.toml"), &server_text(&f), &no_env).err().unwrap();
+    assert!(e.to_string().contains("chmod 600"), "{e}");
+    let (k, _) = halfpipe_core::handshake::generate_keypair().unwrap();
+    let env: HashMap<&str, String> = [(ENV_SERVER_KEY, encode_key(&k))].into();
+    let lookup = |n: &str| env.get(n).cloned();
+    let s = server_from_str(&f.dir.join("server.toml"), &server_text(&f), &lookup).unwrap();
+    assert_eq!(*s.keys.private_key, *k);
+    let bad: HashMap<&str, String> = [(ENV_SERVER_KEY, "xx".to_string())].into();
+    let lookup = |n: &str| bad.get(n).cloned();
+    let e = server_from_str(&f.dir.join("server.toml"), &server_text(&f), &lookup).err().unwrap();
+    assert!(e.to_string().contains(ENV_SERVER_KEY), "{e}");
+}
