@@ -26,6 +26,7 @@ pub mod keyfile;
 pub mod leg;
 pub mod leg_url;
 pub mod outbound;
+pub mod quickstart;
 
 pub mod server;
 pub mod socks5;

@@ -1,1 +1,323 @@
-fn main() {}
+//! The `halfpipe` command.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use halfpipe::bench::{self, Plan, System};
+use halfpipe::client::{serve_inbound, Exit};
+use halfpipe::config;
+use halfpipe::keyfile::{encode_key, write_private_key, write_public_key};
+use halfpipe::quickstart::{self, Ports};
+use halfpipe::server::Server;
+
+/// halfpipe: a hardened split-path tunnel. What goes up and what comes down travel on
+/// separate legs, end-to-end encrypted.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create keys, a dev certificate and configs, run exit and client locally, check them.
+    Quickstart {
+        /// State directory (created 0700; reused when it holds configs).
+        #[arg(long, default_value = "halfpipe-quickstart")]
+        dir: PathBuf,
+        /// Exit after the end-to-end check instead of serving.
+        #[arg(long)]
+        check_only: bool,
+    },
+    /// Run the exit server.
+    Server {
+        /// Server configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the client (SOCKS5, HTTP CONNECT and forwards).
+    Client {
+        /// Client configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and explain every problem.
+    CheckConfig {
+        /// The file (server or client; told apart by its `listen` key).
+        file: PathBuf,
+    },
+    /// Key management.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Development certificates.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+    /// Benchmark the tunnel against a direct connection (and shadowsocks-rust when
+    /// `sslocal`/`ssserver` are installed) on loopback.
+    Bench {
+        /// Small transfers, for a smoke run.
+        #[arg(long)]
+        quick: bool,
+        /// Interleaved rounds; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Skip shadowsocks-rust even when installed.
+        #[arg(long)]
+        no_ss: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Generate a static key pair: PATH (private, 0600) and PATH.pub.
+    Gen {
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Generate a self-signed certificate and print its public-key pin.
+    Gen {
+        /// DNS names or IP addresses the certificate is for.
+        #[arg(long = "name", default_value = "localhost")]
+        names: Vec<String>,
+        /// Certificate output (PEM).
+        #[arg(long, default_value = "cert.pem")]
+        cert: PathBuf,
+        /// Private key output (PEM, 0600).
+        #[arg(long, default_value = "cert.key")]
+        key: PathBuf,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HALFPIPE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Quickstart { dir, check_only } => run_quickstart(&dir, check_only).await,
+        Command::Server { config } => run_server(&config).await,
+        Command::Client { config } => run_client(&config).await,
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Keys {
+            command: KeysCommand::Gen { out },
+        } => keys_gen(&out),
+        Command::Cert {
+            command: CertCommand::Gen { names, cert, key },
+        } => {
+            let c = halfpipe::cert::generate_self_signed(&names)?;
+            halfpipe::cert::write_dev_cert(&c, &cert, &key)?;
+            println!("certificate: {}\nprivate key: {} (0600)\npin:         {}", cert.display(), key.display(), c.pin);
+            println!("clients may trust it with  ca_file = \"{}\"  or  pin = \"{}\"", cert.display(), c.pin);
+            Ok(())
+        }
+        Command::Bench { quick, rounds, no_ss } => run_bench(quick, rounds, no_ss).await,
+    }
+}
+
+async fn run_quickstart(dir: &Path, check_only: bool) -> Result<()> {
+    let created = quickstart::prepare(dir, Ports::pick([18443, 18444, 11080, 18080])?)?;
+    let dir_shown = dir.display();
+    if created {
+        println!("created keys, a development certificate and configs in {dir_shown}/");
+    } else {
+        println!("using the existing configs in {dir_shown}/");
+    }
+    let running = quickstart::start(dir)
+        .await
+        .with_context(|| format!("starting from {dir_shown}/ (delete the directory to start afresh)"))?;
+    quickstart::self_check(running.socks).await?;
+    println!("end-to-end check passed: a loopback page came back through the tunnel");
+    println!("  uplink and downlink: {}", running.legs.join("  and  "));
+    println!("  SOCKS5 proxy:        {}", running.socks);
+    if let Some(h) = running.http {
+        println!("  HTTP CONNECT proxy:  {h}");
+    }
+    println!("  try:  curl --socks5-hostname {} http://127.0.0.1:PORT/", running.socks);
+    println!("  note: {dir_shown}/server.toml allow-lists loopback destinations for this demo only;");
+    println!("        every other server config denies loopback and private ranges unless told otherwise.");
+    println!("the same thing as two processes:");
+    println!("  halfpipe server --config {dir_shown}/server.toml");
+    println!("  halfpipe client --config {dir_shown}/client.toml");
+    if check_only {
+        return Ok(());
+    }
+    println!("serving; press Ctrl-C to stop");
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+fn load_errors(e: config::ConfigErrors) -> anyhow::Error {
+    anyhow::anyhow!("{e}\n(run 'halfpipe check-config FILE' after fixing)")
+}
+
+async fn run_server(path: &Path) -> Result<()> {
+    let settings = config::load_server(path, &config::process_env).map_err(load_errors)?;
+    let server = Server::bind(settings).await?;
+    for u in server.urls() {
+        tracing::info!(listen = %u, "leg listener up");
+    }
+    tokio::select! {
+        _ = server.run() => {}
+        _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+    }
+    Ok(())
+}
+
+async fn run_client(path: &Path) -> Result<()> {
+    let settings = config::load_client(path, &config::process_env).map_err(load_errors)?;
+    let exit = Exit::new(settings.exit);
+    let mut tasks = Vec::new();
+    for (addr, inbound) in settings.inbounds {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (in use? change it in {})", path.display()))?;
+        tracing::info!(%addr, "inbound listening");
+        tasks.push(tokio::spawn(serve_inbound(l, inbound, exit.clone())));
+    }
+    // Dial eagerly so configuration problems show at start, not at the first request.
+    if let Err(e) = exit.tunnel().await {
+        tracing::warn!(error = %e, "exit not reachable yet; will retry on the first request");
+    }
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+fn check_config(file: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let result = if config::is_server_config(&text) {
+        config::server_from_str(file, &text, &config::process_env).map(|_| "server")
+    } else {
+        config::client_from_str(file, &text, &config::process_env).map(|_| "client")
+    };
+    match result {
+        Ok(role) => {
+            println!("{}: valid {role} configuration", file.display());
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            bail!("{} problem(s) in {}", e.0.len(), file.display())
+        }
+    }
+}
+
+fn keys_gen(out: &Path) -> Result<()> {
+    let (private, public) = halfpipe_core::handshake::generate_keypair()?;
+    write_private_key(out, &private)?;
+    let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+    write_public_key(&pub_path, &public)?;
+    println!("private key: {} (0600; never share it)", out.display());
+    println!("public key:  {}  (also in {})", encode_key(&public), pub_path.display());
+    Ok(())
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+async fn start_halfpipe(dir: &Path) -> Result<System> {
+    let ports = Ports::pick([0, 0, 0, 0])?;
+    quickstart::prepare(dir, ports)?;
+    let exe = std::env::current_exe()?;
+    let client = bench::spawn(&exe, &["client".into(), "--config".into(), dir.join("client.toml").display().to_string()], &dir.join("client.log"))?;
+    let server = bench::spawn(&exe, &["server".into(), "--config".into(), dir.join("server.toml").display().to_string()], &dir.join("server.log"))?;
+    let socks = ([127, 0, 0, 1], ports.socks).into();
+    let sys = System {
+        name: "halfpipe (tls legs)".into(),
+        socks: Some(socks),
+        children: vec![client, server],
+    };
+    bench::wait_listening("halfpipe client", socks).await?;
+    bench::wait_listening("halfpipe server", ([127, 0, 0, 1], ports.uplink).into()).await?;
+    Ok(sys)
+}
+
+async fn start_shadowsocks(dir: &Path) -> Result<Option<System>> {
+    let (Some(local), Some(server)) = (find_program("sslocal"), find_program("ssserver")) else {
+        return Ok(None);
+    };
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+    let ports = Ports::pick([0, 0, 0, 0])?;
+    let method = "2022-blake3-aes-256-gcm".to_string();
+    let srv_addr = format!("127.0.0.1:{}", ports.uplink);
+    let s = bench::spawn(&server, &["-s".into(), srv_addr.clone(), "-m".into(), method.clone(), "-k".into(), key.clone()], &dir.join("ssserver.log"))?;
+    let c = bench::spawn(
+        &local,
+        &["-b".into(), format!("127.0.0.1:{}", ports.socks), "-s".into(), srv_addr, "-m".into(), method, "-k".into(), key],
+        &dir.join("sslocal.log"),
+    )?;
+    let socks = ([127, 0, 0, 1], ports.socks).into();
+    let sys = System {
+        name: "shadowsocks-rust 2022-blake3-aes-256-gcm".into(),
+        socks: Some(socks),
+        children: vec![c, s],
+    };
+    bench::wait_listening("sslocal", socks).await?;
+    bench::wait_listening("ssserver", ([127, 0, 0, 1], ports.uplink).into()).await?;
+    Ok(Some(sys))
+}
+
+async fn run_bench(quick: bool, rounds: usize, no_ss: bool) -> Result<()> {
+    let plan = if quick { Plan::quick() } else { Plan::full() };
+    let base = std::env::temp_dir().join(format!("halfpipe-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&base)?;
+    let target = bench::start_target().await?;
+    let mut systems = vec![System::direct(), start_halfpipe(&base.join("halfpipe")).await?];
+    if !no_ss {
+        std::fs::create_dir_all(base.join("ss"))?;
+        match start_shadowsocks(&base.join("ss")).await? {
+            Some(s) => systems.push(s),
+            None => eprintln!("shadowsocks-rust not found (cargo install shadowsocks-rust --version 1.25.0 --bin sslocal --bin ssserver); comparing with direct only"),
+        }
+    }
+    let mut results: Vec<Vec<bench::Round>> = vec![Vec::new(); systems.len()];
+    for r in 0..rounds {
+        for (i, sys) in systems.iter().enumerate() {
+            eprintln!("round {}/{rounds}: {}", r + 1, sys.name);
+            let round = bench::round(sys, target, &plan)
+                .await
+                .with_context(|| format!("benchmarking {} (logs in {})", sys.name, base.display()))?;
+            results[i].push(round);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let summaries: Vec<bench::Summary> = systems
+        .iter()
+        .zip(&results)
+        .map(|(s, r)| bench::summarize(&s.name, r, s.peak_rss()))
+        .collect();
+    println!("{}", bench::render(&summaries));
+    for s in &summaries[1..] {
+        print!("{}", bench::ratios(s, &summaries[0]));
+    }
+    if summaries.len() > 2 {
+        print!("{}", bench::ratios(&summaries[1], &summaries[2]));
+    }
+    drop(systems);
+    let _ = std::fs::remove_dir_all(&base);
+    Ok(())
+}
