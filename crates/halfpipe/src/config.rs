@@ -116,7 +116,10 @@ impl<'a> Check<'a> {
                     default
                 }
                 Err(e) => {
-                    self.err(key, format!("{s:?} is not a duration ({e}); write e.g. \"10s\" or \"500ms\""));
+                    self.err(
+                        key,
+                        format!("{s:?} is not a duration ({e}); write e.g. \"10s\" or \"500ms\""),
+                    );
                     default
                 }
             },
@@ -141,12 +144,22 @@ impl<'a> Check<'a> {
     }
 
     /// A private key from the environment variable `env_var` or from `file`.
-    fn private_key(&mut self, key: &str, file: &Option<String>, env_var: &str) -> Option<Zeroizing<[u8; 32]>> {
+    fn private_key(
+        &mut self,
+        key: &str,
+        file: &Option<String>,
+        env_var: &str,
+    ) -> Option<Zeroizing<[u8; 32]>> {
         if let Some(v) = (self.env)(env_var) {
-            return decode_key(&v, env_var).map_err(|e| self.err(key, e.to_string())).ok();
+            return decode_key(&v, env_var)
+                .map_err(|e| self.err(key, e.to_string()))
+                .ok();
         }
         let Some(f) = file else {
-            self.err(key, format!("missing: name a key file made by 'halfpipe keys gen', or set {env_var}"));
+            self.err(
+                key,
+                format!("missing: name a key file made by 'halfpipe keys gen', or set {env_var}"),
+            );
             return None;
         };
         read_private_key(&self.path(f))
@@ -156,7 +169,9 @@ impl<'a> Check<'a> {
 
     fn psk(&mut self, file: &Option<String>) -> Option<Zeroizing<[u8; 32]>> {
         if let Some(v) = (self.env)(ENV_PSK) {
-            return decode_key(&v, ENV_PSK).map_err(|e| self.err("psk_file", e.to_string())).ok();
+            return decode_key(&v, ENV_PSK)
+                .map_err(|e| self.err("psk_file", e.to_string()))
+                .ok();
         }
         let f = file.as_ref()?;
         read_private_key(&self.path(f))
@@ -169,7 +184,12 @@ impl<'a> Check<'a> {
             None | Some("aes-256-gcm") => CipherSuite::Aes256Gcm,
             Some("chacha20-poly1305") => CipherSuite::ChaCha20Poly1305,
             Some(other) => {
-                self.err("cipher", format!("{other:?} is not a cipher: use \"aes-256-gcm\" or \"chacha20-poly1305\""));
+                self.err(
+                    "cipher",
+                    format!(
+                        "{other:?} is not a cipher: use \"aes-256-gcm\" or \"chacha20-poly1305\""
+                    ),
+                );
                 CipherSuite::Aes256Gcm
             }
         }
@@ -268,7 +288,10 @@ struct ServerLimitsFile {
 }
 
 /// Loads and checks a server configuration.
-pub fn load_server(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<ServerSettings, ConfigErrors> {
+pub fn load_server(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ServerSettings, ConfigErrors> {
     let text = read_file(path)?;
     server_from_str(path, &text, env)
 }
@@ -282,7 +305,10 @@ pub fn server_from_str(
     let f: ServerFile = parse_toml(path, text)?;
     let mut c = Check::new(path, env);
     if f.listen.is_empty() {
-        c.err("listen", "needs at least one leg URL, e.g. [\"tls://0.0.0.0:8443\", \"tls://0.0.0.0:8444\"]");
+        c.err(
+            "listen",
+            "needs at least one leg URL, e.g. [\"tls://0.0.0.0:8443\", \"tls://0.0.0.0:8444\"]",
+        );
     }
     let listen: Vec<LegUrl> = f
         .listen
@@ -310,12 +336,16 @@ pub fn server_from_str(
             c.err(format!("users[{i}].name"), "must not be empty");
         }
         if f.users[..i].iter().any(|o| o.name == u.name) {
-            c.err(format!("users[{i}].name"), format!("{:?} is listed twice", u.name));
+            c.err(
+                format!("users[{i}].name"),
+                format!("{:?} is listed twice", u.name),
+            );
         }
         match decode_public(&u.public_key, "public key") {
-            Ok(k) if users.iter().any(|x: &User| x.public_key == k) => {
-                c.err(format!("users[{i}].public_key"), "the same key is listed for another user")
-            }
+            Ok(k) if users.iter().any(|x: &User| x.public_key == k) => c.err(
+                format!("users[{i}].public_key"),
+                "the same key is listed for another user",
+            ),
             Ok(k) => users.push(User {
                 name: u.name.clone(),
                 public_key: k,
@@ -332,26 +362,61 @@ pub fn server_from_str(
             Ok(n) => allow.push(n),
             Err(_) => match a.parse::<IpAddr>() {
                 Ok(ip) => allow.push(ipnet::IpNet::from(ip)),
-                Err(_) => c.err(format!("egress.allow[{i}]"), format!("{a:?} is not a CIDR such as \"10.0.0.0/8\" or an IP address")),
+                Err(_) => c.err(
+                    format!("egress.allow[{i}]"),
+                    format!("{a:?} is not a CIDR such as \"10.0.0.0/8\" or an IP address"),
+                ),
             },
         }
     }
-    let own: Vec<IpAddr> = listen.iter().filter_map(|u| u.host.parse().ok()).filter(|ip: &IpAddr| !ip.is_unspecified()).collect();
-    let connect_timeout = c.duration("egress.connect_timeout", &f.egress.connect_timeout, Duration::from_secs(10));
+    let own: Vec<IpAddr> = listen
+        .iter()
+        .filter_map(|u| u.host.parse().ok())
+        .filter(|ip: &IpAddr| !ip.is_unspecified())
+        .collect();
+    let connect_timeout = c.duration(
+        "egress.connect_timeout",
+        &f.egress.connect_timeout,
+        Duration::from_secs(10),
+    );
     let l = &f.limits;
     let defaults = ServerLimits::default();
     let session_defaults = SessionConfig::default();
     let limits = ServerLimits {
         max_sessions: c.positive("limits.max_sessions", l.max_sessions, defaults.max_sessions),
-        max_sessions_per_user: c.positive("limits.max_sessions_per_user", l.max_sessions_per_user, defaults.max_sessions_per_user),
-        max_handshakes_in_flight: c.positive("limits.max_handshakes_in_flight", l.max_handshakes_in_flight, defaults.max_handshakes_in_flight),
-        handshake_timeout: c.duration("limits.handshake_timeout", &l.handshake_timeout, defaults.handshake_timeout),
+        max_sessions_per_user: c.positive(
+            "limits.max_sessions_per_user",
+            l.max_sessions_per_user,
+            defaults.max_sessions_per_user,
+        ),
+        max_handshakes_in_flight: c.positive(
+            "limits.max_handshakes_in_flight",
+            l.max_handshakes_in_flight,
+            defaults.max_handshakes_in_flight,
+        ),
+        handshake_timeout: c.duration(
+            "limits.handshake_timeout",
+            &l.handshake_timeout,
+            defaults.handshake_timeout,
+        ),
         ..defaults
     };
     let session = SessionConfig {
-        max_streams: c.positive("limits.max_streams_per_session", l.max_streams_per_session, session_defaults.max_streams),
-        idle_timeout: c.duration("limits.idle_timeout", &l.idle_timeout, session_defaults.idle_timeout),
-        resume_window: c.duration("limits.resume_window", &l.resume_window, session_defaults.resume_window),
+        max_streams: c.positive(
+            "limits.max_streams_per_session",
+            l.max_streams_per_session,
+            session_defaults.max_streams,
+        ),
+        idle_timeout: c.duration(
+            "limits.idle_timeout",
+            &l.idle_timeout,
+            session_defaults.idle_timeout,
+        ),
+        resume_window: c.duration(
+            "limits.resume_window",
+            &l.resume_window,
+            session_defaults.resume_window,
+        ),
         ..session_defaults
     };
     let settings = private_key.map(|private_key| ServerSettings {
@@ -448,7 +513,10 @@ pub struct ClientSettings {
 }
 
 /// Loads and checks a client configuration.
-pub fn load_client(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<ClientSettings, ConfigErrors> {
+pub fn load_client(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ClientSettings, ConfigErrors> {
     let text = read_file(path)?;
     client_from_str(path, &text, env)
 }
@@ -456,7 +524,12 @@ pub fn load_client(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<
 fn local_listen(c: &mut Check, key: &str, s: &str, allow_remote: bool) -> Option<SocketAddr> {
     let addr: SocketAddr = s
         .parse()
-        .map_err(|_| c.err(key, format!("{s:?} is not an address such as \"127.0.0.1:1080\"")))
+        .map_err(|_| {
+            c.err(
+                key,
+                format!("{s:?} is not an address such as \"127.0.0.1:1080\""),
+            )
+        })
         .ok()?;
     if !addr.ip().is_loopback() && !allow_remote {
         c.err(key, format!("{addr} is reachable from other machines, which would make an open proxy; bind 127.0.0.1, or set allow_remote = true in this section (and require a password)"));
@@ -464,12 +537,20 @@ fn local_listen(c: &mut Check, key: &str, s: &str, allow_remote: bool) -> Option
     Some(addr)
 }
 
-fn credentials(c: &mut Check, section: &str, user: &Option<String>, pass: &Option<String>) -> Option<(String, String)> {
+fn credentials(
+    c: &mut Check,
+    section: &str,
+    user: &Option<String>,
+    pass: &Option<String>,
+) -> Option<(String, String)> {
     match (user, pass) {
         (Some(u), Some(p)) => Some((u.clone(), p.clone())),
         (None, None) => None,
         _ => {
-            c.err(format!("{section}.username"), "username and password go together: set both or neither");
+            c.err(
+                format!("{section}.username"),
+                "username and password go together: set both or neither",
+            );
             None
         }
     }
@@ -500,10 +581,15 @@ pub fn client_from_str(
     let psk = c.psk(&f.psk_file);
     let uplink = c.leg_url("uplink", &f.uplink);
     let downlink = c.leg_url("downlink", &f.downlink);
-    let needs_tls = [&uplink, &downlink].iter().any(|u| u.as_ref().is_some_and(|u| u.scheme == Scheme::Tls));
+    let needs_tls = [&uplink, &downlink]
+        .iter()
+        .any(|u| u.as_ref().is_some_and(|u| u.scheme == Scheme::Tls));
     let tls = if needs_tls {
         let t = f.tls.as_ref();
-        let trust = match (t.and_then(|t| t.ca_file.as_ref()), t.and_then(|t| t.pin.as_ref())) {
+        let trust = match (
+            t.and_then(|t| t.ca_file.as_ref()),
+            t.and_then(|t| t.pin.as_ref()),
+        ) {
             (Some(_), Some(_)) => {
                 c.err("tls", "set ca_file or pin, not both");
                 None
@@ -516,7 +602,10 @@ pub fn client_from_str(
         let server_name = t.and_then(|t| t.server_name.clone()).unwrap_or(host);
         trust.and_then(|trust| {
             client_config(&trust)
-                .map(|config| TlsDialer { config, server_name })
+                .map(|config| TlsDialer {
+                    config,
+                    server_name,
+                })
                 .map_err(|e| c.err("tls", e.to_string()))
                 .ok()
         })
@@ -527,7 +616,9 @@ pub fn client_from_str(
     if let Some(s) = &f.socks5 {
         let creds = credentials(&mut c, "socks5", &s.username, &s.password);
         if let Some(a) = local_listen(&mut c, "socks5.listen", &s.listen, s.allow_remote) {
-            let auth = creds.map_or(Socks5Auth::None, |(username, password)| Socks5Auth::UserPass { username, password });
+            let auth = creds.map_or(Socks5Auth::None, |(username, password)| {
+                Socks5Auth::UserPass { username, password }
+            });
             inbounds.push((a, Inbound::Socks5(auth)));
         }
     }
@@ -540,9 +631,20 @@ pub fn client_from_str(
     for (i, fw) in f.forward.iter().enumerate() {
         let target = parse_target(&fw.target);
         if target.is_none() {
-            c.err(format!("forward[{i}].target"), format!("{:?} is not host:port", fw.target));
+            c.err(
+                format!("forward[{i}].target"),
+                format!("{:?} is not host:port", fw.target),
+            );
         }
-        if let (Some(a), Some(t)) = (local_listen(&mut c, &format!("forward[{i}].listen"), &fw.listen, fw.allow_remote), target) {
+        if let (Some(a), Some(t)) = (
+            local_listen(
+                &mut c,
+                &format!("forward[{i}].listen"),
+                &fw.listen,
+                fw.allow_remote,
+            ),
+            target,
+        ) {
             inbounds.push((a, Inbound::Forward(t)));
         }
     }
@@ -551,39 +653,53 @@ pub fn client_from_str(
     }
     let l = &f.limits;
     let sd = SessionConfig::default();
-    let connect_timeout = c.duration("limits.connect_timeout", &l.connect_timeout, Duration::from_secs(10));
-    let dial_timeout = c.duration("limits.handshake_timeout", &l.handshake_timeout, Duration::from_secs(10));
+    let connect_timeout = c.duration(
+        "limits.connect_timeout",
+        &l.connect_timeout,
+        Duration::from_secs(10),
+    );
+    let dial_timeout = c.duration(
+        "limits.handshake_timeout",
+        &l.handshake_timeout,
+        Duration::from_secs(10),
+    );
     let idle_timeout = c.duration("limits.idle_timeout", &l.idle_timeout, sd.idle_timeout);
     let resume_window = c.duration("limits.resume_window", &l.resume_window, sd.resume_window);
-    let backoff_min = c.duration("limits.backoff_min", &l.backoff_min, Duration::from_millis(100));
+    let backoff_min = c.duration(
+        "limits.backoff_min",
+        &l.backoff_min,
+        Duration::from_millis(100),
+    );
     let backoff_max = c.duration("limits.backoff_max", &l.backoff_max, Duration::from_secs(5));
     if backoff_min > backoff_max {
         c.err("limits.backoff_min", "must not exceed limits.backoff_max");
     }
     let settings = match (server_public, private_key, uplink, downlink) {
-        (Some(server_public), Some(private_key), Some(uplink), Some(downlink)) => Some(ClientSettings {
-            exit: ExitSettings {
-                uplink,
-                downlink,
-                tls,
-                keys: HandshakeKeys {
-                    suite,
-                    private_key,
-                    psk,
+        (Some(server_public), Some(private_key), Some(uplink), Some(downlink)) => {
+            Some(ClientSettings {
+                exit: ExitSettings {
+                    uplink,
+                    downlink,
+                    tls,
+                    keys: HandshakeKeys {
+                        suite,
+                        private_key,
+                        psk,
+                    },
+                    server_public,
+                    dial_timeout,
+                    connect_timeout,
+                    backoff_min,
+                    backoff_max,
+                    session: SessionConfig {
+                        idle_timeout,
+                        resume_window,
+                        ..sd
+                    },
                 },
-                server_public,
-                dial_timeout,
-                connect_timeout,
-                backoff_min,
-                backoff_max,
-                session: SessionConfig {
-                    idle_timeout,
-                    resume_window,
-                    ..sd
-                },
-            },
-            inbounds,
-        }),
+                inbounds,
+            })
+        }
         _ => None,
     };
     c.finish(settings)
@@ -610,7 +726,12 @@ pub struct ServerTemplate<'a> {
 
 /// A complete, commented server configuration.
 pub fn server_toml(t: &ServerTemplate) -> String {
-    let quoted = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+    let quoted = |v: &[String]| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut out = format!(
         "# halfpipe exit server configuration.\n\
          # Leg listeners: each accepts uplinks and downlinks; clients name one URL per leg.\n\
@@ -624,7 +745,9 @@ pub fn server_toml(t: &ServerTemplate) -> String {
         quoted(t.listen)
     );
     for (name, key) in t.users {
-        out.push_str(&format!("[[users]]\nname = {name:?}\npublic_key = {key:?}\n\n"));
+        out.push_str(&format!(
+            "[[users]]\nname = {name:?}\npublic_key = {key:?}\n\n"
+        ));
     }
     out.push_str(&format!(
         "[egress]\n\

@@ -123,11 +123,24 @@ async fn main() -> Result<()> {
         } => {
             let c = halfpipe::cert::generate_self_signed(&names)?;
             halfpipe::cert::write_dev_cert(&c, &cert, &key)?;
-            println!("certificate: {}\nprivate key: {} (0600)\npin:         {}", cert.display(), key.display(), c.pin);
-            println!("clients may trust it with  ca_file = \"{}\"  or  pin = \"{}\"", cert.display(), c.pin);
+            println!(
+                "certificate: {}\nprivate key: {} (0600)\npin:         {}",
+                cert.display(),
+                key.display(),
+                c.pin
+            );
+            println!(
+                "clients may trust it with  ca_file = \"{}\"  or  pin = \"{}\"",
+                cert.display(),
+                c.pin
+            );
             Ok(())
         }
-        Command::Bench { quick, rounds, no_ss } => run_bench(quick, rounds, no_ss).await,
+        Command::Bench {
+            quick,
+            rounds,
+            no_ss,
+        } => run_bench(quick, rounds, no_ss).await,
     }
 }
 
@@ -139,9 +152,9 @@ async fn run_quickstart(dir: &Path, check_only: bool) -> Result<()> {
     } else {
         println!("using the existing configs in {dir_shown}/");
     }
-    let running = quickstart::start(dir)
-        .await
-        .with_context(|| format!("starting from {dir_shown}/ (delete the directory to start afresh)"))?;
+    let running = quickstart::start(dir).await.with_context(|| {
+        format!("starting from {dir_shown}/ (delete the directory to start afresh)")
+    })?;
     quickstart::self_check(running.socks).await?;
     println!("end-to-end check passed: a loopback page came back through the tunnel");
     println!("  uplink and downlink: {}", running.legs.join("  and  "));
@@ -149,8 +162,13 @@ async fn run_quickstart(dir: &Path, check_only: bool) -> Result<()> {
     if let Some(h) = running.http {
         println!("  HTTP CONNECT proxy:  {h}");
     }
-    println!("  try:  curl --socks5-hostname {} http://127.0.0.1:PORT/", running.socks);
-    println!("  note: {dir_shown}/server.toml allow-lists loopback destinations for this demo only;");
+    println!(
+        "  try:  curl --socks5-hostname {} http://127.0.0.1:PORT/",
+        running.socks
+    );
+    println!(
+        "  note: {dir_shown}/server.toml allow-lists loopback destinations for this demo only;"
+    );
     println!("        every other server config denies loopback and private ranges unless told otherwise.");
     println!("the same thing as two processes:");
     println!("  halfpipe server --config {dir_shown}/server.toml");
@@ -185,9 +203,12 @@ async fn run_client(path: &Path) -> Result<()> {
     let exit = Exit::new(settings.exit);
     let mut tasks = Vec::new();
     for (addr, inbound) in settings.inbounds {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} (in use? change it in {})", path.display()))?;
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "cannot listen on {addr} (in use? change it in {})",
+                path.display()
+            )
+        })?;
         tracing::info!(%addr, "inbound listening");
         tasks.push(tokio::spawn(serve_inbound(l, inbound, exit.clone())));
     }
@@ -200,7 +221,8 @@ async fn run_client(path: &Path) -> Result<()> {
 }
 
 fn check_config(file: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let result = if config::is_server_config(&text) {
         config::server_from_str(file, &text, &config::process_env).map(|_| "server")
     } else {
@@ -224,7 +246,11 @@ fn keys_gen(out: &Path) -> Result<()> {
     let pub_path = PathBuf::from(format!("{}.pub", out.display()));
     write_public_key(&pub_path, &public)?;
     println!("private key: {} (0600; never share it)", out.display());
-    println!("public key:  {}  (also in {})", encode_key(&public), pub_path.display());
+    println!(
+        "public key:  {}  (also in {})",
+        encode_key(&public),
+        pub_path.display()
+    );
     Ok(())
 }
 
@@ -242,8 +268,24 @@ async fn start_halfpipe(dir: &Path) -> Result<System> {
     let ports = Ports::pick([0, 0, 0, 0])?;
     quickstart::prepare(dir, ports)?;
     let exe = std::env::current_exe()?;
-    let client = bench::spawn(&exe, &["client".into(), "--config".into(), dir.join("client.toml").display().to_string()], &dir.join("client.log"))?;
-    let server = bench::spawn(&exe, &["server".into(), "--config".into(), dir.join("server.toml").display().to_string()], &dir.join("server.log"))?;
+    let client = bench::spawn(
+        &exe,
+        &[
+            "client".into(),
+            "--config".into(),
+            dir.join("client.toml").display().to_string(),
+        ],
+        &dir.join("client.log"),
+    )?;
+    let server = bench::spawn(
+        &exe,
+        &[
+            "server".into(),
+            "--config".into(),
+            dir.join("server.toml").display().to_string(),
+        ],
+        &dir.join("server.log"),
+    )?;
     let socks = ([127, 0, 0, 1], ports.socks).into();
     let sys = System {
         name: "halfpipe (tls legs)".into(),
@@ -264,10 +306,30 @@ async fn start_shadowsocks(dir: &Path) -> Result<Option<System>> {
     let ports = Ports::pick([0, 0, 0, 0])?;
     let method = "2022-blake3-aes-256-gcm".to_string();
     let srv_addr = format!("127.0.0.1:{}", ports.uplink);
-    let s = bench::spawn(&server, &["-s".into(), srv_addr.clone(), "-m".into(), method.clone(), "-k".into(), key.clone()], &dir.join("ssserver.log"))?;
+    let s = bench::spawn(
+        &server,
+        &[
+            "-s".into(),
+            srv_addr.clone(),
+            "-m".into(),
+            method.clone(),
+            "-k".into(),
+            key.clone(),
+        ],
+        &dir.join("ssserver.log"),
+    )?;
     let c = bench::spawn(
         &local,
-        &["-b".into(), format!("127.0.0.1:{}", ports.socks), "-s".into(), srv_addr, "-m".into(), method, "-k".into(), key],
+        &[
+            "-b".into(),
+            format!("127.0.0.1:{}", ports.socks),
+            "-s".into(),
+            srv_addr,
+            "-m".into(),
+            method,
+            "-k".into(),
+            key,
+        ],
         &dir.join("sslocal.log"),
     )?;
     let socks = ([127, 0, 0, 1], ports.socks).into();
@@ -286,7 +348,10 @@ async fn run_bench(quick: bool, rounds: usize, no_ss: bool) -> Result<()> {
     let base = std::env::temp_dir().join(format!("halfpipe-bench-{}", std::process::id()));
     std::fs::create_dir_all(&base)?;
     let target = bench::start_target().await?;
-    let mut systems = vec![System::direct(), start_halfpipe(&base.join("halfpipe")).await?];
+    let mut systems = vec![
+        System::direct(),
+        start_halfpipe(&base.join("halfpipe")).await?,
+    ];
     if !no_ss {
         std::fs::create_dir_all(base.join("ss"))?;
         match start_shadowsocks(&base.join("ss")).await? {
@@ -298,9 +363,9 @@ async fn run_bench(quick: bool, rounds: usize, no_ss: bool) -> Result<()> {
     for r in 0..rounds {
         for (i, sys) in systems.iter().enumerate() {
             eprintln!("round {}/{rounds}: {}", r + 1, sys.name);
-            let round = bench::round(sys, target, &plan)
-                .await
-                .with_context(|| format!("benchmarking {} (logs in {})", sys.name, base.display()))?;
+            let round = bench::round(sys, target, &plan).await.with_context(|| {
+                format!("benchmarking {} (logs in {})", sys.name, base.display())
+            })?;
             results[i].push(round);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

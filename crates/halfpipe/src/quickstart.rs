@@ -117,7 +117,9 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> QuickstartError + '_ {
 /// Creates keys, certificate and configurations in `dir` unless `server.toml` exists.
 /// Returns whether files were created.
 pub fn prepare(dir: &Path, ports: Ports) -> Result<bool, QuickstartError> {
-    let state = StateDir { dir: dir.to_owned() };
+    let state = StateDir {
+        dir: dir.to_owned(),
+    };
     if state.server_toml().exists() && state.client_toml().exists() {
         return Ok(false);
     }
@@ -129,7 +131,8 @@ pub fn prepare(dir: &Path, ports: Ports) -> Result<bool, QuickstartError> {
     write_public_key(&dir.join("server.pub"), &server_public)?;
     write_private_key(&dir.join("client.key"), &user_private)?;
     write_public_key(&dir.join("client.pub"), &user_public)?;
-    let cert = crate::cert::generate_self_signed(&["localhost".into(), "127.0.0.1".into(), "::1".into()])?;
+    let cert =
+        crate::cert::generate_self_signed(&["localhost".into(), "127.0.0.1".into(), "::1".into()])?;
     crate::cert::write_dev_cert(&cert, &dir.join("cert.pem"), &dir.join("cert.key"))?;
     let up = format!("tls://127.0.0.1:{}", ports.uplink);
     let down = format!("tls://127.0.0.1:{}", ports.downlink);
@@ -167,7 +170,9 @@ pub struct Running {
 
 /// Starts the exit and the client from the configurations in `dir`.
 pub async fn start(dir: &Path) -> Result<Running, QuickstartError> {
-    let state = StateDir { dir: dir.to_owned() };
+    let state = StateDir {
+        dir: dir.to_owned(),
+    };
     let server = config::load_server(&state.server_toml(), &config::process_env)?;
     let client = config::load_client(&state.client_toml(), &config::process_env)?;
     let server = Server::bind(server).await?;
@@ -176,10 +181,12 @@ pub async fn start(dir: &Path) -> Result<Running, QuickstartError> {
     let exit = Exit::new(client.exit);
     let (mut socks, mut http) = (None, None);
     for (addr, inbound) in client.inbounds {
-        let l = TcpListener::bind(addr).await.map_err(|source| QuickstartError::Io {
-            path: PathBuf::from(addr.to_string()),
-            source,
-        })?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| QuickstartError::Io {
+                path: PathBuf::from(addr.to_string()),
+                source,
+            })?;
         match inbound {
             Inbound::Socks5(_) => socks = Some(addr),
             Inbound::HttpConnect(_) => http = Some(addr),
@@ -187,7 +194,8 @@ pub async fn start(dir: &Path) -> Result<Running, QuickstartError> {
         }
         tokio::spawn(serve_inbound(l, inbound, exit.clone()));
     }
-    let socks = socks.ok_or_else(|| QuickstartError::Check("client.toml has no [socks5] section".into()))?;
+    let socks = socks
+        .ok_or_else(|| QuickstartError::Check("client.toml has no [socks5] section".into()))?;
     Ok(Running {
         socks,
         http,
@@ -202,12 +210,17 @@ pub async fn self_check(socks: SocketAddr) -> Result<(), QuickstartError> {
     let l = TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| QuickstartError::Check(e.to_string()))?;
-    let page = l.local_addr().map_err(|e| QuickstartError::Check(e.to_string()))?;
+    let page = l
+        .local_addr()
+        .map_err(|e| QuickstartError::Check(e.to_string()))?;
     tokio::spawn(async move {
         if let Ok((mut s, _)) = l.accept().await {
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf).await;
-            let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{BODY}", BODY.len());
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{BODY}",
+                BODY.len()
+            );
             let _ = s.write_all(resp.as_bytes()).await;
         }
     });
@@ -222,9 +235,13 @@ pub async fn self_check(socks: SocketAddr) -> Result<(), QuickstartError> {
         let mut reply = [0u8; 10];
         s.read_exact(&mut reply).await?;
         if reply[1] != 0 {
-            return Err(std::io::Error::other(format!("SOCKS5 reply code {}", reply[1])));
+            return Err(std::io::Error::other(format!(
+                "SOCKS5 reply code {}",
+                reply[1]
+            )));
         }
-        s.write_all(b"GET / HTTP/1.1\r\nHost: check\r\n\r\n").await?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: check\r\n\r\n")
+            .await?;
         let mut body = Vec::new();
         s.read_to_end(&mut body).await?;
         if String::from_utf8_lossy(&body).ends_with(BODY) {

@@ -11,7 +11,11 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let dir = std::env::temp_dir().join(format!("hp-config-{}-{}", std::process::id(), rand::random::<u32>()));
+    let dir = std::env::temp_dir().join(format!(
+        "hp-config-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let (sk, sp) = halfpipe_core::handshake::generate_keypair().unwrap();
     let (ck, cp) = halfpipe_core::handshake::generate_keypair().unwrap();
@@ -81,17 +85,36 @@ fn every_error_names_its_key_and_all_are_reported() {
         .replace("max_sessions = 1024", "max_sessions = 0")
         .replace("idle_timeout = \"300s\"", "idle_timeout = \"soon\"")
         .replace("aes-256-gcm", "rot13");
-    let e = server_from_str(&f.dir.join("server.toml"), &text, &no_env).err().unwrap();
-    let keys = keys_of(e.clone());
-    for want in ["listen[1]", "users[0].public_key", "egress.allow[0]", "limits.max_sessions", "limits.idle_timeout", "cipher"] {
-        assert!(keys.contains(&want.to_string()), "missing {want} in {keys:?}");
-    }
-    let shown = e.to_string();
-    assert!(shown.contains("server.toml: users[0].public_key: not a public key"), "{shown}");
-    // Unknown keys are caught with their line.
-    let e = server_from_str(&f.dir.join("s.toml"), &format!("{}\nlisten_typo = 1\n", server_text(&f)), &no_env)
+    let e = server_from_str(&f.dir.join("server.toml"), &text, &no_env)
         .err()
         .unwrap();
+    let keys = keys_of(e.clone());
+    for want in [
+        "listen[1]",
+        "users[0].public_key",
+        "egress.allow[0]",
+        "limits.max_sessions",
+        "limits.idle_timeout",
+        "cipher",
+    ] {
+        assert!(
+            keys.contains(&want.to_string()),
+            "missing {want} in {keys:?}"
+        );
+    }
+    let shown = e.to_string();
+    assert!(
+        shown.contains("server.toml: users[0].public_key: not a public key"),
+        "{shown}"
+    );
+    // Unknown keys are caught with their line.
+    let e = server_from_str(
+        &f.dir.join("s.toml"),
+        &format!("{}\nlisten_typo = 1\n", server_text(&f)),
+        &no_env,
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("unknown field"), "{e}");
     assert!(e.0[0].key.starts_with("line "), "{:?}", e.0[0].key);
 }
@@ -99,9 +122,15 @@ fn every_error_names_its_key_and_all_are_reported() {
 #[test]
 fn client_errors_open_proxy_and_half_credentials() {
     let f = fixture();
-    let text = client_text(&f)
-        .replace("listen = \"127.0.0.1:1080\"", "listen = \"0.0.0.0:1080\"\nusername = \"u\"");
-    let keys = keys_of(client_from_str(&f.dir.join("client.toml"), &text, &no_env).err().unwrap());
+    let text = client_text(&f).replace(
+        "listen = \"127.0.0.1:1080\"",
+        "listen = \"0.0.0.0:1080\"\nusername = \"u\"",
+    );
+    let keys = keys_of(
+        client_from_str(&f.dir.join("client.toml"), &text, &no_env)
+            .err()
+            .unwrap(),
+    );
     assert!(keys.contains(&"socks5.listen".to_string()), "{keys:?}");
     assert!(keys.contains(&"socks5.username".to_string()), "{keys:?}");
 }
@@ -111,7 +140,9 @@ fn environment_overrides_the_key_file_and_permissions_are_enforced() {
     let f = fixture();
     let key_path = f.dir.join("server.key");
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let e = server_from_str(&f.dir.join("server.toml"), &server_text(&f), &no_env).err().unwrap();
+    let e = server_from_str(&f.dir.join("server.toml"), &server_text(&f), &no_env)
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("chmod 600"), "{e}");
     let (k, _) = halfpipe_core::handshake::generate_keypair().unwrap();
     let env: HashMap<&str, String> = [(ENV_SERVER_KEY, encode_key(&k))].into();
@@ -120,6 +151,8 @@ fn environment_overrides_the_key_file_and_permissions_are_enforced() {
     assert_eq!(*s.keys.private_key, *k);
     let bad: HashMap<&str, String> = [(ENV_SERVER_KEY, "xx".to_string())].into();
     let lookup = |n: &str| bad.get(n).cloned();
-    let e = server_from_str(&f.dir.join("server.toml"), &server_text(&f), &lookup).err().unwrap();
+    let e = server_from_str(&f.dir.join("server.toml"), &server_text(&f), &lookup)
+        .err()
+        .unwrap();
     assert!(e.to_string().contains(ENV_SERVER_KEY), "{e}");
 }
