@@ -691,19 +691,18 @@ impl Session {
     fn handle_state(&mut self, frame: Frame) -> Result<(), SessionError> {
         match frame {
             Frame::Resume { seq } => self.leg_seq = Some(seq),
-            Frame::Ack { next_seq } => self.tx.ack(next_seq)?,
+            Frame::Ack { next_seq } => {
+                let before = self.tx.unacked_data;
+                self.tx.ack(next_seq)?;
+                // Freed retransmit room is credit too (`max_unacked`).
+                if self.tx.unacked_data < before {
+                    self.wake_blocked_writers();
+                }
+            }
             Frame::MaxData { limit } => {
                 if limit > self.peer_max_data {
                     self.peer_max_data = limit;
-                    let blocked: Vec<StreamId> = self
-                        .streams
-                        .iter()
-                        .filter(|(_, s)| s.writer_blocked)
-                        .map(|(id, _)| *id)
-                        .collect();
-                    for id in blocked {
-                        self.wake_writer(id);
-                    }
+                    self.wake_blocked_writers();
                 }
             }
             Frame::MaxStreamData { stream, limit } => {
@@ -932,6 +931,18 @@ impl Session {
             Err(SessionError::UnknownStream(stream))
         } else {
             Ok(())
+        }
+    }
+
+    fn wake_blocked_writers(&mut self) {
+        let blocked: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.writer_blocked)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in blocked {
+            self.wake_writer(id);
         }
     }
 

@@ -644,3 +644,25 @@ fn stream_limit_refuses_excess_streams() {
     sim.client.open_stream(t.clone()).unwrap();
     assert_eq!(sim.client.open_stream(t), Err(SessionError::StreamLimit(2)));
 }
+
+#[test]
+fn writer_blocked_on_retransmit_room_is_woken_by_ack() {
+    // Credit is plentiful; only the sender's own retransmit cap limits it.
+    let config = SessionConfig {
+        max_unacked: 100_000,
+        ..SessionConfig::default()
+    };
+    let mut sim = Sim::new(config);
+    let id = sim.open();
+    let mut data = Bytes::from(vec![5u8; 150_000]);
+    assert_eq!(sim.client.send(id, &mut data).unwrap(), 100_000);
+    assert_eq!(sim.client.send_capacity(id), 0);
+    sim.client_events.clear();
+    sim.settle();
+    assert!(
+        sim.client_events.contains(&Event::Writable(id)),
+        "{:?}",
+        sim.client_events
+    );
+    assert!(sim.client.send_capacity(id) > 0);
+}

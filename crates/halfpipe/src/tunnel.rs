@@ -28,7 +28,7 @@ use crate::transport::BoxedLeg;
 /// Bytes gathered for one write to the send leg.
 const WRITE_BATCH: usize = 256 * 1024;
 /// Bytes read from an application socket at once.
-const APP_READ: usize = 64 * 1024;
+const APP_READ: usize = 128 * 1024;
 
 /// What the side owning the tunnel must act on.
 #[derive(Debug)]
@@ -586,6 +586,9 @@ impl Tunnel {
         initial: Bytes,
     ) {
         let mut pending = initial;
+        // One buffer, refilled in place: `split` hands the filled part to the session and
+        // `reserve` reclaims the allocation once the session has released it.
+        let mut buf = BytesMut::with_capacity(APP_READ);
         loop {
             while !pending.is_empty() {
                 match self.with_session(|s| s.send(stream, &mut pending)) {
@@ -594,13 +597,13 @@ impl Tunnel {
                     Err(_) => return,
                 }
             }
-            let mut buf = BytesMut::with_capacity(APP_READ);
+            buf.reserve(APP_READ);
             match rd.read_buf(&mut buf).await {
                 Ok(0) => {
                     self.with_session(|s| s.finish(stream).ok());
                     return;
                 }
-                Ok(_) => pending = buf.freeze(),
+                Ok(_) => pending = buf.split().freeze(),
                 Err(_) => {
                     self.with_session(|s| s.reset(stream, ResetCode::Cancelled).ok());
                     return;
@@ -615,24 +618,78 @@ impl Tunnel {
         sig: Arc<StreamSignals>,
         mut wr: tokio::net::tcp::OwnedWriteHalf,
     ) {
+        let mut chunks: Vec<Bytes> = Vec::with_capacity(MAX_WRITE_CHUNKS);
         loop {
-            let r = self.with_session(|s| s.recv(stream));
-            match r {
-                Ok(Recv::Data(d)) => {
-                    if wr.write_all(&d).await.is_err() {
-                        self.with_session(|s| s.reset(stream, ResetCode::Cancelled).ok());
-                        return;
+            // Take what is readable (up to a batch) under one lock, then write it with
+            // vectored writes.
+            let next = self.with_session(|s| {
+                while chunks.len() < MAX_WRITE_CHUNKS {
+                    match s.recv(stream) {
+                        Ok(Recv::Data(d)) => chunks.push(d),
+                        Ok(Recv::Blocked) => return Drained::Empty,
+                        Ok(Recv::Fin) => return Drained::Fin,
+                        Ok(Recv::Reset(_)) | Err(_) => return Drained::Gone,
                     }
                 }
-                Ok(Recv::Fin) => {
+                Drained::More
+            });
+            if !chunks.is_empty() && write_all_chunks(&mut wr, &mut chunks).await.is_err() {
+                self.with_session(|s| s.reset(stream, ResetCode::Cancelled).ok());
+                return;
+            }
+            match next {
+                Drained::More => {}
+                Drained::Empty => sig.readable.notified().await,
+                Drained::Fin => {
                     let _ = wr.shutdown().await;
                     return;
                 }
-                Ok(Recv::Blocked) => sig.readable.notified().await,
-                Ok(Recv::Reset(_)) | Err(_) => return,
+                Drained::Gone => return,
             }
         }
     }
+}
+
+/// What draining a stream's receive queue ended on.
+enum Drained {
+    /// The batch is full; more may be queued.
+    More,
+    /// Nothing more for now.
+    Empty,
+    /// The peer finished the stream.
+    Fin,
+    /// The stream was reset or is gone.
+    Gone,
+}
+
+/// Most chunks gathered for one vectored write to an application socket.
+const MAX_WRITE_CHUNKS: usize = 32;
+
+/// Writes every chunk with vectored writes, emptying `chunks`.
+async fn write_all_chunks(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    chunks: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < chunks.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .map(|c| std::io::IoSlice::new(c))
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while first < chunks.len() && n >= chunks[first].len() {
+            n -= chunks[first].len();
+            first += 1;
+        }
+        if n > 0 {
+            chunks[first] = chunks[first].slice(n..);
+        }
+    }
+    chunks.clear();
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug)]
