@@ -12,11 +12,6 @@ use halfpipe::keyfile::{encode_key, write_private_key, write_public_key};
 use halfpipe::quickstart::{self, Ports};
 use halfpipe::server::Server;
 
-/// mimalloc keeps freed buffers for reuse instead of returning pages to the kernel, which
-/// saves the page faults that the data path's short-lived 64-256 KiB buffers otherwise cost.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// halfpipe: a hardened split-path tunnel. What goes up and what comes down travel on
 /// separate legs, end-to-end encrypted.
 #[derive(Parser)]

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use crate::transport::BoxedLeg;
 
 /// Bytes gathered for one write to the send leg.
-const WRITE_BATCH: usize = 256 * 1024;
+const WRITE_BATCH: usize = 64 * 1024;
 /// Bytes read from an application socket at once.
 const APP_READ: usize = 128 * 1024;
 
