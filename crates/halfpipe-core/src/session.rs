@@ -53,6 +53,10 @@ pub struct SessionConfig {
     pub idle_timeout: Duration,
     /// Close the session when a leg stays down this long.
     pub resume_window: Duration,
+    /// Longest an acknowledgement may wait to ride along with other frames.
+    pub ack_delay: Duration,
+    /// Acknowledge at once after this many sequenced frames.
+    pub ack_every: u64,
 }
 
 impl Default for SessionConfig {
@@ -66,6 +70,8 @@ impl Default for SessionConfig {
             leg_silence: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
             resume_window: Duration::from_secs(60),
+            ack_delay: Duration::from_millis(5),
+            ack_every: 32,
         }
     }
 }
@@ -297,7 +303,12 @@ pub struct Session {
     tx: SendQueue,
     send_attached: bool,
     need_resume: bool,
-    ack_dirty: bool,
+    /// Sequenced frames received since the last ACK sent.
+    unacked_recv: u64,
+    /// When the pending ACK must go out at the latest.
+    ack_due: Option<Instant>,
+    /// The ACK must go out now (timer expired, or a new leg).
+    ack_now: bool,
     max_data_dirty: bool,
     credit_updates: BTreeSet<StreamId>,
     data_sent: u64,
@@ -331,7 +342,9 @@ impl Session {
             tx: SendQueue::default(),
             send_attached: false,
             need_resume: false,
-            ack_dirty: false,
+            unacked_recv: 0,
+            ack_due: None,
+            ack_now: false,
             max_data_dirty: false,
             credit_updates: BTreeSet::new(),
             data_sent: 0,
@@ -413,7 +426,7 @@ impl Session {
         self.send_attached = true;
         self.send_down_since = None;
         self.need_resume = true;
-        self.ack_dirty = true;
+        self.ack_now = true;
         self.max_data_dirty = true;
         self.credit_updates = self.streams.keys().copied().collect();
         self.last_tx = now;
@@ -593,7 +606,8 @@ impl Session {
     pub fn wants_transmit(&self) -> bool {
         self.send_attached
             && (self.need_resume
-                || self.ack_dirty
+                || self.ack_now
+                || self.unacked_recv >= self.config.ack_every
                 || self.max_data_dirty
                 || !self.credit_updates.is_empty()
                 || self.tx.pending().is_some())
@@ -613,12 +627,16 @@ impl Session {
             .encode(out);
             self.need_resume = false;
         }
-        if self.ack_dirty {
+        // Any record carries the ACK when one is pending: acknowledgements ride along
+        // with other traffic, and travel alone only when due (count or timer).
+        if self.ack_now || self.unacked_recv > 0 {
             Frame::Ack {
                 next_seq: self.recv_next,
             }
             .encode(out);
-            self.ack_dirty = false;
+            self.ack_now = false;
+            self.unacked_recv = 0;
+            self.ack_due = None;
         }
         if self.max_data_dirty {
             Frame::MaxData {
@@ -676,7 +694,10 @@ impl Session {
                     });
                 }
                 self.recv_next += 1;
-                self.ack_dirty = true;
+                self.unacked_recv += 1;
+                if self.ack_due.is_none() {
+                    self.ack_due = Some(now + self.config.ack_delay);
+                }
                 self.handle_sequenced(now, frame)?;
                 if self.closed {
                     return Ok(());
@@ -832,6 +853,9 @@ impl Session {
         let mut consider = |x: Instant| t = Some(t.map_or(x, |t| t.min(x)));
         if self.send_attached {
             consider(self.last_tx + self.config.keepalive);
+            if let Some(due) = self.ack_due.filter(|_| !self.ack_now) {
+                consider(due);
+            }
         }
         if self.recv_attached && !self.silence_reported {
             consider(self.last_rx + self.config.leg_silence);
@@ -853,6 +877,9 @@ impl Session {
         }
         if !self.streams.is_empty() {
             self.last_activity = now;
+        }
+        if self.ack_due.is_some_and(|due| now >= due) {
+            self.ack_now = true;
         }
         if let Some(since) = self.leg_down_since() {
             if now >= since + self.config.resume_window {

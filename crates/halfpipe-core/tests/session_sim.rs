@@ -27,6 +27,7 @@ impl Rng {
 
 struct Sim {
     now: Instant,
+    client_ack_delay: Duration,
     client: Session,
     server: Session,
     up: VecDeque<Bytes>,
@@ -40,6 +41,7 @@ impl Sim {
         let now = Instant::now();
         let mut sim = Self {
             now,
+            client_ack_delay: config.ack_delay,
             client: Session::new(Side::Client, config.clone(), now),
             server: Session::new(Side::Server, config, now),
             up: VecDeque::new(),
@@ -110,8 +112,16 @@ impl Sim {
         moved
     }
 
+    /// Runs until nothing moves, letting delayed ACKs fall due (time advances by the ACK
+    /// delay whenever the legs go quiet).
     fn settle(&mut self) {
         for _ in 0..10_000 {
+            if self.step(64) {
+                continue;
+            }
+            self.now += self.client_ack_delay;
+            self.client.handle_timeout(self.now);
+            self.server.handle_timeout(self.now);
             if !self.step(64) {
                 return;
             }
@@ -665,4 +675,43 @@ fn writer_blocked_on_retransmit_room_is_woken_by_ack() {
         sim.client_events
     );
     assert!(sim.client.send_capacity(id) > 0);
+}
+
+#[test]
+fn acks_are_delayed_until_count_or_timer_then_ride_along() {
+    let config = SessionConfig {
+        ack_delay: Duration::from_millis(5),
+        ack_every: 4,
+        ..SessionConfig::default()
+    };
+    let mut sim = Sim::new(config);
+    let id = sim.open();
+    // Two DATA frames: below the count, so the server has nothing urgent to send.
+    let mut d = Bytes::from(vec![1u8; 2 * 32 * 1024]);
+    sim.client.send(id, &mut d).unwrap();
+    let mut buf = Vec::new();
+    assert!(sim.client.poll_transmit(sim.now, &mut buf) > 0);
+    sim.server.handle_record(sim.now, Bytes::from(buf)).unwrap();
+    while sim.server.recv(id).is_ok_and(|r| matches!(r, Recv::Data(_))) {}
+    let (frames_held, _) = sim.client.unacked();
+    assert_eq!(frames_held, 2);
+    // Credit updates may be pending from reading; only the ACK is under test here.
+    let due = sim.server.poll_timeout().unwrap();
+    assert!(due <= sim.now + Duration::from_millis(5));
+    sim.now += Duration::from_millis(5);
+    sim.server.handle_timeout(sim.now);
+    assert!(sim.server.wants_transmit(), "the ACK is due after the delay");
+    sim.settle();
+    assert_eq!(sim.client.unacked(), (0, 0));
+    // Four frames reach the count: the ACK is wanted at once, without the timer.
+    let mut d = Bytes::from(vec![2u8; 4 * 32 * 1024]);
+    sim.client.send(id, &mut d).unwrap();
+    loop {
+        let mut buf = Vec::new();
+        if sim.client.poll_transmit(sim.now, &mut buf) == 0 {
+            break;
+        }
+        sim.server.handle_record(sim.now, Bytes::from(buf)).unwrap();
+    }
+    assert!(sim.server.wants_transmit());
 }

@@ -525,11 +525,17 @@ pub fn render(summaries: &[Summary]) -> String {
     out
 }
 
-/// Ratios of `a` over `b` for the headline figures, as Markdown lines.
+/// Ratios of `a` over `b` for the headline figures, as one Markdown line. CPU is
+/// compared only when both sides have processes to measure.
 pub fn ratios(a: &Summary, b: &Summary) -> String {
     let (x, y) = (&a.median, &b.median);
+    let cpu = if a.peak_rss.is_empty() || b.peak_rss.is_empty() {
+        String::new()
+    } else {
+        format!(", CPU-s/GB {:.2}x", x.cpu_per_gb / y.cpu_per_gb)
+    };
     format!(
-        "{} vs {}: down1 {:.2}x, up1 {:.2}x, down8 {:.2}x, up8 {:.2}x, down64 {:.2}x, RTT1 p50 {:.2}x, p99 {:.2}x, conn/s {:.2}x, CPU-s/GB {:.2}x\n",
+        "{} vs {}: down1 {:.2}x, up1 {:.2}x, down8 {:.2}x, up8 {:.2}x, down64 {:.2}x, RTT1 p50 {:.2}x, p99 {:.2}x, conn/s {:.2}x{cpu}\n",
         a.name,
         b.name,
         x.down1 / y.down1,
@@ -540,6 +546,5 @@ pub fn ratios(a: &Summary, b: &Summary) -> String {
         x.rtt1.0 / y.rtt1.0,
         x.rtt1.1 / y.rtt1.1,
         x.cps / y.cps,
-        x.cpu_per_gb / y.cpu_per_gb,
     )
 }

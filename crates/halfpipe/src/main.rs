@@ -71,6 +71,9 @@ enum Command {
         /// Skip shadowsocks-rust even when installed.
         #[arg(long)]
         no_ss: bool,
+        /// Leg transports to measure (one tunnel per scheme).
+        #[arg(long, value_delimiter = ',', default_value = "tls")]
+        legs: Vec<String>,
     },
 }
 
@@ -140,7 +143,8 @@ async fn main() -> Result<()> {
             quick,
             rounds,
             no_ss,
-        } => run_bench(quick, rounds, no_ss).await,
+            legs,
+        } => run_bench(quick, rounds, no_ss, &legs).await,
     }
 }
 
@@ -264,9 +268,12 @@ fn find_program(name: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-async fn start_halfpipe(dir: &Path) -> Result<System> {
+async fn start_halfpipe(dir: &Path, scheme: &str) -> Result<System> {
+    if !matches!(scheme, "tls" | "tcp") {
+        bail!("--legs takes tls or tcp, not {scheme:?}");
+    }
     let ports = Ports::pick([0, 0, 0, 0])?;
-    quickstart::prepare(dir, ports)?;
+    quickstart::prepare_with(dir, ports, scheme)?;
     let exe = std::env::current_exe()?;
     let client = bench::spawn(
         &exe,
@@ -288,7 +295,7 @@ async fn start_halfpipe(dir: &Path) -> Result<System> {
     )?;
     let socks = ([127, 0, 0, 1], ports.socks).into();
     let sys = System {
-        name: "halfpipe (tls legs)".into(),
+        name: format!("halfpipe ({scheme} legs)"),
         socks: Some(socks),
         children: vec![client, server],
     };
@@ -343,15 +350,16 @@ async fn start_shadowsocks(dir: &Path) -> Result<Option<System>> {
     Ok(Some(sys))
 }
 
-async fn run_bench(quick: bool, rounds: usize, no_ss: bool) -> Result<()> {
+async fn run_bench(quick: bool, rounds: usize, no_ss: bool, legs: &[String]) -> Result<()> {
     let plan = if quick { Plan::quick() } else { Plan::full() };
     let base = std::env::temp_dir().join(format!("halfpipe-bench-{}", std::process::id()));
     std::fs::create_dir_all(&base)?;
     let target = bench::start_target().await?;
-    let mut systems = vec![
-        System::direct(),
-        start_halfpipe(&base.join("halfpipe")).await?,
-    ];
+    let mut systems = vec![System::direct()];
+    for scheme in legs {
+        systems.push(start_halfpipe(&base.join(format!("halfpipe-{scheme}")), scheme).await?);
+    }
+    let tunnels = systems.len();
     if !no_ss {
         std::fs::create_dir_all(base.join("ss"))?;
         match start_shadowsocks(&base.join("ss")).await? {
@@ -379,8 +387,10 @@ async fn run_bench(quick: bool, rounds: usize, no_ss: bool) -> Result<()> {
     for s in &summaries[1..] {
         print!("{}", bench::ratios(s, &summaries[0]));
     }
-    if summaries.len() > 2 {
-        print!("{}", bench::ratios(&summaries[1], &summaries[2]));
+    if let Some(ss) = summaries.get(tunnels) {
+        for s in &summaries[1..tunnels] {
+            print!("{}", bench::ratios(s, ss));
+        }
     }
     drop(systems);
     let _ = std::fs::remove_dir_all(&base);

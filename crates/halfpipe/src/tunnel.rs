@@ -484,6 +484,7 @@ impl Tunnel {
                 s.handle_timeout(now);
                 s.keepalive_due(now)
             });
+            // A due ACK wakes the writer through `with_session` (wants_transmit).
             if keepalive {
                 self.wake_writer();
             }
