@@ -19,6 +19,9 @@ pub const MAX_RECORD_PAYLOAD: usize = 64 * 1024;
 pub const MAX_DATA_PER_FRAME: usize = 32 * 1024;
 /// Bytes a DATA frame adds around its payload.
 pub const DATA_HEADER_LEN: usize = 1 + 4 + 2;
+/// How much DATA a sender puts in one frame: two such frames fill one record, so records
+/// stay near their maximum size.
+pub const DATA_CHUNK: usize = MAX_RECORD_PAYLOAD / 2 - DATA_HEADER_LEN - 32;
 
 /// A stream identifier; streams are opened by the client only, numbered 1, 2, 3, ...
 pub type StreamId = u32;

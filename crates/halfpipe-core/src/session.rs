@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::frame::{
-    CloseCode, Frame, FrameDecoder, FrameError, ResetCode, StreamId, MAX_DATA_PER_FRAME,
-    MAX_RECORD_PAYLOAD,
+    CloseCode, Frame, FrameDecoder, FrameError, ResetCode, StreamId, DATA_CHUNK, MAX_RECORD_PAYLOAD,
 };
 use crate::target::{ConnectStatus, TargetAddr};
 
@@ -531,7 +530,7 @@ impl Session {
         self.data_sent += take as u64;
         let mut chunk = data.split_to(take);
         while !chunk.is_empty() {
-            let n = chunk.len().min(MAX_DATA_PER_FRAME);
+            let n = chunk.len().min(DATA_CHUNK);
             self.tx.push(Frame::Data {
                 stream,
                 data: chunk.split_to(n),

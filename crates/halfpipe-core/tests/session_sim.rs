@@ -687,12 +687,16 @@ fn acks_are_delayed_until_count_or_timer_then_ride_along() {
     let mut sim = Sim::new(config);
     let id = sim.open();
     // Two DATA frames: below the count, so the server has nothing urgent to send.
-    let mut d = Bytes::from(vec![1u8; 2 * 32 * 1024]);
+    let mut d = Bytes::from(vec![1u8; 2 * halfpipe_core::frame::DATA_CHUNK]);
     sim.client.send(id, &mut d).unwrap();
     let mut buf = Vec::new();
     assert!(sim.client.poll_transmit(sim.now, &mut buf) > 0);
     sim.server.handle_record(sim.now, Bytes::from(buf)).unwrap();
-    while sim.server.recv(id).is_ok_and(|r| matches!(r, Recv::Data(_))) {}
+    while sim
+        .server
+        .recv(id)
+        .is_ok_and(|r| matches!(r, Recv::Data(_)))
+    {}
     let (frames_held, _) = sim.client.unacked();
     assert_eq!(frames_held, 2);
     // Credit updates may be pending from reading; only the ACK is under test here.
@@ -700,11 +704,14 @@ fn acks_are_delayed_until_count_or_timer_then_ride_along() {
     assert!(due <= sim.now + Duration::from_millis(5));
     sim.now += Duration::from_millis(5);
     sim.server.handle_timeout(sim.now);
-    assert!(sim.server.wants_transmit(), "the ACK is due after the delay");
+    assert!(
+        sim.server.wants_transmit(),
+        "the ACK is due after the delay"
+    );
     sim.settle();
     assert_eq!(sim.client.unacked(), (0, 0));
     // Four frames reach the count: the ACK is wanted at once, without the timer.
-    let mut d = Bytes::from(vec![2u8; 4 * 32 * 1024]);
+    let mut d = Bytes::from(vec![2u8; 4 * halfpipe_core::frame::DATA_CHUNK]);
     sim.client.send(id, &mut d).unwrap();
     loop {
         let mut buf = Vec::new();

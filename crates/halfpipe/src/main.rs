@@ -71,6 +71,9 @@ enum Command {
         /// Skip shadowsocks-rust even when installed.
         #[arg(long)]
         no_ss: bool,
+        /// Keep the state directory and the logs of the systems under test.
+        #[arg(long)]
+        keep: bool,
         /// Leg transports to measure (one tunnel per scheme).
         #[arg(long, value_delimiter = ',', default_value = "tls")]
         legs: Vec<String>,
@@ -143,8 +146,9 @@ async fn main() -> Result<()> {
             quick,
             rounds,
             no_ss,
+            keep,
             legs,
-        } => run_bench(quick, rounds, no_ss, &legs).await,
+        } => run_bench(quick, rounds, no_ss, keep, &legs).await,
     }
 }
 
@@ -350,7 +354,13 @@ async fn start_shadowsocks(dir: &Path) -> Result<Option<System>> {
     Ok(Some(sys))
 }
 
-async fn run_bench(quick: bool, rounds: usize, no_ss: bool, legs: &[String]) -> Result<()> {
+async fn run_bench(
+    quick: bool,
+    rounds: usize,
+    no_ss: bool,
+    keep: bool,
+    legs: &[String],
+) -> Result<()> {
     let plan = if quick { Plan::quick() } else { Plan::full() };
     let base = std::env::temp_dir().join(format!("halfpipe-bench-{}", std::process::id()));
     std::fs::create_dir_all(&base)?;
@@ -393,6 +403,10 @@ async fn run_bench(quick: bool, rounds: usize, no_ss: bool, legs: &[String]) -> 
         }
     }
     drop(systems);
-    let _ = std::fs::remove_dir_all(&base);
+    if keep {
+        eprintln!("state and logs kept in {}", base.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&base);
+    }
     Ok(())
 }

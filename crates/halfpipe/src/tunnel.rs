@@ -64,6 +64,8 @@ struct StreamSignals {
 struct Inner {
     session: Session,
     signals: HashMap<StreamId, Arc<StreamSignals>>,
+    /// The deadline the timer task sleeps towards (`None`: no deadline).
+    timer_at: Option<Instant>,
 }
 
 struct LegSlot {
@@ -123,6 +125,7 @@ impl Tunnel {
             inner: Mutex::new(Inner {
                 session: Session::new(side, config, Instant::now()),
                 signals: HashMap::new(),
+                timer_at: None,
             }),
             control: tx,
             send_leg: slot(),
@@ -163,9 +166,16 @@ impl Tunnel {
     /// Runs `f` on the session and the stream signals under one lock, then dispatches the
     /// session's events outside the lock and wakes the writer if it has work.
     fn with_inner<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
-        let (r, events, wants_tx) = {
+        let (r, events, wants_tx, timer_early) = {
             let mut g = lock(&self.inner);
             let r = f(&mut g);
+            // A deadline earlier than the one the timer sleeps towards (a delayed ACK, a
+            // new leg's silence timer) must wake it.
+            let timer_early = match (g.session.poll_timeout(), g.timer_at) {
+                (Some(t), Some(at)) => t < at,
+                (Some(_), None) => true,
+                _ => false,
+            };
             let mut events = Vec::new();
             while let Some(e) = g.session.poll_event() {
                 let sig = match &e {
@@ -177,8 +187,11 @@ impl Tunnel {
                 };
                 events.push((e, sig));
             }
-            (r, events, g.session.wants_transmit())
+            (r, events, g.session.wants_transmit(), timer_early)
         };
+        if timer_early {
+            self.timer_wake.notify_one();
+        }
         for (e, sig) in events {
             self.dispatch(e, sig);
         }
@@ -463,11 +476,12 @@ impl Tunnel {
     async fn run_timer(self: Arc<Self>) {
         loop {
             let deadline = {
-                let g = lock(&self.inner);
+                let mut g = lock(&self.inner);
                 if g.session.is_closed() {
                     break;
                 }
-                g.session.poll_timeout()
+                g.timer_at = g.session.poll_timeout();
+                g.timer_at
             };
             match deadline {
                 Some(d) => {
