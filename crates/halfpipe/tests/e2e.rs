@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use halfpipe_core::handshake::{
-    ClientHello, HandshakeKeys, Initiator, LegRole, SessionId, SERVER_PREAMBLE_LEN,
+    ClientHello, HandshakeKeys, HelloStatus, Initiator, LegRole, SessionId, SERVER_PREAMBLE_LEN,
 };
 use halfpipe_core::session::SessionConfig;
 use halfpipe_core::TargetAddr;
@@ -150,37 +150,116 @@ async fn slow_reader_keeps_exit_memory_within_its_window() {
     drop(app);
 }
 
-/// Builds message 1 for `keys` naming `session`, to the exit at `url`.
+/// Opens a TLS connection to the exit's first leg listener.
+async fn tls_to_exit(h: &Harness) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let url = &h.urls[0];
+    let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.unwrap();
+    let tls = h.tls.clone().unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls.config);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Message 1 of an uplink handshake for `keys` naming `session` at `epoch`.
+fn message_one(h: &Harness, keys: &HandshakeKeys, session: SessionId, epoch: u32) -> (Initiator, Vec<u8>) {
+    let hello = ClientHello {
+        role: LegRole::Up,
+        session_id: session,
+        epoch,
+        timestamp_ms: now_ms(),
+        recv_next: 0,
+    };
+    Initiator::start(keys, &h.server_public, &hello).unwrap()
+}
+
+/// Sends `msg1` on a fresh leg and returns every byte the exit sends back before it closes
+/// the connection (its handshake timeout is 2 s in tests; the wait is bounded).
+async fn send_message_one(h: &Harness, msg1: &[u8]) -> Vec<u8> {
+    let mut s = tls_to_exit(h).await;
+    s.write_all(msg1).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    got
+}
+
+/// Builds message 1 for `keys` naming `session` and returns the exit's raw answer.
 async fn raw_leg_handshake(
     h: &Harness,
     keys: &HandshakeKeys,
     session: SessionId,
     epoch: u32,
 ) -> Vec<u8> {
-    let url = &h.urls[0];
-    let tcp = TcpStream::connect((url.host.as_str(), url.port))
-        .await
-        .unwrap();
-    let tls = h.tls.clone().unwrap();
-    let connector = tokio_rustls::TlsConnector::from(tls.config);
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut s = connector.connect(name, tcp).await.unwrap();
-    let hello = ClientHello {
-        role: LegRole::Up,
-        session_id: session,
-        epoch,
-        timestamp_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64,
-        recv_next: 0,
-    };
-    let (_init, msg1) = Initiator::start(keys, &h.server_public, &hello).unwrap();
+    let (_init, msg1) = message_one(h, keys, session, epoch);
+    send_message_one(h, &msg1).await
+}
+
+/// Completes a handshake and returns the exit's verdict.
+async fn leg_verdict(h: &Harness, keys: &HandshakeKeys, session: SessionId, epoch: u32) -> HelloStatus {
+    let (init, msg1) = message_one(h, keys, session, epoch);
+    let mut s = tls_to_exit(h).await;
     s.write_all(&msg1).await.unwrap();
-    let mut got = Vec::new();
-    // The exit's handshake timeout is 2 s in tests; read until it closes (bounded).
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
-    got
+    let mut pre = [0u8; SERVER_PREAMBLE_LEN];
+    s.read_exact(&mut pre).await.unwrap();
+    let mut msg2 = vec![0u8; u16::from_be_bytes(pre) as usize];
+    s.read_exact(&mut msg2).await.unwrap();
+    init.finish(&msg2).unwrap().0.status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_handshake_gets_silence_and_old_epoch_is_refused() {
+    let h = start(Opts::default()).await;
+    let sid = SessionId::random();
+    let (_init, msg1) = message_one(&h, &h.user_keys, sid, 5);
+    let first = send_message_one(&h, &msg1).await;
+    assert!(first.len() >= SERVER_PREAMBLE_LEN, "the original is answered");
+    let replay = send_message_one(&h, &msg1).await;
+    assert!(replay.is_empty(), "a byte-identical replay gets {} bytes", replay.len());
+    // A fresh handshake for the same leg role with an epoch not above the current one is
+    // an out-of-order (older) leg: refused with a verdict, since the peer authenticated.
+    assert_eq!(leg_verdict(&h, &h.user_keys, sid, 5).await, HelloStatus::StaleEpoch);
+    assert_eq!(leg_verdict(&h, &h.user_keys, sid, 6).await, HelloStatus::Accepted);
+}
+
+fn limited(max_sessions: usize, max_sessions_per_user: usize) -> Opts {
+    Opts {
+        limits: halfpipe::server::ServerLimits {
+            max_sessions,
+            max_sessions_per_user,
+            handshake_timeout: Duration::from_secs(2),
+            ..halfpipe::server::ServerLimits::default()
+        },
+        ..Opts::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_and_total_session_limits_refuse_with_a_verdict() {
+    let h = start(limited(10, 1)).await;
+    let mut verdict = |keys: HandshakeKeys| {
+        let h = &h;
+        async move { leg_verdict(h, &keys, SessionId::random(), 1).await }
+    };
+    assert_eq!(verdict(h.user_keys.clone()).await, HelloStatus::Accepted);
+    assert_eq!(verdict(h.user_keys.clone()).await, HelloStatus::UserSessionLimit);
+    assert_eq!(verdict(h.other_user_keys.clone()).await, HelloStatus::Accepted);
+    assert_eq!(h.server.session_count(), 2);
+
+    let h = start(limited(2, 10)).await;
+    let mut verdict = |keys: HandshakeKeys| {
+        let h = &h;
+        async move { leg_verdict(h, &keys, SessionId::random(), 1).await }
+    };
+    assert_eq!(verdict(h.user_keys.clone()).await, HelloStatus::Accepted);
+    assert_eq!(verdict(h.other_user_keys.clone()).await, HelloStatus::Accepted);
+    assert_eq!(verdict(h.user_keys.clone()).await, HelloStatus::SessionLimit);
+    assert_eq!(h.server.session_count(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
