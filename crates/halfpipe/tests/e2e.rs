@@ -153,7 +153,9 @@ async fn slow_reader_keeps_exit_memory_within_its_window() {
 /// Opens a TLS connection to the exit's first leg listener.
 async fn tls_to_exit(h: &Harness) -> tokio_rustls::client::TlsStream<TcpStream> {
     let url = &h.urls[0];
-    let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.unwrap();
+    let tcp = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .unwrap();
     let tls = h.tls.clone().unwrap();
     let connector = tokio_rustls::TlsConnector::from(tls.config);
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
@@ -168,7 +170,12 @@ fn now_ms() -> u64 {
 }
 
 /// Message 1 of an uplink handshake for `keys` naming `session` at `epoch`.
-fn message_one(h: &Harness, keys: &HandshakeKeys, session: SessionId, epoch: u32) -> (Initiator, Vec<u8>) {
+fn message_one(
+    h: &Harness,
+    keys: &HandshakeKeys,
+    session: SessionId,
+    epoch: u32,
+) -> (Initiator, Vec<u8>) {
     let hello = ClientHello {
         role: LegRole::Up,
         session_id: session,
@@ -201,7 +208,12 @@ async fn raw_leg_handshake(
 }
 
 /// Completes a handshake and returns the exit's verdict.
-async fn leg_verdict(h: &Harness, keys: &HandshakeKeys, session: SessionId, epoch: u32) -> HelloStatus {
+async fn leg_verdict(
+    h: &Harness,
+    keys: &HandshakeKeys,
+    session: SessionId,
+    epoch: u32,
+) -> HelloStatus {
     let (init, msg1) = message_one(h, keys, session, epoch);
     let mut s = tls_to_exit(h).await;
     s.write_all(&msg1).await.unwrap();
@@ -218,13 +230,26 @@ async fn replayed_handshake_gets_silence_and_old_epoch_is_refused() {
     let sid = SessionId::random();
     let (_init, msg1) = message_one(&h, &h.user_keys, sid, 5);
     let first = send_message_one(&h, &msg1).await;
-    assert!(first.len() >= SERVER_PREAMBLE_LEN, "the original is answered");
+    assert!(
+        first.len() >= SERVER_PREAMBLE_LEN,
+        "the original is answered"
+    );
     let replay = send_message_one(&h, &msg1).await;
-    assert!(replay.is_empty(), "a byte-identical replay gets {} bytes", replay.len());
+    assert!(
+        replay.is_empty(),
+        "a byte-identical replay gets {} bytes",
+        replay.len()
+    );
     // A fresh handshake for the same leg role with an epoch not above the current one is
     // an out-of-order (older) leg: refused with a verdict, since the peer authenticated.
-    assert_eq!(leg_verdict(&h, &h.user_keys, sid, 5).await, HelloStatus::StaleEpoch);
-    assert_eq!(leg_verdict(&h, &h.user_keys, sid, 6).await, HelloStatus::Accepted);
+    assert_eq!(
+        leg_verdict(&h, &h.user_keys, sid, 5).await,
+        HelloStatus::StaleEpoch
+    );
+    assert_eq!(
+        leg_verdict(&h, &h.user_keys, sid, 6).await,
+        HelloStatus::Accepted
+    );
 }
 
 fn limited(max_sessions: usize, max_sessions_per_user: usize) -> Opts {
@@ -247,8 +272,14 @@ async fn per_user_and_total_session_limits_refuse_with_a_verdict() {
         async move { leg_verdict(h, &keys, SessionId::random(), 1).await }
     };
     assert_eq!(verdict(h.user_keys.clone()).await, HelloStatus::Accepted);
-    assert_eq!(verdict(h.user_keys.clone()).await, HelloStatus::UserSessionLimit);
-    assert_eq!(verdict(h.other_user_keys.clone()).await, HelloStatus::Accepted);
+    assert_eq!(
+        verdict(h.user_keys.clone()).await,
+        HelloStatus::UserSessionLimit
+    );
+    assert_eq!(
+        verdict(h.other_user_keys.clone()).await,
+        HelloStatus::Accepted
+    );
     assert_eq!(h.server.session_count(), 2);
 
     let h = start(limited(2, 10)).await;
@@ -257,8 +288,14 @@ async fn per_user_and_total_session_limits_refuse_with_a_verdict() {
         async move { leg_verdict(h, &keys, SessionId::random(), 1).await }
     };
     assert_eq!(verdict(h.user_keys.clone()).await, HelloStatus::Accepted);
-    assert_eq!(verdict(h.other_user_keys.clone()).await, HelloStatus::Accepted);
-    assert_eq!(verdict(h.user_keys.clone()).await, HelloStatus::SessionLimit);
+    assert_eq!(
+        verdict(h.other_user_keys.clone()).await,
+        HelloStatus::Accepted
+    );
+    assert_eq!(
+        verdict(h.user_keys.clone()).await,
+        HelloStatus::SessionLimit
+    );
     assert_eq!(h.server.session_count(), 2);
 }
 
