@@ -267,7 +267,7 @@ fn limited(max_sessions: usize, max_sessions_per_user: usize) -> Opts {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_and_total_session_limits_refuse_with_a_verdict() {
     let h = start(limited(10, 1)).await;
-    let mut verdict = |keys: HandshakeKeys| {
+    let verdict = |keys: HandshakeKeys| {
         let h = &h;
         async move { leg_verdict(h, &keys, SessionId::random(), 1).await }
     };
@@ -283,7 +283,7 @@ async fn per_user_and_total_session_limits_refuse_with_a_verdict() {
     assert_eq!(h.server.session_count(), 2);
 
     let h = start(limited(2, 10)).await;
-    let mut verdict = |keys: HandshakeKeys| {
+    let verdict = |keys: HandshakeKeys| {
         let h = &h;
         async move { leg_verdict(h, &keys, SessionId::random(), 1).await }
     };
