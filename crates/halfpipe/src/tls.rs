@@ -205,3 +205,90 @@ impl ServerCertVerifier for PinVerifier {
         self.algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A TLS server on 127.0.0.1 with a fresh dev certificate; returns its address, the
+    /// certificate path and the certificate's pin.
+    async fn dev_server() -> (std::net::SocketAddr, PathBuf, String) {
+        let dir = std::env::temp_dir().join(format!(
+            "hp-tls-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = crate::cert::generate_self_signed(&["localhost".into()]).unwrap();
+        let (c, k) = (dir.join("cert.pem"), dir.join("cert.key"));
+        crate::cert::write_dev_cert(&cert, &c, &k).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&c, &k).unwrap());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut t) = acceptor.accept(s).await {
+                        let _ = t.write_all(b"ok").await;
+                        let _ = t.shutdown().await;
+                    }
+                });
+            }
+        });
+        (addr, c, cert.pin)
+    }
+
+    async fn fetch(addr: std::net::SocketAddr, trust: &ServerTrust) -> Result<Vec<u8>, String> {
+        let cfg = client_config(trust).map_err(|e| e.to_string())?;
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn ca_file_and_right_pin_connect_wrong_pin_and_web_roots_refuse() {
+        let (addr, cert, pin) = dev_server().await;
+        assert_eq!(
+            fetch(addr, &ServerTrust::CaFile(cert)).await.unwrap(),
+            b"ok"
+        );
+        assert_eq!(
+            fetch(addr, &ServerTrust::Pin(pin.clone())).await.unwrap(),
+            b"ok"
+        );
+        let wrong = format!("sha256/{}", B64.encode([7u8; 32]));
+        let e = fetch(addr, &ServerTrust::Pin(wrong.clone()))
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("pin mismatch") && e.contains(&wrong) && e.contains(&pin),
+            "{e}"
+        );
+        // A self-signed certificate is not trusted by the bundled web roots.
+        assert!(fetch(addr, &ServerTrust::WebRoots).await.is_err());
+        // Malformed pins are refused before any connection.
+        assert!(matches!(parse_pin("md5/abc"), Err(TlsError::BadPin(_))));
+        assert!(matches!(parse_pin("sha256/AAAA"), Err(TlsError::BadPin(_))));
+    }
+
+    #[test]
+    fn readable_key_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("hp-tls-perm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = crate::cert::generate_self_signed(&["localhost".into()]).unwrap();
+        let (c, k) = (dir.join("cert.pem"), dir.join("cert.key"));
+        crate::cert::write_dev_cert(&cert, &c, &k).unwrap();
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = server_config(&c, &k).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+    }
+}
