@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use halfpipe_core::handshake::{ClientHello, HandshakeKeys, HelloStatus, LegRole, SessionId};
 use halfpipe_core::session::{SessionConfig, Side};
@@ -14,7 +14,7 @@ use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Mutex as AsyncMutex, Semaphore};
 
-use crate::leg::{client_handshake, LegError};
+use crate::leg::{client_handshake, unix_ms, LegError};
 use crate::leg_url::LegUrl;
 use crate::transport::{dial, tune_socket, TlsDialer, TransportError};
 use crate::tunnel::{Control, OpenError, Tunnel};
@@ -89,13 +89,6 @@ struct Current {
 pub struct Exit {
     settings: ExitSettings,
     current: AsyncMutex<Option<Current>>,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Exit {

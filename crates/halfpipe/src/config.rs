@@ -448,8 +448,8 @@ struct ClientFile {
     uplink: String,
     downlink: String,
     tls: Option<ClientTlsFile>,
-    socks5: Option<SocksFile>,
-    http: Option<HttpFile>,
+    socks5: Option<ProxyInboundFile>,
+    http: Option<ProxyInboundFile>,
     #[serde(default)]
     forward: Vec<ForwardFile>,
     #[serde(default)]
@@ -464,19 +464,10 @@ struct ClientTlsFile {
     pin: Option<String>,
 }
 
+/// `[socks5]` and `[http]`: a local proxy listener with optional credentials.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SocksFile {
-    listen: String,
-    username: Option<String>,
-    password: Option<String>,
-    #[serde(default)]
-    allow_remote: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HttpFile {
+struct ProxyInboundFile {
     listen: String,
     username: Option<String>,
     password: Option<String>,
@@ -613,19 +604,20 @@ pub fn client_from_str(
         None
     };
     let mut inbounds = Vec::new();
-    if let Some(s) = &f.socks5 {
-        let creds = credentials(&mut c, "socks5", &s.username, &s.password);
-        if let Some(a) = local_listen(&mut c, "socks5.listen", &s.listen, s.allow_remote) {
-            let auth = creds.map_or(Socks5Auth::None, |(username, password)| {
-                Socks5Auth::UserPass { username, password }
-            });
-            inbounds.push((a, Inbound::Socks5(auth)));
-        }
-    }
-    if let Some(h) = &f.http {
-        let creds = credentials(&mut c, "http", &h.username, &h.password);
-        if let Some(a) = local_listen(&mut c, "http.listen", &h.listen, h.allow_remote) {
-            inbounds.push((a, Inbound::HttpConnect(creds)));
+    let proxies = [("socks5", &f.socks5), ("http", &f.http)];
+    for (section, p) in proxies {
+        let Some(p) = p else { continue };
+        let creds = credentials(&mut c, section, &p.username, &p.password);
+        let key = format!("{section}.listen");
+        if let Some(a) = local_listen(&mut c, &key, &p.listen, p.allow_remote) {
+            let inbound = if section == "socks5" {
+                Inbound::Socks5(creds.map_or(Socks5Auth::None, |(username, password)| {
+                    Socks5Auth::UserPass { username, password }
+                }))
+            } else {
+                Inbound::HttpConnect(creds)
+            };
+            inbounds.push((a, inbound));
         }
     }
     for (i, fw) in f.forward.iter().enumerate() {

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
 use halfpipe_core::handshake::{
     client_preamble, server_preamble_len, AcceptedHello, ClientHello, HandshakeError,
     HandshakeKeys, Initiator, LegKeys, Responder, ServerHello, CLIENT_PREAMBLE_LEN,
@@ -79,7 +78,10 @@ pub async fn server_reply(
     Ok(keys)
 }
 
-/// A fresh read buffer for a leg.
-pub fn read_buffer() -> BytesMut {
-    BytesMut::with_capacity(256 * 1024)
+/// The wall clock in Unix milliseconds, as handshake timestamps carry it (0 before 1970).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

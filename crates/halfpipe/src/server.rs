@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use halfpipe_core::frame::CloseCode;
 use halfpipe_core::handshake::{
@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::egress::EgressPolicy;
-use crate::leg::{server_read_hello, server_reply, LegError};
+use crate::leg::{server_read_hello, server_reply, unix_ms, LegError};
 use crate::leg_url::LegUrl;
 use crate::transport::{BoxedLeg, LegListener, TransportError};
 use crate::tunnel::{Control, Tunnel};
@@ -126,13 +126,6 @@ pub struct ServerHandle {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Server {

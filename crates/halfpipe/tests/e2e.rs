@@ -252,6 +252,11 @@ async fn replayed_handshake_gets_silence_and_old_epoch_is_refused() {
     );
 }
 
+/// The verdict on a leg that opens a new session.
+async fn new_session(h: &Harness, keys: &HandshakeKeys) -> HelloStatus {
+    leg_verdict(h, keys, SessionId::random(), 1).await
+}
+
 fn limited(max_sessions: usize, max_sessions_per_user: usize) -> Opts {
     Opts {
         limits: halfpipe::server::ServerLimits {
@@ -267,33 +272,25 @@ fn limited(max_sessions: usize, max_sessions_per_user: usize) -> Opts {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_and_total_session_limits_refuse_with_a_verdict() {
     let h = start(limited(10, 1)).await;
-    let verdict = |keys: HandshakeKeys| {
-        let h = &h;
-        async move { leg_verdict(h, &keys, SessionId::random(), 1).await }
-    };
-    assert_eq!(verdict(h.user_keys.clone()).await, HelloStatus::Accepted);
+    assert_eq!(new_session(&h, &h.user_keys).await, HelloStatus::Accepted);
     assert_eq!(
-        verdict(h.user_keys.clone()).await,
+        new_session(&h, &h.user_keys).await,
         HelloStatus::UserSessionLimit
     );
     assert_eq!(
-        verdict(h.other_user_keys.clone()).await,
+        new_session(&h, &h.other_user_keys).await,
         HelloStatus::Accepted
     );
     assert_eq!(h.server.session_count(), 2);
 
     let h = start(limited(2, 10)).await;
-    let verdict = |keys: HandshakeKeys| {
-        let h = &h;
-        async move { leg_verdict(h, &keys, SessionId::random(), 1).await }
-    };
-    assert_eq!(verdict(h.user_keys.clone()).await, HelloStatus::Accepted);
+    assert_eq!(new_session(&h, &h.user_keys).await, HelloStatus::Accepted);
     assert_eq!(
-        verdict(h.other_user_keys.clone()).await,
+        new_session(&h, &h.other_user_keys).await,
         HelloStatus::Accepted
     );
     assert_eq!(
-        verdict(h.user_keys.clone()).await,
+        new_session(&h, &h.user_keys).await,
         HelloStatus::SessionLimit
     );
     assert_eq!(h.server.session_count(), 2);
