@@ -419,6 +419,14 @@ pub fn server_from_str(
         ),
         ..session_defaults
     };
+    let egress = match EgressPolicy::new(allow, own).with_interface_addresses() {
+        Ok(p) => p,
+        Err(e) => {
+            // Fail closed: without the list of our own addresses the policy is incomplete.
+            c.err("egress", format!("cannot list this machine's interface addresses: {e}"));
+            EgressPolicy::default()
+        }
+    };
     let settings = private_key.map(|private_key| ServerSettings {
         listen,
         tls,
@@ -428,7 +436,7 @@ pub fn server_from_str(
             psk,
         },
         users,
-        egress: EgressPolicy::new(allow, own),
+        egress,
         connect_timeout,
         limits,
         session,

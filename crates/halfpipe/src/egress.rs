@@ -76,6 +76,18 @@ impl EgressPolicy {
         Self { allow, own }
     }
 
+    /// Adds the addresses of this machine's network interfaces to the denied own addresses
+    /// (so an exit listening on 0.0.0.0 still refuses to connect to itself).
+    pub fn with_interface_addresses(mut self) -> std::io::Result<Self> {
+        for iface in if_addrs::get_if_addrs()? {
+            let ip = iface.ip();
+            if !self.own.contains(&ip) {
+                self.own.push(ip);
+            }
+        }
+        Ok(self)
+    }
+
     /// Judges one address.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), Denied> {
         let ip = canonical(ip);
@@ -295,6 +307,18 @@ mod tests {
         assert_eq!(deny(&p, "203.0.114.5"), DeniedRange::OwnAddress);
         assert_eq!(deny(&p, "::ffff:203.0.114.5"), DeniedRange::OwnAddress);
         assert_eq!(p.check_ip("203.0.114.6".parse().unwrap()), Ok(()));
+    }
+
+    #[test]
+    fn interface_addresses_are_own_addresses() {
+        let p = EgressPolicy::default().with_interface_addresses().unwrap();
+        let ifaces = if_addrs::get_if_addrs().unwrap();
+        assert!(!ifaces.is_empty());
+        for i in ifaces {
+            // Own addresses are judged before ranges, so each is refused as the exit's own.
+            let denied = p.check_ip(i.ip()).unwrap_err();
+            assert_eq!(denied.range, DeniedRange::OwnAddress, "{}", i.ip());
+        }
     }
 
     #[tokio::test]
