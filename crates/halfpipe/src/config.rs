@@ -423,7 +423,10 @@ pub fn server_from_str(
         Ok(p) => p,
         Err(e) => {
             // Fail closed: without the list of our own addresses the policy is incomplete.
-            c.err("egress", format!("cannot list this machine's interface addresses: {e}"));
+            c.err(
+                "egress",
+                format!("cannot list this machine's interface addresses: {e}"),
+            );
             EgressPolicy::default()
         }
     };

@@ -112,11 +112,28 @@ fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).init();
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+/// Runs the command; errors are printed as one readable chain (no backtrace) with exit 1.
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging();
-    match cli.command {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
         Command::Quickstart { dir, check_only } => run_quickstart(&dir, check_only).await,
         Command::Server { config } => run_server(&config).await,
         Command::Client { config } => run_client(&config).await,
