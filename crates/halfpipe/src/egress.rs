@@ -114,6 +114,11 @@ impl EgressPolicy {
     ) -> Result<Vec<SocketAddr>, ConnectStatus> {
         let candidates: Vec<SocketAddr> = match target {
             TargetAddr::Ip(a) => vec![*a],
+            // RFC 6761: `localhost` names are loopback, answered here without a resolver.
+            TargetAddr::Domain(host, port) if is_localhost_name(host) => vec![
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), *port),
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), *port),
+            ],
             TargetAddr::Domain(host, port) => tokio::net::lookup_host((host.as_str(), *port))
                 .await
                 .map_err(|_| ConnectStatus::HostUnreachable)?
@@ -135,6 +140,13 @@ impl EgressPolicy {
         }
         Ok(allowed)
     }
+}
+
+/// Whether `host` is `localhost` or a name under it (RFC 6761 §6.3), any letter case, with
+/// or without a trailing dot.
+fn is_localhost_name(host: &str) -> bool {
+    let h = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    h == "localhost" || h.ends_with(".localhost")
 }
 
 /// The IPv4 address an IPv6 address stands for, if it embeds one; else the address itself.
@@ -323,8 +335,8 @@ mod tests {
 
     #[tokio::test]
     async fn resolution_results_are_filtered_without_any_packet_sent() {
-        // Literal addresses and "localhost" (resolved from the hosts file) only: no packet
-        // leaves the machine.
+        // Literal addresses and localhost names (answered without a resolver) only: no
+        // packet leaves the machine.
         let p = EgressPolicy::default();
         for t in [
             TargetAddr::Ip("127.0.0.1:80".parse().unwrap()),
