@@ -114,13 +114,13 @@ fn init_logging() {
 
 /// Keeps freed data-path buffers in glibc's heap instead of returning them to the kernel
 /// (and faulting fresh zeroed pages in again on the next allocation): buffers up to 4 MiB
-/// come from the heap, and the heap top is trimmed only beyond 32 MiB free.
+/// come from the heap, and the heap top is trimmed only beyond 8 MiB free.
 fn tune_allocator() {
     // SAFETY: mallopt only adjusts glibc allocator parameters; it is called once at start,
     // before any other thread exists, with documented parameter constants.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
     }
 }
 
