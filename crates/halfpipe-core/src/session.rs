@@ -682,15 +682,16 @@ impl Session {
             let frame = frame?;
             if frame.is_sequenced() {
                 let seq = self.leg_seq.ok_or(SessionError::MissingResume)?;
-                self.leg_seq = Some(seq + 1);
-                if seq < self.recv_next {
-                    continue; // already delivered over an earlier leg
-                }
                 if seq > self.recv_next {
                     return Err(SessionError::SequenceGap {
                         expected: self.recv_next,
                         got: seq,
                     });
+                }
+                // seq <= recv_next here, and recv_next counts frames received, so +1 fits.
+                self.leg_seq = Some(seq + 1);
+                if seq < self.recv_next {
+                    continue; // already delivered over an earlier leg
                 }
                 self.recv_next += 1;
                 self.unacked_recv += 1;

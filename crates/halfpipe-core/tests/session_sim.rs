@@ -481,6 +481,13 @@ fn hostile_records_close_only_that_session_with_a_precise_reason() {
             },
         ),
         (
+            record(&[Frame::Resume { seq: u64::MAX }, open.clone()]),
+            SessionError::SequenceGap {
+                expected: 0,
+                got: u64::MAX,
+            },
+        ),
+        (
             record(&[Frame::Ack { next_seq: 3 }]),
             SessionError::AckBeyondSent { acked: 3, sent: 0 },
         ),
