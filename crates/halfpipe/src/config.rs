@@ -34,6 +34,9 @@ pub const ENV_CLIENT_KEY: &str = "HALFPIPE_CLIENT_PRIVATE_KEY";
 /// Environment variable overriding the PSK file.
 pub const ENV_PSK: &str = "HALFPIPE_PSK";
 
+/// The longest duration any setting accepts (timer arithmetic stays far from overflow).
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 const NOT_A_PUBLIC_KEY: &str =
     "not a public key (expected 44 characters of standard base64, as printed by 'halfpipe keys gen')";
 
@@ -110,6 +113,10 @@ impl<'a> Check<'a> {
         match v {
             None => default,
             Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if d > MAX_DURATION => {
+                    self.err(key, "must be at most 365 days");
+                    default
+                }
                 Ok(d) if !d.is_zero() => d,
                 Ok(_) => {
                     self.err(key, "must be greater than zero");

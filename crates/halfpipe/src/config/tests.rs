@@ -84,6 +84,10 @@ fn every_error_names_its_key_and_all_are_reported() {
         .replace("\"127.0.0.0/8\"", "\"127.0.0.0/99\"")
         .replace("max_sessions = 1024", "max_sessions = 0")
         .replace("idle_timeout = \"300s\"", "idle_timeout = \"soon\"")
+        .replace(
+            "resume_window = \"60s\"",
+            "resume_window = \"9999999years\"",
+        )
         .replace("aes-256-gcm", "rot13");
     let e = server_from_str(&f.dir.join("server.toml"), &text, &no_env)
         .err()
@@ -95,6 +99,7 @@ fn every_error_names_its_key_and_all_are_reported() {
         "egress.allow[0]",
         "limits.max_sessions",
         "limits.idle_timeout",
+        "limits.resume_window",
         "cipher",
     ] {
         assert!(
