@@ -607,8 +607,7 @@ pub fn client_from_str(
             (None, Some(pin)) => Some(ServerTrust::Pin(pin.clone())),
             (None, None) => Some(ServerTrust::WebRoots),
         };
-        let host = uplink.as_ref().map(|u| u.host.clone()).unwrap_or_default();
-        let server_name = t.and_then(|t| t.server_name.clone()).unwrap_or(host);
+        let server_name = t.and_then(|t| t.server_name.clone());
         trust.and_then(|trust| {
             client_config(&trust)
                 .map(|config| TlsDialer {
@@ -810,6 +809,7 @@ pub fn client_toml(t: &ClientTemplate) -> String {
          uplink = {:?}\n\
          downlink = {:?}\n\n\
          [tls]\n\
+         # Name checked against the certificate on both legs (default: each leg's own host).\n\
          server_name = {:?}\n\
          ca_file = {:?}\n\n\
          [socks5]\n\

@@ -73,8 +73,9 @@ pub enum TransportError {
 pub struct TlsDialer {
     /// The rustls configuration (trust roots or pin).
     pub config: Arc<rustls::ClientConfig>,
-    /// Name to verify the certificate against (and send as SNI).
-    pub server_name: String,
+    /// Name to verify the certificate against (and send as SNI); `None`: each leg's own
+    /// URL host, so legs on different hosts verify their own certificates.
+    pub server_name: Option<String>,
 }
 
 /// Sets the options every socket of ours carries.
@@ -119,8 +120,9 @@ pub async fn dial(
         Scheme::Tcp => Ok(Box::new(tcp)),
         Scheme::Tls => {
             let tls = tls.ok_or_else(|| TransportError::TlsNotConfigured(url.to_string()))?;
-            let name = ServerName::try_from(tls.server_name.clone())
-                .map_err(|_| TransportError::ServerName(tls.server_name.clone()))?;
+            let host = tls.server_name.clone().unwrap_or_else(|| url.host.clone());
+            let name =
+                ServerName::try_from(host.clone()).map_err(|_| TransportError::ServerName(host))?;
             let connector = TlsConnector::from(tls.config.clone());
             match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
                 Err(_) => Err(TransportError::Timeout {

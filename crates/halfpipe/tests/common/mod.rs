@@ -132,7 +132,7 @@ pub async fn start(opts: Opts) -> Harness {
     let tls = Some(TlsDialer {
         config: halfpipe::tls::client_config(&halfpipe::tls::ServerTrust::CaFile(cert_path))
             .unwrap(),
-        server_name: "localhost".into(),
+        server_name: Some("localhost".into()),
     });
     let exit = Exit::new(ExitSettings {
         uplink: urls[0].clone(),
