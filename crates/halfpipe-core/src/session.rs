@@ -200,10 +200,9 @@ pub enum Recv {
     Data(Bytes),
     /// The peer finished; no more data will come.
     Fin,
-    /// Nothing yet: wait for [`Event::Readable`].
+    /// Nothing yet: wait for [`Event::Readable`]. (A reset stream is gone: `recv` then
+    /// fails with [`SessionError::StreamClosed`], after [`Event::Reset`].)
     Blocked,
-    /// The stream was reset.
-    Reset(ResetCode),
 }
 
 #[derive(Debug)]
@@ -221,7 +220,6 @@ struct Stream {
     advertised: u64,
     fin_received: bool,
     fin_delivered: bool,
-    reset: Option<ResetCode>,
 }
 
 impl Stream {
@@ -238,12 +236,11 @@ impl Stream {
             advertised: INITIAL_STREAM_CREDIT,
             fin_received: false,
             fin_delivered: false,
-            reset: None,
         }
     }
 
     fn is_done(&self) -> bool {
-        self.reset.is_some() || (self.fin_sent && self.fin_delivered)
+        self.fin_sent && self.fin_delivered
     }
 }
 
@@ -501,7 +498,7 @@ impl Session {
     /// How many bytes [`Session::send`] would accept on `stream` now.
     pub fn send_capacity(&self, stream: StreamId) -> u64 {
         match self.streams.get(&stream) {
-            Some(s) if s.reset.is_none() && !s.fin_sent && !self.closed => {
+            Some(s) if !s.fin_sent && !self.closed => {
                 let stream_credit = s.send_limit.saturating_sub(s.sent);
                 let session_credit = self.peer_max_data.saturating_sub(self.data_sent);
                 let buffer_room = self.config.max_unacked.saturating_sub(self.tx.unacked_data);
@@ -516,7 +513,7 @@ impl Session {
     pub fn send(&mut self, stream: StreamId, data: &mut Bytes) -> Result<usize, SessionError> {
         self.check_open()?;
         match self.streams.get(&stream) {
-            Some(s) if s.reset.is_none() && !s.fin_sent => {}
+            Some(s) if !s.fin_sent => {}
             _ => return Err(SessionError::StreamClosed(stream)),
         }
         let take = (self.send_capacity(stream).min(data.len() as u64)) as usize;
@@ -545,7 +542,7 @@ impl Session {
         let s = self
             .streams
             .get_mut(&stream)
-            .filter(|s| s.reset.is_none() && !s.fin_sent)
+            .filter(|s| !s.fin_sent)
             .ok_or(SessionError::StreamClosed(stream))?;
         s.fin_sent = true;
         self.tx.push(Frame::Fin { stream });
@@ -569,9 +566,6 @@ impl Session {
         let Some(s) = self.streams.get_mut(&stream) else {
             return Err(SessionError::StreamClosed(stream));
         };
-        if let Some(code) = s.reset {
-            return Ok(Recv::Reset(code));
-        }
         if let Some(chunk) = s.queue.pop_front() {
             let n = chunk.len() as u64;
             s.consumed += n;
@@ -785,7 +779,7 @@ impl Session {
             Frame::Fin { stream } => {
                 self.check_known(stream)?;
                 if let Some(s) = self.streams.get_mut(&stream) {
-                    if s.reset.is_none() && !s.fin_received {
+                    if !s.fin_received {
                         s.fin_received = true;
                         if s.queue.is_empty() {
                             self.events.push_back(Event::Readable(stream));
@@ -983,7 +977,7 @@ impl Session {
     fn schedule_stream_credit(&mut self, stream: StreamId) {
         let window = self.config.stream_window;
         if let Some(s) = self.streams.get_mut(&stream) {
-            if s.fin_received || s.reset.is_some() {
+            if s.fin_received {
                 return;
             }
             if s.advertised - s.consumed <= window / 2 {

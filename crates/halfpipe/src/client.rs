@@ -78,6 +78,16 @@ pub enum ClientError {
         /// The exit's verdict.
         status: HelloStatus,
     },
+    /// The exit's handshake answer does not fit the session (the session is closed).
+    #[error("{leg} {url}: the exit's answer does not fit the session: {source}")]
+    Attach {
+        /// Which leg.
+        leg: &'static str,
+        /// Its URL.
+        url: String,
+        /// What did not fit.
+        source: crate::tunnel::AttachError,
+    },
 }
 
 struct Current {
@@ -185,23 +195,13 @@ impl Exit {
                 status: reply.status,
             });
         }
-        let r = match role {
-            LegRole::Up => keys
-                .client_sealer()
-                .map_err(|e| e.to_string())
-                .and_then(|sealer| {
-                    tunnel
-                        .attach_send_leg(io, sealer, reply.recv_next)
-                        .map_err(|e| e.to_string())
-                }),
-            LegRole::Down => keys
-                .client_opener()
-                .map(|opener| tunnel.attach_recv_leg(io, opener))
-                .map_err(|e| e.to_string()),
-        };
-        if let Err(e) = r {
-            tracing::warn!(session = %id, leg, error = %e, "leg rejected by the session state");
-        }
+        tunnel
+            .attach_leg(role, io, &keys, reply.recv_next)
+            .map_err(|source| ClientError::Attach {
+                leg,
+                url: url.to_string(),
+                source,
+            })?;
         Ok(())
     }
 

@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use halfpipe_core::frame::CloseCode;
 use halfpipe_core::handshake::{
     AcceptedHello, HandshakeKeys, HelloStatus, LegRole, Responder, ServerHello, SessionId,
 };
@@ -383,25 +382,13 @@ async fn attach(
         Err(_) => return tracing::info!(%peer, "leg handshake reply timed out"),
     };
     let role = acc.hello.role;
-    let attached = match role {
-        LegRole::Up => keys
-            .server_opener()
-            .map(|o| tunnel.attach_recv_leg(io, o))
-            .map_err(|e| e.to_string()),
-        LegRole::Down => match keys.server_sealer() {
-            Ok(s) => tunnel
-                .attach_send_leg(io, s, acc.hello.recv_next)
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        },
-    };
+    let attached = tunnel.attach_leg(role, io, &keys, acc.hello.recv_next);
     match attached {
         Ok(()) => {
             tracing::debug!(%peer, session = %acc.hello.session_id, leg = role.name(), epoch = acc.hello.epoch, "leg attached")
         }
         Err(e) => {
-            tracing::warn!(%peer, session = %acc.hello.session_id, error = %e, "leg refused by session; closing it");
-            tunnel.close(CloseCode::ProtocolError);
+            tracing::warn!(%peer, session = %acc.hello.session_id, error = %e, "leg refused by session; session closed");
         }
     }
 }

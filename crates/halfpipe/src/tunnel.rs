@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use halfpipe_core::frame::{CloseCode, ResetCode, StreamId};
-use halfpipe_core::handshake::LegRole;
-use halfpipe_core::record::{RecordOpener, RecordSealer};
+use halfpipe_core::handshake::{LegKeys, LegRole};
+use halfpipe_core::record::{RecordError, RecordOpener, RecordSealer};
 use halfpipe_core::session::{
     CloseReason, Event, Recv, Session, SessionConfig, SessionError, Side,
 };
 use halfpipe_core::{ConnectStatus, TargetAddr};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -92,6 +92,18 @@ pub struct Stats {
     pub bytes_sent: std::sync::atomic::AtomicU64,
     /// Record bytes read from receive legs.
     pub bytes_received: std::sync::atomic::AtomicU64,
+}
+
+/// Why a freshly handshaken leg could not join the session. The session is closed with a
+/// protocol error, since the peer sent keys or an ACK that cannot be right.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The handshake's keys were rejected by the record layer.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// The peer's ACK from the handshake does not fit the session.
+    #[error(transparent)]
+    Session(#[from] SessionError),
 }
 
 /// Why a stream could not be opened.
@@ -261,19 +273,85 @@ impl Tunnel {
 
     // ---- legs ----------------------------------------------------------------------
 
+    /// Attaches a leg of `role` after its handshake, as the send or the receive end of this
+    /// side (the client sends on the uplink, the exit on the downlink). `peer_recv_next` is
+    /// the peer's ACK from the handshake. On failure the session is closed.
+    pub fn attach_leg(
+        self: &Arc<Self>,
+        role: LegRole,
+        io: BoxedLeg,
+        keys: &LegKeys,
+        peer_recv_next: u64,
+    ) -> Result<(), AttachError> {
+        let client = lock(&self.inner).session.side() == Side::Client;
+        let result = if role == self.role_of(LegEnd::Send) {
+            let sealer = if client {
+                keys.client_sealer()
+            } else {
+                keys.server_sealer()
+            };
+            sealer
+                .map_err(AttachError::from)
+                .and_then(|s| Ok(self.attach_send_leg(io, s, peer_recv_next)?))
+        } else {
+            let opener = if client {
+                keys.client_opener()
+            } else {
+                keys.server_opener()
+            };
+            opener
+                .map(|o| self.attach_recv_leg(io, o))
+                .map_err(AttachError::from)
+        };
+        if result.is_err() {
+            self.close(CloseCode::ProtocolError);
+        }
+        result
+    }
+
     /// Attaches a new send leg (replacing any previous one) and starts its writer task.
     /// `peer_recv_next` is the peer's ACK learnt in the handshake.
-    pub fn attach_send_leg(
+    fn attach_send_leg(
         self: &Arc<Self>,
         io: BoxedLeg,
         sealer: RecordSealer,
         peer_recv_next: u64,
     ) -> Result<(), SessionError> {
-        // Claim the slot first (a failing old writer then sees a newer generation and
-        // leaves the session alone); the slot lock is not held while the session runs,
-        // because a session call may wake the writer.
+        let (gen, wake) = self.claim_slot(LegEnd::Send);
+        self.with_session(|s| {
+            s.detach_send_leg(Instant::now());
+            s.attach_send_leg(Instant::now(), Some(peer_recv_next))
+        })?;
+        let task = tokio::spawn(Arc::clone(self).run_writer(io, sealer, gen, wake));
+        self.install_task(LegEnd::Send, gen, task);
+        Ok(())
+    }
+
+    /// Attaches a new receive leg (replacing any previous one) and starts its reader task.
+    fn attach_recv_leg(self: &Arc<Self>, io: BoxedLeg, opener: RecordOpener) {
+        let (gen, _) = self.claim_slot(LegEnd::Recv);
+        self.with_session(|s| {
+            s.detach_recv_leg(Instant::now());
+            s.attach_recv_leg(Instant::now());
+        });
+        let task = tokio::spawn(Arc::clone(self).run_reader(io, opener, gen));
+        self.install_task(LegEnd::Recv, gen, task);
+        self.timer_wake.notify_one();
+    }
+
+    fn slot(&self, end: LegEnd) -> &Mutex<LegSlot> {
+        match end {
+            LegEnd::Send => &self.send_leg,
+            LegEnd::Recv => &self.recv_leg,
+        }
+    }
+
+    /// Starts a new generation of a leg slot and stops the old task. A failing old task
+    /// then sees a newer generation and leaves the session alone. The slot lock is never
+    /// held while the session runs, because a session call may wake the writer.
+    fn claim_slot(&self, end: LegEnd) -> (u64, Arc<Notify>) {
         let (old, gen, wake) = {
-            let mut slot = lock(&self.send_leg);
+            let mut slot = lock(self.slot(end));
             slot.generation += 1;
             slot.wake = Arc::new(Notify::new());
             (slot.task.take(), slot.generation, slot.wake.clone())
@@ -281,59 +359,34 @@ impl Tunnel {
         if let Some(old) = old {
             old.abort();
         }
-        self.with_session(|s| {
-            s.detach_send_leg(Instant::now());
-            s.attach_send_leg(Instant::now(), Some(peer_recv_next))
-        })?;
-        let task = tokio::spawn(Arc::clone(self).run_writer(io, sealer, gen, wake));
-        let mut slot = lock(&self.send_leg);
+        (gen, wake)
+    }
+
+    /// Records the task of generation `gen`, unless a newer leg claimed the slot meanwhile.
+    fn install_task(&self, end: LegEnd, gen: u64, task: JoinHandle<()>) {
+        let mut slot = lock(self.slot(end));
         if slot.generation == gen {
             slot.task = Some(task);
         } else {
             task.abort();
         }
-        Ok(())
     }
 
-    /// Attaches a new receive leg (replacing any previous one) and starts its reader task.
-    pub fn attach_recv_leg(self: &Arc<Self>, io: BoxedLeg, opener: RecordOpener) {
-        let (old, gen) = {
-            let mut slot = lock(&self.recv_leg);
-            slot.generation += 1;
-            (slot.task.take(), slot.generation)
-        };
-        if let Some(old) = old {
-            old.abort();
-        }
-        self.with_session(|s| {
-            s.detach_recv_leg(Instant::now());
-            s.attach_recv_leg(Instant::now());
-        });
-        let task = tokio::spawn(Arc::clone(self).run_reader(io, opener, gen));
-        let mut slot = lock(&self.recv_leg);
-        if slot.generation == gen {
-            slot.task = Some(task);
-        } else {
-            task.abort();
-        }
-        drop(slot);
-        self.timer_wake.notify_one();
-    }
-
-    /// Stops the leg of `role` as seen from this side (send or receive).
-    fn drop_leg(&self, which: LegEnd) {
-        let slot = match which {
-            LegEnd::Send => &self.send_leg,
-            LegEnd::Recv => &self.recv_leg,
-        };
-        let task = lock(slot).task.take();
-        if let Some(t) = task {
-            t.abort();
-        }
-        self.with_session(|s| match which {
+    /// Marks one end of this side detached in the session.
+    fn detach(&self, end: LegEnd) {
+        self.with_session(|s| match end {
             LegEnd::Send => s.detach_send_leg(Instant::now()),
             LegEnd::Recv => s.detach_recv_leg(Instant::now()),
         });
+    }
+
+    /// Stops the leg at `end` of this side.
+    fn drop_leg(&self, end: LegEnd) {
+        let task = lock(self.slot(end)).task.take();
+        if let Some(t) = task {
+            t.abort();
+        }
+        self.detach(end);
     }
 
     /// Stops the leg of `role` and reports it down, as a failure would (used by the
@@ -352,24 +405,19 @@ impl Tunnel {
     }
 
     fn leg_failed(&self, end: LegEnd, generation: u64, error: String) {
-        let slot = match end {
-            LegEnd::Send => &self.send_leg,
-            LegEnd::Recv => &self.recv_leg,
-        };
         {
-            let mut g = lock(slot);
+            let mut g = lock(self.slot(end));
             if g.generation != generation {
                 return; // a newer leg already replaced this one
             }
             g.task = None;
         }
-        self.with_session(|s| match end {
-            LegEnd::Send => s.detach_send_leg(Instant::now()),
-            LegEnd::Recv => s.detach_recv_leg(Instant::now()),
-        });
-        let role = self.role_of(end);
+        self.detach(end);
         self.timer_wake.notify_one();
-        self.send_control(Control::LegDown { role, error });
+        self.send_control(Control::LegDown {
+            role: self.role_of(end),
+            error,
+        });
     }
 
     async fn run_writer(
@@ -379,7 +427,9 @@ impl Tunnel {
         generation: u64,
         wake: Arc<Notify>,
     ) {
-        let (_rd, mut wr): (ReadHalf<BoxedLeg>, WriteHalf<BoxedLeg>) = tokio::io::split(io);
+        // The writer owns the whole pipe (a leg carries one direction): no split, whose
+        // internal lock would cost on every write.
+        let mut wr = io;
         let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + 70 * 1024);
         let mut starts: Vec<usize> = Vec::new();
         loop {
@@ -422,7 +472,7 @@ impl Tunnel {
     }
 
     async fn run_reader(self: Arc<Self>, io: BoxedLeg, mut opener: RecordOpener, generation: u64) {
-        let (mut rd, _wr) = tokio::io::split(io);
+        let mut rd = io;
         let mut buf = BytesMut::with_capacity(256 * 1024);
         let mut records = Vec::new();
         loop {
@@ -643,7 +693,7 @@ impl Tunnel {
                         Ok(Recv::Data(d)) => chunks.push(d),
                         Ok(Recv::Blocked) => return Drained::Empty,
                         Ok(Recv::Fin) => return Drained::Fin,
-                        Ok(Recv::Reset(_)) | Err(_) => return Drained::Gone,
+                        Err(_) => return Drained::Gone,
                     }
                 }
                 Drained::More
@@ -726,4 +776,80 @@ fn seal_all(
         sealer.seal_reserved(&mut out[start..end])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halfpipe_core::handshake::{
+        generate_keypair, ClientHello, HandshakeKeys, HelloStatus, Initiator, Responder,
+        ServerHello, SessionId,
+    };
+    use halfpipe_core::record::CipherSuite;
+
+    /// Keys of one real leg handshake, both sides' view.
+    fn leg_keys() -> (LegKeys, LegKeys) {
+        let keys = || {
+            let (private_key, public) = generate_keypair().unwrap();
+            let k = HandshakeKeys {
+                suite: CipherSuite::Aes256Gcm,
+                private_key,
+                psk: None,
+            };
+            (k, public)
+        };
+        let ((ck, _), (sk, spub)) = (keys(), keys());
+        let hello = ClientHello {
+            role: LegRole::Up,
+            session_id: SessionId::random(),
+            epoch: 1,
+            timestamp_ms: 0,
+            recv_next: 0,
+        };
+        let (init, m1) = Initiator::start(&ck, &spub, &hello).unwrap();
+        let (resp, _) = Responder::accept(&sk, CipherSuite::Aes256Gcm, &m1[3..]).unwrap();
+        let reply = ServerHello {
+            status: HelloStatus::Accepted,
+            recv_next: 0,
+            server_time_ms: 0,
+        };
+        let (m2, server_keys) = resp.reply(&reply).unwrap();
+        let (_, client_keys) = init.finish(&m2[2..]).unwrap();
+        (client_keys, server_keys)
+    }
+
+    #[tokio::test]
+    async fn a_handshake_ack_beyond_what_was_sent_closes_the_session() {
+        let (tunnel, _control) = Tunnel::new(Side::Client, SessionConfig::default());
+        let (client_keys, _) = leg_keys();
+        let (io, _peer) = tokio::io::duplex(1024);
+        let err = tunnel
+            .attach_leg(LegRole::Up, Box::new(io), &client_keys, 5)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AttachError::Session(SessionError::AckBeyondSent { acked: 5, sent: 0 })
+            ),
+            "{err}"
+        );
+        assert!(tunnel.is_closed());
+    }
+
+    #[tokio::test]
+    async fn each_side_attaches_its_own_end_of_a_leg() {
+        let (client_keys, server_keys) = leg_keys();
+        let (client, _c) = Tunnel::new(Side::Client, SessionConfig::default());
+        let (server, _s) = Tunnel::new(Side::Server, SessionConfig::default());
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        client
+            .attach_leg(LegRole::Up, Box::new(a), &client_keys, 0)
+            .unwrap();
+        server
+            .attach_leg(LegRole::Up, Box::new(b), &server_keys, 0)
+            .unwrap();
+        let (c, s) = (lock(&client.inner), lock(&server.inner));
+        assert!(c.session.send_leg_attached() && !c.session.recv_leg_attached());
+        assert!(s.session.recv_leg_attached() && !s.session.send_leg_attached());
+    }
 }
