@@ -214,8 +214,18 @@ async fn leg_verdict(
     session: SessionId,
     epoch: u32,
 ) -> HelloStatus {
+    verdict_on(h, tls_to_exit(h).await, keys, session, epoch).await
+}
+
+/// Completes a handshake on an established TLS leg and returns the exit's verdict.
+async fn verdict_on(
+    h: &Harness,
+    mut s: tokio_rustls::client::TlsStream<TcpStream>,
+    keys: &HandshakeKeys,
+    session: SessionId,
+    epoch: u32,
+) -> HelloStatus {
     let (init, msg1) = message_one(h, keys, session, epoch);
-    let mut s = tls_to_exit(h).await;
     s.write_all(&msg1).await.unwrap();
     let mut pre = [0u8; SERVER_PREAMBLE_LEN];
     s.read_exact(&mut pre).await.unwrap();
@@ -454,4 +464,54 @@ async fn curl_through_socks5_and_http_connect() {
             "{proxy}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_in_flight_are_capped_and_the_slot_frees_at_the_timeout() {
+    let mut opts = limited(10, 10);
+    opts.limits.max_handshakes_in_flight = 1;
+    let h = start(opts).await;
+    let url = &h.urls[0];
+    // A peer that connects and says nothing holds the only handshake slot. The listener
+    // accepts connections one after another, so it holds the slot before the next arrives.
+    let silent = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .unwrap();
+    let tcp = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(h.tls.clone().unwrap().config);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .expect("the over-limit connection is dropped at once, not left hanging");
+    assert!(
+        refused.is_err(),
+        "over the limit, the TLS handshake must fail"
+    );
+    // The silent peer's slot is released by the 2 s handshake timeout; then legs get in.
+    let mut buf = [0u8; 1];
+    let mut silent = silent;
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "silent peer closed at the timeout"
+    );
+    // The server closes the silent socket a moment before it returns the slot, so retry
+    // the TLS connect (bounded) until one gets through, then run a handshake on that leg.
+    let mut admitted = None;
+    for _ in 0..100 {
+        let tcp = TcpStream::connect((url.host.as_str(), url.port))
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        if let Ok(leg) = connector.connect(name, tcp).await {
+            admitted = Some(leg);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let leg = admitted.expect("the handshake slot was never released");
+    let verdict = verdict_on(&h, leg, &h.user_keys, SessionId::random(), 1).await;
+    assert_eq!(verdict, HelloStatus::Accepted);
 }
