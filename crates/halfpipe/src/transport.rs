@@ -16,6 +16,11 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::leg_url::{LegUrl, Scheme};
 
+/// Socket read buffer under TLS. rustls asks its transport for at most 4 KiB at a time;
+/// reading the socket through this buffer turns those into memory copies, one `recv`
+/// per buffer instead of several per TLS record.
+const TLS_READ_BUFFER: usize = 128 * 1024;
+
 /// Any byte pipe a leg can run over.
 pub trait LegIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> LegIo for T {}
@@ -124,6 +129,7 @@ pub async fn dial(
             let name =
                 ServerName::try_from(host.clone()).map_err(|_| TransportError::ServerName(host))?;
             let connector = TlsConnector::from(tls.config.clone());
+            let tcp = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp);
             match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
                 Err(_) => Err(TransportError::Timeout {
                     what: "TLS handshake",
@@ -200,7 +206,10 @@ impl LegListener {
     pub async fn upgrade(&self, tcp: TcpStream) -> io::Result<BoxedLeg> {
         match &self.tls {
             None => Ok(Box::new(tcp)),
-            Some(acceptor) => Ok(Box::new(acceptor.accept(tcp).await?)),
+            Some(acceptor) => {
+                let tcp = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp);
+                Ok(Box::new(acceptor.accept(tcp).await?))
+            }
         }
     }
 }
