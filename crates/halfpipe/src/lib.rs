@@ -5,7 +5,7 @@
 //!
 //! | module | job |
 //! | --- | --- |
-//! | [`transport`] | dial/accept `tcp://` and `tls://` leg pipes |
+//! | [`transport`], [`tls_stream`] | dial/accept `tcp://` and `tls://` leg pipes |
 //! | [`leg`] | the Noise handshake over a pipe |
 //! | [`tunnel`] | the async session driver shared by client and exit |
 //! | [`client`] | session upkeep and local inbounds (SOCKS5, HTTP CONNECT, forwards) |
@@ -31,5 +31,6 @@ pub mod quickstart;
 pub mod server;
 pub mod socks5;
 pub mod tls;
+pub mod tls_stream;
 pub mod transport;
 pub mod tunnel;

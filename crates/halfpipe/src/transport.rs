@@ -1,7 +1,7 @@
 //! Leg transports: dial or accept an ordered, reliable byte pipe for one leg.
 //!
 //! `tcp://` is plain TCP (for use behind a TLS-terminating balancer: the Noise layer still
-//! encrypts end to end); `tls://` is TCP + TLS 1.3 through rustls. Every socket gets
+//! encrypts end to end); `tls://` is TCP + TLS 1.3 through rustls ([`crate::tls_stream`]). Every socket gets
 //! TCP_NODELAY and TCP keepalive; dials and TLS handshakes run under a timeout.
 
 use std::io;
@@ -12,14 +12,8 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::leg_url::{LegUrl, Scheme};
-
-/// Socket read buffer under TLS. rustls asks its transport for at most 4 KiB at a time;
-/// reading the socket through this buffer turns those into memory copies, one `recv`
-/// per buffer instead of several per TLS record.
-const TLS_READ_BUFFER: usize = 128 * 1024;
 
 /// Any byte pipe a leg can run over.
 pub trait LegIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -128,9 +122,8 @@ pub async fn dial(
             let host = tls.server_name.clone().unwrap_or_else(|| url.host.clone());
             let name =
                 ServerName::try_from(host.clone()).map_err(|_| TransportError::ServerName(host))?;
-            let connector = TlsConnector::from(tls.config.clone());
-            let tcp = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp);
-            match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+            let handshake = crate::tls_stream::connect(tls.config.clone(), name, tcp);
+            match tokio::time::timeout(timeout, handshake).await {
                 Err(_) => Err(TransportError::Timeout {
                     what: "TLS handshake",
                     url: url.to_string(),
@@ -150,7 +143,7 @@ pub async fn dial(
 pub struct LegListener {
     url: LegUrl,
     tcp: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl LegListener {
@@ -162,9 +155,7 @@ impl LegListener {
         let tls = match url.scheme {
             Scheme::Tcp => None,
             Scheme::Tls => {
-                Some(TlsAcceptor::from(tls.ok_or_else(|| {
-                    TransportError::TlsNotConfigured(url.to_string())
-                })?))
+                Some(tls.ok_or_else(|| TransportError::TlsNotConfigured(url.to_string()))?)
             }
         };
         let addr = format!("{}:{}", url.host, url.port);
@@ -206,10 +197,9 @@ impl LegListener {
     pub async fn upgrade(&self, tcp: TcpStream) -> io::Result<BoxedLeg> {
         match &self.tls {
             None => Ok(Box::new(tcp)),
-            Some(acceptor) => {
-                let tcp = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp);
-                Ok(Box::new(acceptor.accept(tcp).await?))
-            }
+            Some(config) => Ok(Box::new(
+                crate::tls_stream::accept(config.clone(), tcp).await?,
+            )),
         }
     }
 }

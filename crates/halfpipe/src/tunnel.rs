@@ -461,7 +461,12 @@ impl Tunnel {
                 self.leg_failed(LegEnd::Send, generation, e.to_string());
                 return;
             }
-            if let Err(e) = wr.write_all(&out).await {
+            // Flush too: a TLS pipe may hold the tail of a batch until it is flushed.
+            let written = match wr.write_all(&out).await {
+                Ok(()) => wr.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
                 self.leg_failed(LegEnd::Send, generation, e.to_string());
                 return;
             }

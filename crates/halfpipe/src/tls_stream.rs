@@ -1,0 +1,621 @@
+//! A TLS 1.3 stream over TCP built on rustls' unbuffered API.
+//!
+//! The buffered `rustls::Connection` reads its socket 4 KiB at a time and copies every
+//! record through two internal buffers; a leg moves gigabytes, so those copies and
+//! syscalls were the largest cost of `tls://` legs. Here the socket is read in large
+//! chunks straight into one window that rustls decrypts in place, plaintext goes straight
+//! into the caller's buffer when it fits, and outgoing records are encrypted into one
+//! buffer written with a single `write` per batch.
+//!
+//! The stream is meant for one owner at a time (a leg task reads or writes); it still
+//! answers TLS housekeeping (key updates) from either side.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::pki_types::ServerName;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Socket bytes read at once (many TLS records per `recv`).
+const READ_WINDOW: usize = 128 * 1024;
+/// Plaintext encrypted per `poll_write` (four full records).
+const WRITE_CHUNK: usize = 64 * 1024;
+/// Largest TLS record on the wire: header, 16 KiB payload, content type, tag, padding.
+const MAX_RECORD: usize = 5 + 16384 + 256;
+
+/// The two sides of rustls' unbuffered connection, behind one interface.
+pub trait TlsSide: Send + Unpin + 'static {
+    /// The connection data type (client or server).
+    type Data;
+    /// Processes the records in `incoming` (see `UnbufferedConnectionCommon`).
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+}
+
+impl TlsSide for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+}
+
+impl TlsSide for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+}
+
+fn encode_need(e: &EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    }
+}
+
+fn encrypt_need(e: &EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    }
+}
+
+fn tls_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// Received TLS bytes: `buf[start..end]` is not yet processed by rustls.
+struct Incoming {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Incoming {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; READ_WINDOW],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn window(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.end]
+    }
+
+    fn discard(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Free space to read into, moving an unprocessed tail to the front when the end is
+    /// near (at most one partial record is ever moved).
+    fn spare(&mut self) -> &mut [u8] {
+        if self.buf.len() - self.end < MAX_RECORD {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        &mut self.buf[self.end..]
+    }
+}
+
+/// Encrypted bytes waiting for the socket: `buf[pos..]`.
+#[derive(Default)]
+struct Outgoing {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Outgoing {
+    fn pending(&self) -> bool {
+        self.pos < self.buf.len()
+    }
+
+    /// Writes what is pending; `Ready(Ok)` once all of it is on the socket.
+    fn poll_flush(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.pending() {
+            let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.buf[self.pos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.pos += n;
+        }
+        self.buf.clear();
+        self.pos = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Appends the output of `fill` (which reports the size it needs when short).
+    fn append<E>(
+        &mut self,
+        mut fill: impl FnMut(&mut [u8]) -> Result<usize, E>,
+        required: fn(&E) -> Option<usize>,
+    ) -> Result<(), E> {
+        let at = self.buf.len();
+        let mut room = 4096;
+        loop {
+            self.buf.resize(at + room, 0);
+            match fill(&mut self.buf[at..]) {
+                Ok(n) => {
+                    self.buf.truncate(at + n);
+                    return Ok(());
+                }
+                Err(e) => match required(&e) {
+                    Some(need) if need > room => room = need,
+                    _ => {
+                        self.buf.truncate(at);
+                        return Err(e);
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Decrypted bytes not yet delivered: `buf[pos..]`.
+#[derive(Default)]
+struct Plain {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Plain {
+    fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if self.is_empty() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Moves as much as fits into `dst`.
+    fn take_into(&mut self, dst: &mut ReadBuf<'_>) {
+        let n = (self.buf.len() - self.pos).min(dst.remaining());
+        dst.put_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+    }
+}
+
+/// What one step of the TLS state machine asks for.
+enum Step {
+    /// Application data was delivered (into the caller's buffer or the plaintext queue).
+    Data,
+    /// Handshake or housekeeping records were queued for sending.
+    Send,
+    /// Nothing to do until more bytes arrive.
+    NeedInput,
+    /// The handshake is done and application data may be written.
+    Writable,
+    /// The peer sent close_notify.
+    PeerClosed,
+}
+
+/// A TLS stream over TCP (client or server side).
+pub struct TlsStream<C: TlsSide> {
+    io: TcpStream,
+    conn: C,
+    incoming: Incoming,
+    outgoing: Outgoing,
+    plain: Plain,
+    peer_closed: bool,
+    handshake_done: bool,
+}
+
+/// The client side.
+pub type ClientTlsStream = TlsStream<UnbufferedClientConnection>;
+/// The server side.
+pub type ServerTlsStream = TlsStream<UnbufferedServerConnection>;
+
+/// Runs a client handshake on `io` for `name`.
+pub async fn connect(
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+    io: TcpStream,
+) -> io::Result<ClientTlsStream> {
+    let conn = UnbufferedClientConnection::new(config, name).map_err(tls_err)?;
+    TlsStream::new(io, conn).handshake().await
+}
+
+/// Runs a server handshake on an accepted `io`.
+pub async fn accept(
+    config: Arc<rustls::ServerConfig>,
+    io: TcpStream,
+) -> io::Result<ServerTlsStream> {
+    let conn = UnbufferedServerConnection::new(config).map_err(tls_err)?;
+    TlsStream::new(io, conn).handshake().await
+}
+
+impl<C: TlsSide> TlsStream<C> {
+    fn new(io: TcpStream, conn: C) -> Self {
+        Self {
+            io,
+            conn,
+            incoming: Incoming::new(),
+            outgoing: Outgoing::default(),
+            plain: Plain::default(),
+            peer_closed: false,
+            handshake_done: false,
+        }
+    }
+
+    /// The TCP socket underneath.
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.io
+    }
+
+    /// The rustls connection (negotiated parameters, peer certificates).
+    pub fn connection(&self) -> &C {
+        &self.conn
+    }
+
+    /// One step of the state machine. Application data goes into `dst` while it has
+    /// room, the rest into the plaintext queue.
+    fn step(&mut self, mut dst: Option<&mut ReadBuf<'_>>) -> io::Result<Step> {
+        let UnbufferedStatus { mut discard, state } = self.conn.process(self.incoming.window());
+        let step = match state.map_err(tls_err)? {
+            ConnectionState::ReadTraffic(mut traffic) => {
+                while let Some(record) = traffic.next_record() {
+                    let record = record.map_err(tls_err)?;
+                    discard += record.discard;
+                    let mut payload = record.payload;
+                    if let Some(dst) = dst.as_deref_mut() {
+                        let n = payload.len().min(dst.remaining());
+                        dst.put_slice(&payload[..n]);
+                        payload = &payload[n..];
+                    }
+                    if !payload.is_empty() {
+                        self.plain.push(payload);
+                    }
+                }
+                Step::Data
+            }
+            ConnectionState::EncodeTlsData(mut encode) => {
+                self.outgoing
+                    .append(|out| encode.encode(out), encode_need)
+                    .map_err(tls_err)?;
+                Step::Send
+            }
+            ConnectionState::TransmitTlsData(transmit) => {
+                // The encoded records are in `outgoing`; the caller flushes them.
+                transmit.done();
+                Step::Send
+            }
+            ConnectionState::BlockedHandshake => Step::NeedInput,
+            ConnectionState::WriteTraffic(_) => {
+                self.handshake_done = true;
+                Step::Writable
+            }
+            ConnectionState::PeerClosed | ConnectionState::Closed => {
+                self.peer_closed = true;
+                Step::PeerClosed
+            }
+            ConnectionState::ReadEarlyData(_) => {
+                return Err(tls_err("unexpected TLS early data"));
+            }
+            _ => return Err(tls_err("unknown TLS connection state")),
+        };
+        self.incoming.discard(discard);
+        Ok(step)
+    }
+
+    /// Reads more TLS bytes from the socket; `Ready(Ok(0))` at end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let spare = self.incoming.spare();
+        if spare.is_empty() {
+            return Poll::Ready(Err(tls_err("TLS message larger than the receive window")));
+        }
+        let mut rb = ReadBuf::new(spare);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        self.incoming.end += n;
+        Poll::Ready(Ok(n))
+    }
+
+    async fn handshake(mut self) -> io::Result<Self> {
+        loop {
+            match self.step(None)? {
+                Step::Data | Step::Send => {}
+                Step::Writable => {
+                    self.flush_outgoing().await?;
+                    return Ok(self);
+                }
+                Step::NeedInput => {
+                    self.flush_outgoing().await?;
+                    let n = std::future::poll_fn(|cx| self.poll_fill(cx)).await?;
+                    if n == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "peer closed the connection during the TLS handshake",
+                        ));
+                    }
+                }
+                Step::PeerClosed => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed the connection during the TLS handshake",
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn flush_outgoing(&mut self) -> io::Result<()> {
+        let (out, io) = (&mut self.outgoing, &mut self.io);
+        std::future::poll_fn(|cx| out.poll_flush(io, cx)).await?;
+        self.io.flush().await
+    }
+
+    /// Sends queued housekeeping records if the socket takes them now; never blocks
+    /// the read side on the write side.
+    fn try_flush(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.outgoing.poll_flush(&mut self.io, cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl<C: TlsSide> AsyncRead for TlsStream<C> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.plain.is_empty() {
+            this.plain.take_into(buf);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        loop {
+            match this.step(Some(buf))? {
+                Step::Data => {
+                    // Keep decrypting whole records while the caller has room.
+                    if buf.remaining() == 0 || !this.plain.is_empty() {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Step::Send => this.try_flush(cx)?,
+                Step::PeerClosed => return Poll::Ready(Ok(())),
+                Step::NeedInput | Step::Writable => {
+                    if buf.filled().len() > before {
+                        return Poll::Ready(Ok(()));
+                    }
+                    let n = ready!(this.poll_fill(cx))?;
+                    if n == 0 {
+                        return if this.incoming.start == this.incoming.end {
+                            Poll::Ready(Ok(())) // end of stream without close_notify
+                        } else {
+                            Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "connection closed inside a TLS record",
+                            )))
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<C: TlsSide> AsyncWrite for TlsStream<C> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.outgoing.poll_flush(&mut this.io, cx))?;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let data = &data[..data.len().min(WRITE_CHUNK)];
+        loop {
+            let UnbufferedStatus { discard, state } = this.conn.process(this.incoming.window());
+            let mut written = None;
+            match state.map_err(tls_err)? {
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    this.outgoing
+                        .append(|out| traffic.encrypt(data, out), encrypt_need)
+                        .map_err(tls_err)?;
+                    written = Some(data.len());
+                }
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    // Records that arrived while writing: keep them for the reader.
+                    let mut extra = 0;
+                    while let Some(record) = traffic.next_record() {
+                        let record = record.map_err(tls_err)?;
+                        extra += record.discard;
+                        this.plain.push(record.payload);
+                    }
+                    this.incoming.discard(discard + extra);
+                    continue;
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    this.outgoing
+                        .append(|out| encode.encode(out), encode_need)
+                        .map_err(tls_err)?;
+                }
+                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                ConnectionState::PeerClosed => this.peer_closed = true,
+                ConnectionState::Closed => {
+                    return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+                }
+                _ => return Poll::Ready(Err(tls_err("TLS connection cannot send now"))),
+            }
+            this.incoming.discard(discard);
+            if let Some(n) = written {
+                // Start the write now; the next call finishes it.
+                this.try_flush(cx)?;
+                return Poll::Ready(Ok(n));
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.outgoing.poll_flush(&mut this.io, cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.handshake_done {
+            this.handshake_done = false; // queue close_notify once
+            let UnbufferedStatus { discard, state } = this.conn.process(this.incoming.window());
+            if let Ok(ConnectionState::WriteTraffic(mut traffic)) = state {
+                let _ = this
+                    .outgoing
+                    .append(|out| traffic.queue_close_notify(out), encrypt_need);
+            }
+            this.incoming.discard(discard);
+        }
+        ready!(this.outgoing.poll_flush(&mut this.io, cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A connected client/server pair over loopback with a fresh dev certificate.
+    async fn pair() -> (ClientTlsStream, ServerTlsStream) {
+        let dir = std::env::temp_dir().join(format!(
+            "hp-tls-stream-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = crate::cert::generate_self_signed(&["localhost".into()]).unwrap();
+        let (c, k) = (dir.join("cert.pem"), dir.join("cert.key"));
+        crate::cert::write_dev_cert(&cert, &c, &k).unwrap();
+        let server_cfg = crate::tls::server_config(&c, &k).unwrap();
+        let client_cfg = crate::tls::client_config(&crate::tls::ServerTrust::CaFile(c)).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            accept(server_cfg, s).await.unwrap()
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let client = connect(client_cfg, name, tcp).await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        (client, server.await.unwrap())
+    }
+
+    /// Deterministic test bytes.
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[0] ^ seed)
+            .collect()
+    }
+
+    /// Writes `data` in uneven pieces, then closes with close_notify.
+    async fn send_all<W: AsyncWrite + Unpin>(mut w: W, data: Vec<u8>) -> W {
+        let mut at = 0;
+        let mut step = 1;
+        while at < data.len() {
+            let n = step.min(data.len() - at);
+            w.write_all(&data[at..at + n]).await.unwrap();
+            at += n;
+            step = (step * 7 + 13) % 200_000 + 1;
+        }
+        w.shutdown().await.unwrap();
+        w
+    }
+
+    /// Reads to the end with reads of `chunk` bytes and hashes what came.
+    async fn hash_all<R: AsyncRead + Unpin>(mut r: R, chunk: usize) -> ([u8; 32], usize, R) {
+        let mut h = Sha256::new();
+        let mut buf = vec![0; chunk];
+        let mut total = 0;
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+            h.update(&buf[..n]);
+        }
+        (h.finalize().into(), total, r)
+    }
+
+    #[tokio::test]
+    async fn bulk_both_ways_with_large_and_tiny_reads() {
+        let (client, server) = pair().await;
+        let up = pattern(24 << 20, 1);
+        let want: [u8; 32] = Sha256::digest(&up).into();
+        let sender = tokio::spawn(send_all(client, up));
+        let (got, n, server) = hash_all(server, 256 * 1024).await;
+        assert_eq!((got, n), (want, 24 << 20));
+        let client = sender.await.unwrap();
+
+        // The other direction, read a few bytes at a time (records larger than the
+        // reader's buffer are kept and handed out in order).
+        let down = pattern(3 << 20, 2);
+        let want: [u8; 32] = Sha256::digest(&down).into();
+        let sender = tokio::spawn(send_all(server, down));
+        let (got, n, _client) = hash_all(client, 7).await;
+        assert_eq!((got, n), (want, 3 << 20));
+        sender.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn garbage_and_truncation_are_errors_not_panics() {
+        // Random bytes where a ServerHello should be.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut hello = [0u8; 512];
+            let _ = s.read(&mut hello).await;
+            let _ = s.write_all(&pattern(4096, 9)).await;
+        });
+        let cfg = crate::tls::client_config(&crate::tls::ServerTrust::WebRoots).unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let e = connect(cfg, ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .err()
+            .expect("garbage accepted as a handshake");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+
+        // A peer that vanishes in the middle of a record: an application-data header
+        // announcing 16 KiB, 500 bytes of it, then end of stream.
+        let (mut client, mut server) = pair().await;
+        let mut cut = vec![23, 3, 3, 0x40, 0x00];
+        cut.extend(pattern(500, 4));
+        server.io.write_all(&cut).await.unwrap();
+        server.io.shutdown().await.unwrap();
+        let mut buf = [0u8; 64];
+        let r = client.read(&mut buf).await;
+        assert!(r.is_err(), "a record cut short must be an error: {r:?}");
+    }
+}
