@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, Mutex as AsyncMutex, Semaphore};
 
 use crate::leg::{client_handshake, unix_ms, LegError};
 use crate::leg_url::LegUrl;
-use crate::transport::{dial, tune_socket, TlsDialer, TransportError};
+use crate::transport::{dial, tune_socket, DialSettings, TransportError};
 use crate::tunnel::{Control, OpenError, Tunnel};
 
 /// How the client reaches the exit.
@@ -26,8 +26,8 @@ pub struct ExitSettings {
     pub uplink: LegUrl,
     /// Where the downlink comes from.
     pub downlink: LegUrl,
-    /// TLS settings for `tls://` legs.
-    pub tls: Option<TlsDialer>,
+    /// TLS trust and QUIC tuning for the legs.
+    pub transport: DialSettings,
     /// Our static key (user identity) and cipher.
     pub keys: HandshakeKeys,
     /// The exit's static public key.
@@ -166,7 +166,7 @@ impl Exit {
             LegRole::Down => (&s.downlink, 1),
         };
         let leg = role.name();
-        let mut io = dial(url, s.tls.as_ref(), s.dial_timeout)
+        let mut io = dial(url, &s.transport, s.dial_timeout)
             .await
             .map_err(|source| ClientError::Transport {
                 leg,

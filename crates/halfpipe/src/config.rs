@@ -21,11 +21,11 @@ use zeroize::Zeroizing;
 use crate::client::{ExitSettings, Inbound};
 use crate::egress::EgressPolicy;
 use crate::keyfile::{decode_key, decode_public, read_private_key};
-use crate::leg_url::{LegUrl, Scheme};
+use crate::leg_url::LegUrl;
 use crate::server::{ServerLimits, ServerSettings, User};
 use crate::socks5::Socks5Auth;
 use crate::tls::{client_config, server_config, ServerTrust};
-use crate::transport::TlsDialer;
+use crate::transport::{DialSettings, ListenSettings, QuicOptions, TlsDialer};
 
 /// Environment variable overriding the server's private key file.
 pub const ENV_SERVER_KEY: &str = "HALFPIPE_SERVER_PRIVATE_KEY";
@@ -186,6 +186,33 @@ impl<'a> Check<'a> {
             .ok()
     }
 
+    /// The `[quic]` section; `server` says which role's keys are allowed.
+    fn quic(&mut self, f: &Option<QuicFile>, server: bool) -> QuicOptions {
+        let d = QuicOptions::default();
+        let Some(f) = f else { return d };
+        let congestion = match &f.congestion {
+            None => d.congestion,
+            Some(v) => v.parse().unwrap_or_else(|e: String| {
+                self.err("quic.congestion", e);
+                d.congestion
+            }),
+        };
+        if !server && f.retry_above.is_some() {
+            self.err("quic.retry_above", "is a server setting");
+        }
+        let alpn = f.alpn.clone().unwrap_or(d.alpn);
+        if alpn.is_empty() || alpn.len() > 255 {
+            self.err("quic.alpn", "must be 1 to 255 bytes, e.g. \"h3\"");
+        }
+        QuicOptions {
+            congestion,
+            alpn,
+            retry_above: f.retry_above.unwrap_or(d.retry_above),
+            idle_timeout: self.duration("quic.idle_timeout", &f.idle_timeout, d.idle_timeout),
+            keepalive: self.duration("quic.keepalive", &f.keepalive, d.keepalive),
+        }
+    }
+
     fn cipher(&mut self, v: &Option<String>) -> CipherSuite {
         match v.as_deref() {
             None | Some("aes-256-gcm") => CipherSuite::Aes256Gcm,
@@ -252,12 +279,24 @@ struct ServerFile {
     psk_file: Option<String>,
     cipher: Option<String>,
     tls: Option<ServerTlsFile>,
+    quic: Option<QuicFile>,
     #[serde(default)]
     users: Vec<UserFile>,
     #[serde(default)]
     egress: EgressFile,
     #[serde(default)]
     limits: ServerLimitsFile,
+}
+
+/// `[quic]`: QUIC tuning (both roles; `retry_above` is the server's).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct QuicFile {
+    congestion: Option<String>,
+    alpn: Option<String>,
+    retry_above: Option<usize>,
+    idle_timeout: Option<String>,
+    keepalive: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -326,13 +365,14 @@ pub fn server_from_str(
     let suite = c.cipher(&f.cipher);
     let private_key = c.private_key("private_key_file", &f.private_key_file, ENV_SERVER_KEY);
     let psk = c.psk(&f.psk_file);
-    let needs_tls = listen.iter().any(|u| u.scheme == Scheme::Tls);
+    let needs_tls = listen.iter().any(|u| u.scheme.uses_tls());
+    let quic = c.quic(&f.quic, true);
     let tls = match (&f.tls, needs_tls) {
         (Some(t), _) => server_config(&c.path(&t.cert_file), &c.path(&t.key_file))
             .map_err(|e| c.err("tls", e.to_string()))
             .ok(),
         (None, true) => {
-            c.err("tls", "a tls:// listener needs a [tls] section with cert_file and key_file ('halfpipe cert gen' makes a development pair)");
+            c.err("tls", "a tls:// or quic:// listener needs a [tls] section with cert_file and key_file ('halfpipe cert gen' makes a development pair)");
             None
         }
         (None, false) => None,
@@ -439,7 +479,7 @@ pub fn server_from_str(
     };
     let settings = private_key.map(|private_key| ServerSettings {
         listen,
-        tls,
+        transport: ListenSettings { tls, quic },
         keys: HandshakeKeys {
             suite,
             private_key,
@@ -466,6 +506,7 @@ struct ClientFile {
     uplink: String,
     downlink: String,
     tls: Option<ClientTlsFile>,
+    quic: Option<QuicFile>,
     socks5: Option<ProxyInboundFile>,
     http: Option<ProxyInboundFile>,
     #[serde(default)]
@@ -592,7 +633,8 @@ pub fn client_from_str(
     let downlink = c.leg_url("downlink", &f.downlink);
     let needs_tls = [&uplink, &downlink]
         .iter()
-        .any(|u| u.as_ref().is_some_and(|u| u.scheme == Scheme::Tls));
+        .any(|u| u.as_ref().is_some_and(|u| u.scheme.uses_tls()));
+    let quic = c.quic(&f.quic, false);
     let tls = if needs_tls {
         let t = f.tls.as_ref();
         let trust = match (
@@ -689,7 +731,7 @@ pub fn client_from_str(
                 exit: ExitSettings {
                     uplink,
                     downlink,
-                    tls,
+                    transport: DialSettings { tls, quic },
                     keys: HandshakeKeys {
                         suite,
                         private_key,

@@ -1,4 +1,5 @@
-//! Leg URLs: `tcp://host:port` and `tls://host:port` (IPv6 in brackets).
+//! Leg URLs: `tcp://host:port`, `tls://host:port` and `quic://host:port` (IPv6 in
+//! brackets).
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,6 +11,28 @@ pub enum Scheme {
     Tcp,
     /// TCP with TLS 1.3.
     Tls,
+    /// QUIC (TLS 1.3 inside), one bidirectional stream per leg.
+    Quic,
+}
+
+impl Scheme {
+    /// The name in URLs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::Tcp => "tcp",
+            Scheme::Tls => "tls",
+            Scheme::Quic => "quic",
+        }
+    }
+
+    /// Whether the transport runs TLS and so needs certificates (server) or trust
+    /// settings (client).
+    pub fn uses_tls(self) -> bool {
+        match self {
+            Scheme::Tcp => false,
+            Scheme::Tls | Scheme::Quic => true,
+        }
+    }
 }
 
 /// A parsed leg URL.
@@ -30,7 +53,7 @@ pub enum LegUrlError {
     #[error("{0:?} has no scheme: write tcp://host:port or tls://host:port")]
     NoScheme(String),
     /// A scheme this version does not support.
-    #[error("unsupported scheme {0:?}: use tcp:// or tls://")]
+    #[error("unsupported scheme {0:?}: use tcp://, tls:// or quic://")]
     Scheme(String),
     /// Missing or invalid port.
     #[error("{0:?} needs a port between 1 and 65535, as in tls://host:8443")]
@@ -53,6 +76,7 @@ impl FromStr for LegUrl {
         let scheme = match scheme {
             "tcp" => Scheme::Tcp,
             "tls" => Scheme::Tls,
+            "quic" => Scheme::Quic,
             other => return Err(LegUrlError::Scheme(other.to_owned())),
         };
         if rest.contains(['/', '?', '#', '@']) {
@@ -84,10 +108,7 @@ impl FromStr for LegUrl {
 
 impl fmt::Display for LegUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = match self.scheme {
-            Scheme::Tcp => "tcp",
-            Scheme::Tls => "tls",
-        };
+        let scheme = self.scheme.name();
         if self.host.contains(':') {
             write!(f, "{scheme}://[{}]:{}", self.host, self.port)
         } else {
@@ -106,6 +127,7 @@ mod tests {
             "tcp://127.0.0.1:80",
             "tls://example.com:443",
             "tls://[::1]:8443",
+            "quic://example.com:443",
         ] {
             assert_eq!(s.parse::<LegUrl>().unwrap().to_string(), s);
         }

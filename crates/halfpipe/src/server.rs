@@ -16,13 +16,12 @@ use halfpipe_core::handshake::{
 use halfpipe_core::replay::ReplayCache;
 use halfpipe_core::session::{SessionConfig, Side};
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::egress::EgressPolicy;
 use crate::leg::{server_read_hello, server_reply, unix_ms, LegError};
 use crate::leg_url::LegUrl;
-use crate::transport::{BoxedLeg, LegListener, TransportError};
+use crate::transport::{BoxedLeg, LegListener, ListenSettings, TransportError, Upgrade};
 use crate::tunnel::{Control, Tunnel};
 
 /// A user allowed to connect.
@@ -68,8 +67,8 @@ impl Default for ServerLimits {
 pub struct ServerSettings {
     /// Leg listeners (any listener accepts either leg role).
     pub listen: Vec<LegUrl>,
-    /// TLS configuration for `tls://` listeners.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Certificates and QUIC tuning for the listeners.
+    pub transport: ListenSettings,
     /// The server's static key and cipher.
     pub keys: HandshakeKeys,
     /// Users allowed.
@@ -132,7 +131,7 @@ impl Server {
     pub async fn bind(settings: ServerSettings) -> Result<Self, ServerError> {
         let mut listeners = Vec::new();
         for url in &settings.listen {
-            listeners.push(LegListener::bind(url, settings.tls.clone()).await?);
+            listeners.push(LegListener::bind(url, &settings.transport).await?);
         }
         let limits = settings.limits;
         let state = Arc::new(State {
@@ -206,7 +205,7 @@ impl ServerHandle {
 async fn accept_loop(state: Arc<State>, listener: LegListener) {
     let listener = Arc::new(listener);
     loop {
-        let (tcp, peer) = match listener.accept().await {
+        let (peer, upgrade) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -224,9 +223,8 @@ async fn accept_loop(state: Arc<State>, listener: LegListener) {
             continue;
         };
         let state = state.clone();
-        let listener = listener.clone();
         tokio::spawn(async move {
-            handle_leg(state, listener, tcp, peer).await;
+            handle_leg(state, upgrade, peer).await;
             drop(permit);
         });
     }
@@ -237,14 +235,9 @@ fn security_refusal(peer: SocketAddr, reason: &str) {
     tracing::warn!(target: "security", %peer, reason, "leg refused");
 }
 
-async fn handle_leg(
-    state: Arc<State>,
-    listener: Arc<LegListener>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-) {
+async fn handle_leg(state: Arc<State>, upgrade: Upgrade, peer: SocketAddr) {
     let deadline = tokio::time::Instant::now() + state.limits.handshake_timeout;
-    let mut io = match tokio::time::timeout_at(deadline, listener.upgrade(tcp)).await {
+    let mut io = match tokio::time::timeout_at(deadline, upgrade).await {
         Ok(Ok(io)) => io,
         Ok(Err(e)) => return security_refusal(peer, &format!("transport handshake failed: {e}")),
         Err(_) => return security_refusal(peer, "transport handshake timed out"),

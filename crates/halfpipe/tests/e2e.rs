@@ -21,9 +21,41 @@ fn is_release() -> bool {
     !cfg!(debug_assertions)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixty_four_streams_each_way_hash_identical() {
-    let h = start(Opts::default()).await;
+/// The data-plane suite, run for every transport and for mixed pairs: integrity under
+/// load, leg kills, and the slow-reader memory bound.
+macro_rules! data_plane_suite {
+    ($($name:ident: $up:literal / $down:literal;)*) => {$(
+        mod $name {
+            use super::*;
+            fn opts() -> Opts {
+                Opts { legs: [$up, $down], ..Opts::default() }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sixty_four_streams_each_way_hash_identical() {
+                super::sixty_four_streams_each_way_hash_identical(opts()).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn killing_uplink_then_downlink_then_both_loses_nothing() {
+                super::killing_uplink_then_downlink_then_both_loses_nothing(opts()).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn slow_reader_keeps_exit_memory_within_its_window() {
+                super::slow_reader_keeps_exit_memory_within_its_window(opts()).await
+            }
+        }
+    )*};
+}
+
+data_plane_suite! {
+    tls: "tls" / "tls";
+    tcp: "tcp" / "tcp";
+    quic: "quic" / "quic";
+    quic_up_tls_down: "quic" / "tls";
+    tls_up_quic_down: "tls" / "quic";
+}
+
+async fn sixty_four_streams_each_way_hash_identical(opts: Opts) {
+    let h = start(opts).await;
     let echo = echo_server().await;
     // 64 MiB each way per stream in release builds (the CI profile); 2 MiB in debug builds.
     let per_stream = if is_release() { 64 * MIB } else { 2 * MIB };
@@ -44,9 +76,8 @@ async fn sixty_four_streams_each_way_hash_identical() {
     assert_eq!(h.server.session_count(), 1, "all streams share one session");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_uplink_then_downlink_then_both_loses_nothing() {
-    let h = start(Opts::default()).await;
+async fn killing_uplink_then_downlink_then_both_loses_nothing(opts: Opts) {
+    let h = start(opts).await;
     let echo = echo_server().await;
     let total = if is_release() { 256 * MIB } else { 24 * MIB };
     let (code, s) = socks_connect(h.socks, &TargetAddr::Ip(echo)).await;
@@ -103,8 +134,7 @@ async fn killing_uplink_then_downlink_then_both_loses_nothing() {
     assert_eq!(sessions[0].0, sid);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_reader_keeps_exit_memory_within_its_window() {
+async fn slow_reader_keeps_exit_memory_within_its_window(opts: Opts) {
     let session = SessionConfig {
         stream_window: MIB as u64,
         session_window: 4 * MIB as u64,
@@ -113,7 +143,7 @@ async fn slow_reader_keeps_exit_memory_within_its_window() {
     };
     let h = start(Opts {
         session: session.clone(),
-        ..Opts::default()
+        ..opts
     })
     .await;
     // A source that writes as fast as it can, towards an application that never reads.

@@ -11,7 +11,7 @@ use halfpipe::client::{serve_inbound, Exit, ExitSettings, Inbound};
 use halfpipe::egress::EgressPolicy;
 use halfpipe::leg_url::LegUrl;
 use halfpipe::server::{Server, ServerHandle, ServerLimits, ServerSettings, User};
-use halfpipe::transport::TlsDialer;
+use halfpipe::transport::{DialSettings, ListenSettings, QuicOptions, TlsDialer};
 use halfpipe_core::handshake::{generate_keypair, HandshakeKeys};
 use halfpipe_core::record::CipherSuite;
 use halfpipe_core::session::SessionConfig;
@@ -23,7 +23,8 @@ use tokio::net::{TcpListener, TcpStream};
 /// Options for [`start`].
 #[derive(Clone)]
 pub struct Opts {
-    pub scheme: &'static str,
+    /// Schemes of the uplink and the downlink listeners (`tcp`, `tls`, `quic`).
+    pub legs: [&'static str; 2],
     pub allow_loopback: bool,
     pub session: SessionConfig,
     pub limits: ServerLimits,
@@ -32,7 +33,7 @@ pub struct Opts {
 impl Default for Opts {
     fn default() -> Self {
         Self {
-            scheme: "tls",
+            legs: ["tls", "tls"],
             allow_loopback: true,
             session: SessionConfig::default(),
             limits: ServerLimits {
@@ -90,16 +91,17 @@ pub async fn start(opts: Opts) -> Harness {
     let (server_keys, server_public) = keys();
     let (user_keys, user_public) = keys();
     let (other_user_keys, other_public) = keys();
-    let scheme = match opts.scheme {
-        "tcp" => halfpipe::leg_url::Scheme::Tcp,
-        _ => halfpipe::leg_url::Scheme::Tls,
-    };
-    let leg = || LegUrl {
-        scheme,
+    let leg = |scheme: &str| LegUrl {
+        scheme: match scheme {
+            "tcp" => halfpipe::leg_url::Scheme::Tcp,
+            "tls" => halfpipe::leg_url::Scheme::Tls,
+            "quic" => halfpipe::leg_url::Scheme::Quic,
+            other => panic!("no scheme {other}"),
+        },
         host: "127.0.0.1".into(),
         port: 0,
     };
-    let listen = vec![leg(), leg()];
+    let listen = vec![leg(opts.legs[0]), leg(opts.legs[1])];
     let allow = if opts.allow_loopback {
         vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()]
     } else {
@@ -107,7 +109,10 @@ pub async fn start(opts: Opts) -> Harness {
     };
     let server = Server::bind(ServerSettings {
         listen,
-        tls: Some(halfpipe::tls::server_config(&cert_path, &key_path).unwrap()),
+        transport: ListenSettings {
+            tls: Some(halfpipe::tls::server_config(&cert_path, &key_path).unwrap()),
+            quic: QuicOptions::default(),
+        },
         keys: server_keys,
         users: vec![
             User {
@@ -137,7 +142,10 @@ pub async fn start(opts: Opts) -> Harness {
     let exit = Exit::new(ExitSettings {
         uplink: urls[0].clone(),
         downlink: urls[1].clone(),
-        tls: tls.clone(),
+        transport: DialSettings {
+            tls: tls.clone(),
+            quic: QuicOptions::default(),
+        },
         keys: user_keys.clone(),
         server_public,
         dial_timeout: Duration::from_secs(5),
