@@ -128,6 +128,23 @@ pub async fn wait_listening(name: &str, addr: SocketAddr) -> Result<(), BenchErr
     Err(BenchError::NotReady(name.to_owned()))
 }
 
+/// Waits until a SOCKS5 connect through `socks` to `target` succeeds (the whole tunnel is
+/// up, whatever its transports).
+pub async fn wait_tunnel(
+    name: &str,
+    socks: SocketAddr,
+    target: SocketAddr,
+) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if connect(Some(socks), target).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(BenchError::NotReady(name.to_owned()))
+}
+
 /// Spawns a child process with output discarded (logs go to `log`).
 pub fn spawn(program: &PathBuf, args: &[String], log: &PathBuf) -> Result<Child, BenchError> {
     let log_file =

@@ -74,7 +74,8 @@ enum Command {
         /// Keep the state directory and the logs of the systems under test.
         #[arg(long)]
         keep: bool,
-        /// Leg transports to measure (one tunnel per scheme).
+        /// Leg transports to measure, one tunnel each: tls, tcp, quic, or an uplink+downlink
+        /// pair such as quic+tls.
         #[arg(long, value_delimiter = ',', default_value = "tls")]
         legs: Vec<String>,
     },
@@ -302,12 +303,17 @@ fn find_program(name: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-async fn start_halfpipe(dir: &Path, scheme: &str) -> Result<System> {
-    if !matches!(scheme, "tls" | "tcp") {
-        bail!("--legs takes tls or tcp, not {scheme:?}");
+/// Starts a tunnel whose legs are `legs`: one scheme for both (`quic`) or an
+/// uplink+downlink pair (`quic+tls`).
+async fn start_halfpipe(dir: &Path, legs: &str, target: std::net::SocketAddr) -> Result<System> {
+    let (up, down) = legs.split_once('+').unwrap_or((legs, legs));
+    for s in [up, down] {
+        if !matches!(s, "tls" | "tcp" | "quic") {
+            bail!("--legs takes tls, tcp, quic or a pair such as quic+tls, not {legs:?}");
+        }
     }
     let ports = Ports::pick([0, 0, 0, 0])?;
-    quickstart::prepare_with(dir, ports, scheme)?;
+    quickstart::prepare_with(dir, ports, [up, down])?;
     let exe = std::env::current_exe()?;
     let client = bench::spawn(
         &exe,
@@ -329,12 +335,16 @@ async fn start_halfpipe(dir: &Path, scheme: &str) -> Result<System> {
     )?;
     let socks = ([127, 0, 0, 1], ports.socks).into();
     let sys = System {
-        name: format!("halfpipe ({scheme} legs)"),
+        name: if up == down {
+            format!("halfpipe ({up} legs)")
+        } else {
+            format!("halfpipe ({up} up, {down} down)")
+        },
         socks: Some(socks),
         children: vec![client, server],
     };
     bench::wait_listening("halfpipe client", socks).await?;
-    bench::wait_listening("halfpipe server", ([127, 0, 0, 1], ports.uplink).into()).await?;
+    bench::wait_tunnel("halfpipe tunnel", socks, target).await?;
     Ok(sys)
 }
 
@@ -397,7 +407,8 @@ async fn run_bench(
     let target = bench::start_target().await?;
     let mut systems = vec![System::direct()];
     for scheme in legs {
-        systems.push(start_halfpipe(&base.join(format!("halfpipe-{scheme}")), scheme).await?);
+        let dir = base.join(format!("halfpipe-{scheme}"));
+        systems.push(start_halfpipe(&dir, scheme, target).await?);
     }
     let tunnels = systems.len();
     if !no_ss {

@@ -117,11 +117,11 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> QuickstartError + '_ {
 /// Creates keys, certificate and configurations in `dir` unless `server.toml` exists,
 /// with `tls://` legs. Returns whether files were created.
 pub fn prepare(dir: &Path, ports: Ports) -> Result<bool, QuickstartError> {
-    prepare_with(dir, ports, "tls")
+    prepare_with(dir, ports, ["tls", "tls"])
 }
 
-/// Like [`prepare`], with the leg scheme given (`tls` or `tcp`).
-pub fn prepare_with(dir: &Path, ports: Ports, scheme: &str) -> Result<bool, QuickstartError> {
+/// Like [`prepare`], with the uplink and downlink schemes given (`tls`, `tcp`, `quic`).
+pub fn prepare_with(dir: &Path, ports: Ports, schemes: [&str; 2]) -> Result<bool, QuickstartError> {
     let state = StateDir {
         dir: dir.to_owned(),
     };
@@ -139,8 +139,8 @@ pub fn prepare_with(dir: &Path, ports: Ports, scheme: &str) -> Result<bool, Quic
     let cert =
         crate::cert::generate_self_signed(&["localhost".into(), "127.0.0.1".into(), "::1".into()])?;
     crate::cert::write_dev_cert(&cert, &dir.join("cert.pem"), &dir.join("cert.key"))?;
-    let up = format!("{scheme}://127.0.0.1:{}", ports.uplink);
-    let down = format!("{scheme}://127.0.0.1:{}", ports.downlink);
+    let up = format!("{}://127.0.0.1:{}", schemes[0], ports.uplink);
+    let down = format!("{}://127.0.0.1:{}", schemes[1], ports.downlink);
     let server = config::server_toml(&ServerTemplate {
         listen: &[up.clone(), down.clone()],
         users: &[("quickstart".into(), encode_key(&user_public))],
