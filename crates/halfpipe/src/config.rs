@@ -25,7 +25,9 @@ use crate::leg_url::LegUrl;
 use crate::server::{ServerLimits, ServerSettings, User};
 use crate::socks5::Socks5Auth;
 use crate::tls::{client_config, server_config, ServerTrust};
-use crate::transport::{DialSettings, ListenSettings, QuicOptions, TlsDialer};
+use crate::transport::{
+    Decoy, DecoyKind, DialSettings, ListenSettings, QuicOptions, TlsDialer, WsOptions,
+};
 
 /// Environment variable overriding the server's private key file.
 pub const ENV_SERVER_KEY: &str = "HALFPIPE_SERVER_PRIVATE_KEY";
@@ -213,6 +215,80 @@ impl<'a> Check<'a> {
         }
     }
 
+    /// The `[ws]` section.
+    fn ws(&mut self, f: &Option<WsFile>, server: bool) -> WsOptions {
+        let d = WsOptions::default();
+        let Some(f) = f else { return d };
+        if server && (f.host.is_some() || !f.headers.is_empty()) {
+            self.err("ws.host", "host and headers are client settings");
+        }
+        let max_message = f.max_message.unwrap_or(d.max_message);
+        if !(64 * 1024..=64 << 20).contains(&max_message) {
+            self.err("ws.max_message", "must be between 65536 and 67108864 bytes");
+        }
+        WsOptions {
+            host: f.host.clone(),
+            headers: f.headers.clone().into_iter().collect(),
+            max_message,
+        }
+    }
+
+    /// The `[decoy]` section.
+    fn decoy(&mut self, f: &Option<DecoyFile>) -> Decoy {
+        let Some(f) = f else { return Decoy::default() };
+        let fixed = f.status.is_some() || f.body.is_some() || f.content_type.is_some();
+        let kind = match (&f.dir, &f.proxy, fixed) {
+            (Some(dir), None, false) => {
+                let dir = self.path(dir);
+                if !dir.is_dir() {
+                    self.err("decoy.dir", format!("{} is not a directory", dir.display()));
+                }
+                DecoyKind::Dir(dir)
+            }
+            (None, Some(up), false) => {
+                let Some(hostport) = up.strip_prefix("http://").map(|r| r.trim_end_matches('/'))
+                else {
+                    self.err(
+                        "decoy.proxy",
+                        "must be http://host:port (the upstream of an ordinary reverse proxy)",
+                    );
+                    return Decoy::default();
+                };
+                DecoyKind::Proxy(hostport.to_owned())
+            }
+            (None, None, _) => {
+                let DecoyKind::Fixed {
+                    status,
+                    content_type,
+                    body,
+                } = DecoyKind::default()
+                else {
+                    unreachable!("the default decoy is fixed")
+                };
+                let status = f.status.unwrap_or(status);
+                if !(100..=599).contains(&status) || status == 101 {
+                    self.err(
+                        "decoy.status",
+                        "must be an HTTP status from 100 to 599 (not 101)",
+                    );
+                }
+                DecoyKind::Fixed {
+                    status,
+                    content_type: f.content_type.clone().unwrap_or(content_type),
+                    body: f.body.clone().unwrap_or(body),
+                }
+            }
+            _ => {
+                self.err(
+                    "decoy",
+                    "choose one decoy: status/content_type/body, dir, or proxy",
+                );
+                DecoyKind::default()
+            }
+        };
+        Decoy::new(kind)
+    }
+
     fn cipher(&mut self, v: &Option<String>) -> CipherSuite {
         match v.as_deref() {
             None | Some("aes-256-gcm") => CipherSuite::Aes256Gcm,
@@ -280,6 +356,8 @@ struct ServerFile {
     cipher: Option<String>,
     tls: Option<ServerTlsFile>,
     quic: Option<QuicFile>,
+    ws: Option<WsFile>,
+    decoy: Option<DecoyFile>,
     #[serde(default)]
     users: Vec<UserFile>,
     #[serde(default)]
@@ -297,6 +375,28 @@ struct QuicFile {
     retry_above: Option<usize>,
     idle_timeout: Option<String>,
     keepalive: Option<String>,
+}
+
+/// `[ws]`: WebSocket legs (`host` and `headers` are the client's).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct WsFile {
+    host: Option<String>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    max_message: Option<usize>,
+}
+
+/// `[decoy]`: what HTTP-based listeners answer to non-legs: a fixed response
+/// (`status`, `content_type`, `body`), a directory (`dir`) or an upstream (`proxy`).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DecoyFile {
+    status: Option<u16>,
+    content_type: Option<String>,
+    body: Option<String>,
+    dir: Option<String>,
+    proxy: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -367,6 +467,8 @@ pub fn server_from_str(
     let psk = c.psk(&f.psk_file);
     let needs_tls = listen.iter().any(|u| u.scheme.uses_tls());
     let quic = c.quic(&f.quic, true);
+    let ws = c.ws(&f.ws, true);
+    let decoy = c.decoy(&f.decoy);
     let tls = match (&f.tls, needs_tls) {
         (Some(t), _) => server_config(&c.path(&t.cert_file), &c.path(&t.key_file))
             .map_err(|e| c.err("tls", e.to_string()))
@@ -479,7 +581,12 @@ pub fn server_from_str(
     };
     let settings = private_key.map(|private_key| ServerSettings {
         listen,
-        transport: ListenSettings { tls, quic },
+        transport: ListenSettings {
+            tls,
+            quic,
+            ws,
+            decoy,
+        },
         keys: HandshakeKeys {
             suite,
             private_key,
@@ -507,6 +614,7 @@ struct ClientFile {
     downlink: String,
     tls: Option<ClientTlsFile>,
     quic: Option<QuicFile>,
+    ws: Option<WsFile>,
     socks5: Option<ProxyInboundFile>,
     http: Option<ProxyInboundFile>,
     #[serde(default)]
@@ -635,6 +743,7 @@ pub fn client_from_str(
         .iter()
         .any(|u| u.as_ref().is_some_and(|u| u.scheme.uses_tls()));
     let quic = c.quic(&f.quic, false);
+    let ws = c.ws(&f.ws, false);
     let tls = if needs_tls {
         let t = f.tls.as_ref();
         let trust = match (
@@ -731,7 +840,7 @@ pub fn client_from_str(
                 exit: ExitSettings {
                     uplink,
                     downlink,
-                    transport: DialSettings { tls, quic },
+                    transport: DialSettings { tls, quic, ws },
                     keys: HandshakeKeys {
                         suite,
                         private_key,

@@ -1,5 +1,5 @@
-//! Leg URLs: `tcp://host:port`, `tls://host:port` and `quic://host:port` (IPv6 in
-//! brackets).
+//! Leg URLs: `tcp://host:port`, `tls://host:port`, `quic://host:port`, and the HTTP-based
+//! `ws://host:port/path` and `wss://host:port/path` (IPv6 in brackets).
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,6 +13,10 @@ pub enum Scheme {
     Tls,
     /// QUIC (TLS 1.3 inside), one bidirectional stream per leg.
     Quic,
+    /// WebSocket over plain HTTP (behind a TLS-terminating proxy or CDN).
+    Ws,
+    /// WebSocket over TLS 1.3.
+    Wss,
 }
 
 impl Scheme {
@@ -22,15 +26,22 @@ impl Scheme {
             Scheme::Tcp => "tcp",
             Scheme::Tls => "tls",
             Scheme::Quic => "quic",
+            Scheme::Ws => "ws",
+            Scheme::Wss => "wss",
         }
+    }
+
+    /// Whether the scheme speaks HTTP (has a path, answers non-legs with a decoy).
+    pub fn is_http(self) -> bool {
+        matches!(self, Scheme::Ws | Scheme::Wss)
     }
 
     /// Whether the transport runs TLS and so needs certificates (server) or trust
     /// settings (client).
     pub fn uses_tls(self) -> bool {
         match self {
-            Scheme::Tcp => false,
-            Scheme::Tls | Scheme::Quic => true,
+            Scheme::Tcp | Scheme::Ws => false,
+            Scheme::Tls | Scheme::Quic | Scheme::Wss => true,
         }
     }
 }
@@ -44,6 +55,8 @@ pub struct LegUrl {
     pub host: String,
     /// Port.
     pub port: u16,
+    /// HTTP path for `ws`/`wss` (starts with `/`); empty for other schemes.
+    pub path: String,
 }
 
 /// A leg URL that could not be parsed.
@@ -59,7 +72,7 @@ pub enum LegUrlError {
     #[error("{0:?} needs a port between 1 and 65535, as in tls://host:8443")]
     Port(String),
     /// A path, query or user part that legs do not use.
-    #[error("{0:?} must be scheme://host:port with nothing after the port")]
+    #[error("{0:?} must be scheme://host:port (ws and wss may add a /path, without ?, # or ..)")]
     Extra(String),
     /// Empty host.
     #[error("{0:?} has an empty host")]
@@ -77,8 +90,18 @@ impl FromStr for LegUrl {
             "tcp" => Scheme::Tcp,
             "tls" => Scheme::Tls,
             "quic" => Scheme::Quic,
+            "ws" => Scheme::Ws,
+            "wss" => Scheme::Wss,
             other => return Err(LegUrlError::Scheme(other.to_owned())),
         };
+        let (rest, path) = match rest.find('/') {
+            Some(i) if scheme.is_http() => (&rest[..i], rest[i..].to_owned()),
+            None if scheme.is_http() => (rest, "/".to_owned()),
+            _ => (rest, String::new()),
+        };
+        if path.contains(['?', '#', ' ']) || path.contains("..") {
+            return Err(LegUrlError::Extra(s.to_owned()));
+        }
         if rest.contains(['/', '?', '#', '@']) {
             return Err(LegUrlError::Extra(s.to_owned()));
         }
@@ -102,6 +125,7 @@ impl FromStr for LegUrl {
             scheme,
             host: host.to_owned(),
             port,
+            path,
         })
     }
 }
@@ -110,9 +134,9 @@ impl fmt::Display for LegUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = self.scheme.name();
         if self.host.contains(':') {
-            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}{}", self.host, self.port, self.path)
         } else {
-            write!(f, "{scheme}://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}{}", self.host, self.port, self.path)
         }
     }
 }
@@ -128,10 +152,22 @@ mod tests {
             "tls://example.com:443",
             "tls://[::1]:8443",
             "quic://example.com:443",
+            "wss://cdn.example.com:443/api/v1/stream",
+            "ws://127.0.0.1:8080/",
         ] {
             assert_eq!(s.parse::<LegUrl>().unwrap().to_string(), s);
         }
         assert_eq!("tls://[::1]:8443".parse::<LegUrl>().unwrap().host, "::1");
+        let ws = "wss://[::1]:443".parse::<LegUrl>().unwrap();
+        assert_eq!((ws.host.as_str(), ws.path.as_str()), ("::1", "/"));
+        assert!(matches!(
+            "tls://h:1/path".parse::<LegUrl>(),
+            Err(LegUrlError::Extra(_))
+        ));
+        assert!(matches!(
+            "wss://h:1/a?b".parse::<LegUrl>(),
+            Err(LegUrlError::Extra(_))
+        ));
     }
 
     #[test]

@@ -52,6 +52,9 @@ data_plane_suite! {
     quic: "quic" / "quic";
     quic_up_tls_down: "quic" / "tls";
     tls_up_quic_down: "tls" / "quic";
+    ws: "ws" / "ws";
+    wss: "wss" / "wss";
+    wss_up_quic_down: "wss" / "quic";
 }
 
 async fn sixty_four_streams_each_way_hash_identical(opts: Opts) {

@@ -1,8 +1,10 @@
 //! Leg transports: dial or accept an ordered, reliable byte pipe for one leg.
 //!
 //! Each scheme has its own module: [`tcp`] (`tcp://` plain TCP, for use behind a
-//! TLS-terminating balancer, and `tls://` TCP + TLS 1.3 through [`crate::tls_stream`]) and
-//! [`quic`] (`quic://`, one QUIC connection with one bidirectional stream per leg). The
+//! TLS-terminating balancer, and `tls://` TCP + TLS 1.3 through [`crate::tls_stream`]),
+//! [`quic`] (`quic://`, one QUIC connection with one bidirectional stream per leg) and
+//! [`ws`] (`ws://`/`wss://`, a WebSocket through proxies and CDNs, with a [`decoy`] for
+//! everything that is not a leg). The
 //! Noise layer above encrypts end to end whatever the transport. Every TCP socket gets
 //! TCP_NODELAY and keepalive; dials and transport handshakes run under a timeout.
 //!
@@ -10,8 +12,10 @@
 //! [`Upgrade`] future that runs the transport's own handshake, so the server can count
 //! and time-limit handshakes in flight before spending anything on them.
 
+pub mod decoy;
 pub mod quic;
 pub mod tcp;
+pub mod ws;
 
 use std::future::Future;
 use std::io;
@@ -24,7 +28,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::leg_url::{LegUrl, Scheme};
+pub use decoy::{Decoy, DecoyKind};
 pub use quic::{Congestion, QuicOptions};
+pub use ws::WsOptions;
 
 /// Any byte pipe a leg can run over.
 pub trait LegIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -118,6 +124,8 @@ pub struct DialSettings {
     pub tls: Option<TlsDialer>,
     /// QUIC tuning.
     pub quic: QuicOptions,
+    /// WebSocket request settings (Host header, extra headers, message cap).
+    pub ws: WsOptions,
 }
 
 /// Everything a server needs to listen on any leg URL.
@@ -127,6 +135,10 @@ pub struct ListenSettings {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// QUIC tuning.
     pub quic: QuicOptions,
+    /// WebSocket settings (message cap).
+    pub ws: WsOptions,
+    /// What HTTP-based listeners answer to anything that is not a leg.
+    pub decoy: Decoy,
 }
 
 /// Sets the options every TCP socket of ours carries.
@@ -149,12 +161,14 @@ pub async fn dial(
     match url.scheme {
         Scheme::Tcp | Scheme::Tls => tcp::dial(url, settings.tls.as_ref(), timeout).await,
         Scheme::Quic => quic::dial(url, settings, timeout).await,
+        Scheme::Ws | Scheme::Wss => ws::dial(url, settings, timeout).await,
     }
 }
 
 enum Inner {
     Tcp(tcp::TcpLegListener),
     Quic(quic::QuicLegListener),
+    Ws(ws::WsLegListener),
 }
 
 /// A bound leg listener of any scheme.
@@ -183,6 +197,10 @@ impl LegListener {
                 tls.expect("quic uses TLS"),
                 &settings.quic,
             )?),
+            Scheme::Ws | Scheme::Wss => Inner::Ws(
+                ws::WsLegListener::bind(url, tls, settings.decoy.clone(), settings.ws.clone())
+                    .await?,
+            ),
         };
         Ok(Self {
             url: url.clone(),
@@ -195,6 +213,7 @@ impl LegListener {
         match &self.inner {
             Inner::Tcp(l) => l.local_addr(),
             Inner::Quic(l) => l.local_addr(),
+            Inner::Ws(l) => l.local_addr(),
         }
     }
 
@@ -213,6 +232,7 @@ impl LegListener {
         match &self.inner {
             Inner::Tcp(l) => l.accept().await,
             Inner::Quic(l) => l.accept().await,
+            Inner::Ws(l) => l.accept().await,
         }
     }
 }

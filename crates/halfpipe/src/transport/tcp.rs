@@ -9,13 +9,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{tune_socket, BoxedLeg, TlsDialer, TransportError, Upgrade};
 use crate::leg_url::{LegUrl, Scheme};
+use crate::tls_stream::ClientTlsStream;
 
-/// Dials `url` over TCP, with TLS when the scheme asks for it.
-pub async fn dial(
-    url: &LegUrl,
-    tls: Option<&TlsDialer>,
-    timeout: Duration,
-) -> Result<BoxedLeg, TransportError> {
+/// Opens a TCP connection to `url`'s host and port, tuned.
+pub async fn connect(url: &LegUrl, timeout: Duration) -> Result<TcpStream, TransportError> {
     let addr = format!("{}:{}", url.host, url.port);
     let tcp = match tokio::time::timeout(timeout, TcpStream::connect(&addr)).await {
         Err(_) => {
@@ -37,9 +34,16 @@ pub async fn dial(
         url: url.to_string(),
         source,
     })?;
-    if url.scheme == Scheme::Tcp {
-        return Ok(Box::new(tcp));
-    }
+    Ok(tcp)
+}
+
+/// Runs a TLS client handshake for `url` over `tcp`.
+pub async fn tls_client(
+    url: &LegUrl,
+    tls: Option<&TlsDialer>,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> Result<ClientTlsStream, TransportError> {
     let tls = tls.ok_or_else(|| TransportError::TlsNotConfigured(url.to_string()))?;
     let name = tls.name_for(url)?;
     let handshake = crate::tls_stream::connect(tls.config.clone(), name, tcp);
@@ -53,8 +57,21 @@ pub async fn dial(
             url: url.to_string(),
             source,
         }),
-        Ok(Ok(s)) => Ok(Box::new(s)),
+        Ok(Ok(s)) => Ok(s),
     }
+}
+
+/// Dials `url` over TCP, with TLS when the scheme asks for it.
+pub async fn dial(
+    url: &LegUrl,
+    tls: Option<&TlsDialer>,
+    timeout: Duration,
+) -> Result<BoxedLeg, TransportError> {
+    let tcp = connect(url, timeout).await?;
+    if url.scheme == Scheme::Tcp {
+        return Ok(Box::new(tcp));
+    }
+    Ok(Box::new(tls_client(url, tls, tcp, timeout).await?))
 }
 
 /// A TCP listener, upgrading accepted connections to TLS when configured.
@@ -84,10 +101,16 @@ impl TcpLegListener {
         self.tcp.local_addr()
     }
 
-    /// Accepts a TCP connection; the upgrade runs the TLS handshake if any.
-    pub async fn accept(&self) -> io::Result<(SocketAddr, Upgrade)> {
+    /// Accepts a tuned TCP connection.
+    pub async fn accept_tcp(&self) -> io::Result<(TcpStream, SocketAddr)> {
         let (s, peer) = self.tcp.accept().await?;
         tune_socket(&s)?;
+        Ok((s, peer))
+    }
+
+    /// Accepts a TCP connection; the upgrade runs the TLS handshake if any.
+    pub async fn accept(&self) -> io::Result<(SocketAddr, Upgrade)> {
+        let (s, peer) = self.accept_tcp().await?;
         let tls = self.tls.clone();
         let upgrade: Upgrade = Box::pin(async move {
             match tls {

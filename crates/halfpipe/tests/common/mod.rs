@@ -11,7 +11,7 @@ use halfpipe::client::{serve_inbound, Exit, ExitSettings, Inbound};
 use halfpipe::egress::EgressPolicy;
 use halfpipe::leg_url::LegUrl;
 use halfpipe::server::{Server, ServerHandle, ServerLimits, ServerSettings, User};
-use halfpipe::transport::{DialSettings, ListenSettings, QuicOptions, TlsDialer};
+use halfpipe::transport::{DialSettings, ListenSettings, TlsDialer};
 use halfpipe_core::handshake::{generate_keypair, HandshakeKeys};
 use halfpipe_core::record::CipherSuite;
 use halfpipe_core::session::SessionConfig;
@@ -96,10 +96,17 @@ pub async fn start(opts: Opts) -> Harness {
             "tcp" => halfpipe::leg_url::Scheme::Tcp,
             "tls" => halfpipe::leg_url::Scheme::Tls,
             "quic" => halfpipe::leg_url::Scheme::Quic,
+            "ws" => halfpipe::leg_url::Scheme::Ws,
+            "wss" => halfpipe::leg_url::Scheme::Wss,
             other => panic!("no scheme {other}"),
         },
         host: "127.0.0.1".into(),
         port: 0,
+        path: if scheme.starts_with("ws") {
+            "/hp".into()
+        } else {
+            String::new()
+        },
     };
     let listen = vec![leg(opts.legs[0]), leg(opts.legs[1])];
     let allow = if opts.allow_loopback {
@@ -111,7 +118,7 @@ pub async fn start(opts: Opts) -> Harness {
         listen,
         transport: ListenSettings {
             tls: Some(halfpipe::tls::server_config(&cert_path, &key_path).unwrap()),
-            quic: QuicOptions::default(),
+            ..ListenSettings::default()
         },
         keys: server_keys,
         users: vec![
@@ -144,7 +151,7 @@ pub async fn start(opts: Opts) -> Harness {
         downlink: urls[1].clone(),
         transport: DialSettings {
             tls: tls.clone(),
-            quic: QuicOptions::default(),
+            ..DialSettings::default()
         },
         keys: user_keys.clone(),
         server_public,
