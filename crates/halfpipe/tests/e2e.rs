@@ -548,3 +548,88 @@ async fn handshakes_in_flight_are_capped_and_the_slot_frees_at_the_timeout() {
     let verdict = verdict_on(&h, leg, &h.user_keys, SessionId::random(), 1).await;
     assert_eq!(verdict, HelloStatus::Accepted);
 }
+
+/// Sends `probe` to `addr` (plain TCP) and returns everything that comes back before the
+/// server closes (bounded wait).
+async fn probe_reply<S>(mut s: S, probe: &[u8]) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    s.write_all(probe).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the server neither answered nor closed");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_probes_get_the_decoy_and_nothing_else() {
+    let h = start(Opts {
+        legs: ["ws", "wss"],
+        ..Opts::default()
+    })
+    .await;
+    let ws = (h.urls[0].host.clone(), h.urls[0].port);
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let upgrade = |path: &str, key: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n").into_bytes()
+    };
+    let plain = |b: &[u8]| b.to_vec();
+    let decoy = probe_reply(
+        TcpStream::connect(ws.clone()).await.unwrap(),
+        b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&decoy);
+    assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"), "{text}");
+    assert!(
+        text.contains("nginx") && !text.to_lowercase().contains("halfpipe"),
+        "{text}"
+    );
+    let probes = [
+        plain(b"GET /hp HTTP/1.1\r\nHost: example.com\r\n\r\n"),
+        upgrade("/hp", "c2hvcnQ="), // a key that is not 16 bytes
+        upgrade("/hp", "%%%not-base64%%%"),
+        upgrade("/elsewhere", key),
+        plain(b"POST /hp HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"),
+        plain(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03 random bytes\r\n\r\n"),
+    ];
+    for p in &probes {
+        let got = probe_reply(TcpStream::connect(ws.clone()).await.unwrap(), p).await;
+        assert_eq!(
+            got,
+            decoy,
+            "probe {:?} got a different reply",
+            String::from_utf8_lossy(p)
+        );
+    }
+    // Over TLS (the wss listener), the same decoy.
+    let url = &h.urls[1];
+    let tcp = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(h.tls.clone().unwrap().config);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let got = probe_reply(tls, b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n").await;
+    assert_eq!(got, decoy, "wss decoy differs");
+    // A valid upgrade on the leg path that never authenticates: the 101, then silence
+    // until the handshake deadline, then the connection closes.
+    let got = probe_reply(
+        TcpStream::connect(ws.clone()).await.unwrap(),
+        &upgrade("/hp", key),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 101 Switching Protocols\r\n") && text.ends_with("\r\n\r\n"),
+        "{text}"
+    );
+    // The tunnel is unaffected.
+    let echo = echo_server().await;
+    let (code, s) = socks_connect(h.socks, &TargetAddr::Ip(echo)).await;
+    assert_eq!(code, 0);
+    let (sent, got, n) = echo_transfer(s, MIB, 5).await;
+    assert_eq!((sent, n), (got, MIB));
+}

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -158,6 +158,7 @@ pub async fn dial(
             _conn: conn,
             send,
             recv,
+            finished: false,
         }) as BoxedLeg)
     };
     match tokio::time::timeout(timeout, connect).await {
@@ -266,6 +267,7 @@ impl QuicLegListener {
                     _conn: conn,
                     send,
                     recv,
+                    finished: false,
                 }) as BoxedLeg)
             });
             return Ok((peer, upgrade));
@@ -273,12 +275,37 @@ impl QuicLegListener {
     }
 }
 
+/// How long a closed leg's connection lingers for the peer to acknowledge the last bytes.
+const LINGER: Duration = Duration::from_secs(5);
+
 /// One leg: the stream halves, and the connection (and client endpoint) kept alive.
 struct QuicLeg {
     _endpoint: Option<Endpoint>,
     _conn: Connection,
     send: SendStream,
     recv: RecvStream,
+    /// The send side was finished cleanly (shutdown), so the last bytes deserve delivery.
+    finished: bool,
+}
+
+impl Drop for QuicLeg {
+    fn drop(&mut self) {
+        // Dropping the connection would discard unacknowledged data: after a clean
+        // shutdown, keep it (and the endpoint) until the peer has everything, bounded.
+        if !self.finished {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let acked = self.send.stopped();
+        let conn = self._conn.clone();
+        let endpoint = self._endpoint.take();
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(LINGER, acked).await;
+            drop((conn, endpoint));
+        });
+    }
 }
 
 impl AsyncRead for QuicLeg {
@@ -307,6 +334,120 @@ impl AsyncWrite for QuicLeg {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().send).poll_shutdown(cx)
+        let this = self.get_mut();
+        let r = ready!(Pin::new(&mut this.send).poll_shutdown(cx));
+        this.finished = r.is_ok();
+        Poll::Ready(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::TlsDialer;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A dev certificate: the server config and a CA-file client dialer.
+    fn certs() -> (Arc<rustls::ServerConfig>, TlsDialer) {
+        let dir = std::env::temp_dir().join(format!(
+            "hp-quic-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = crate::cert::generate_self_signed(&["localhost".into()]).unwrap();
+        let (c, k) = (dir.join("cert.pem"), dir.join("cert.key"));
+        crate::cert::write_dev_cert(&cert, &c, &k).unwrap();
+        let server = crate::tls::server_config(&c, &k).unwrap();
+        let client = crate::tls::client_config(&crate::tls::ServerTrust::CaFile(c)).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let dialer = TlsDialer {
+            config: client,
+            server_name: Some("localhost".into()),
+        };
+        (server, dialer)
+    }
+
+    fn url(port: u16) -> LegUrl {
+        format!("quic://127.0.0.1:{port}").parse().unwrap()
+    }
+
+    /// Echoes one 5-byte message per accepted leg.
+    async fn serve_echo(l: Arc<QuicLegListener>) {
+        while let Ok((_, upgrade)) = l.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut leg) = upgrade.await {
+                    let mut buf = [0u8; 5];
+                    if leg.read_exact(&mut buf).await.is_ok() {
+                        let _ = leg.write_all(&buf).await;
+                        let _ = leg.shutdown().await;
+                    }
+                }
+            });
+        }
+    }
+
+    async fn round_trip(port: u16, settings: &DialSettings) -> Result<Vec<u8>, TransportError> {
+        let mut leg = dial(&url(port), settings, Duration::from_secs(5)).await?;
+        leg.write_all(b"hello").await.unwrap();
+        let mut out = Vec::new();
+        leg.read_to_end(&mut out).await.unwrap();
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn retry_under_pressure_then_wrong_alpn_and_wrong_pin_refused() {
+        let (server_tls, dialer) = certs();
+        // retry_above = 0: every new peer must prove its address first.
+        let strict = QuicOptions {
+            retry_above: 0,
+            ..QuicOptions::default()
+        };
+        let bind = |o: &QuicOptions| {
+            let mut u = url(1);
+            u.port = 0; // any free port
+            Arc::new(QuicLegListener::bind(&u, server_tls.clone(), o).unwrap())
+        };
+        let l = bind(&strict);
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(serve_echo(l.clone()));
+        let settings = DialSettings {
+            tls: Some(dialer.clone()),
+            ..DialSettings::default()
+        };
+        assert_eq!(round_trip(port, &settings).await.unwrap(), b"hello");
+        assert!(
+            l.retries_sent() >= 1,
+            "a Retry was sent and the client passed it"
+        );
+
+        // The default threshold: no Retry for a lone handshake.
+        let relaxed = bind(&QuicOptions::default());
+        let port = relaxed.local_addr().unwrap().port();
+        tokio::spawn(serve_echo(relaxed.clone()));
+        assert_eq!(round_trip(port, &settings).await.unwrap(), b"hello");
+        assert_eq!(relaxed.retries_sent(), 0);
+
+        // A client offering another ALPN is refused in the TLS handshake.
+        let mut wrong = settings.clone();
+        wrong.quic.alpn = "halfpipe-probe".into();
+        let e = round_trip(port, &wrong).await.unwrap_err().to_string();
+        assert!(e.contains("protocol"), "{e}");
+
+        // A wrong pin is refused with a clear error.
+        use base64::Engine;
+        let bad_pin = format!(
+            "sha256/{}",
+            base64::engine::general_purpose::STANDARD.encode([9u8; 32])
+        );
+        let pinned = DialSettings {
+            tls: Some(TlsDialer {
+                config: crate::tls::client_config(&crate::tls::ServerTrust::Pin(bad_pin)).unwrap(),
+                server_name: Some("localhost".into()),
+            }),
+            ..DialSettings::default()
+        };
+        let e = round_trip(port, &pinned).await.unwrap_err().to_string();
+        assert!(e.contains("pin mismatch"), "{e}");
     }
 }
