@@ -24,7 +24,7 @@ use crate::keyfile::{decode_key, decode_public, read_private_key};
 use crate::leg_url::LegUrl;
 use crate::server::{ServerLimits, ServerSettings, User};
 use crate::socks5::Socks5Auth;
-use crate::tls::{client_config, server_config, ServerTrust};
+use crate::tls::{client_config_with, server_config_with, ServerTrust};
 use crate::transport::{
     Decoy, DecoyKind, DialSettings, ListenSettings, QuicOptions, TlsDialer, WsOptions,
 };
@@ -404,6 +404,8 @@ struct DecoyFile {
 struct ServerTlsFile {
     cert_file: String,
     key_file: String,
+    /// Mutual TLS: clients must present a certificate from this PEM file.
+    client_ca_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -470,9 +472,16 @@ pub fn server_from_str(
     let ws = c.ws(&f.ws, true);
     let decoy = c.decoy(&f.decoy);
     let tls = match (&f.tls, needs_tls) {
-        (Some(t), _) => server_config(&c.path(&t.cert_file), &c.path(&t.key_file))
+        (Some(t), _) => {
+            let client_ca = t.client_ca_file.as_ref().map(|p| c.path(p));
+            server_config_with(
+                &c.path(&t.cert_file),
+                &c.path(&t.key_file),
+                client_ca.as_deref(),
+            )
             .map_err(|e| c.err("tls", e.to_string()))
-            .ok(),
+            .ok()
+        }
         (None, true) => {
             c.err("tls", "a tls:// or quic:// listener needs a [tls] section with cert_file and key_file ('halfpipe cert gen' makes a development pair)");
             None
@@ -629,6 +638,12 @@ struct ClientTlsFile {
     server_name: Option<String>,
     ca_file: Option<String>,
     pin: Option<String>,
+    /// No certificate check at all (warned about at every start).
+    #[serde(default)]
+    insecure: bool,
+    /// Client certificate for servers that require mutual TLS (with `key_file`).
+    cert_file: Option<String>,
+    key_file: Option<String>,
 }
 
 /// `[socks5]` and `[http]`: a local proxy listener with optional credentials.
@@ -746,21 +761,43 @@ pub fn client_from_str(
     let ws = c.ws(&f.ws, false);
     let tls = if needs_tls {
         let t = f.tls.as_ref();
+        let insecure = t.is_some_and(|t| t.insecure);
         let trust = match (
             t.and_then(|t| t.ca_file.as_ref()),
             t.and_then(|t| t.pin.as_ref()),
+            insecure,
         ) {
-            (Some(_), Some(_)) => {
+            (Some(_), Some(_), _) => {
                 c.err("tls", "set ca_file or pin, not both");
                 None
             }
-            (Some(ca), None) => Some(ServerTrust::CaFile(c.path(ca))),
-            (None, Some(pin)) => Some(ServerTrust::Pin(pin.clone())),
-            (None, None) => Some(ServerTrust::WebRoots),
+            (Some(_), _, true) | (_, Some(_), true) => {
+                c.err("tls.insecure", "insecure = true turns certificate checks off; it cannot be combined with ca_file or pin");
+                None
+            }
+            (Some(ca), None, false) => Some(ServerTrust::CaFile(c.path(ca))),
+            (None, Some(pin), false) => Some(ServerTrust::Pin(pin.clone())),
+            (None, None, true) => Some(ServerTrust::Insecure),
+            (None, None, false) => Some(ServerTrust::WebRoots),
+        };
+        let identity = match (
+            t.and_then(|t| t.cert_file.as_ref()),
+            t.and_then(|t| t.key_file.as_ref()),
+        ) {
+            (Some(cert), Some(key)) => Some((c.path(cert), c.path(key))),
+            (None, None) => None,
+            _ => {
+                c.err(
+                    "tls.cert_file",
+                    "cert_file and key_file go together (the client certificate for mutual TLS)",
+                );
+                None
+            }
         };
         let server_name = t.and_then(|t| t.server_name.clone());
         trust.and_then(|trust| {
-            client_config(&trust)
+            let ids = identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+            client_config_with(&trust, ids)
                 .map(|config| TlsDialer {
                     config,
                     server_name,

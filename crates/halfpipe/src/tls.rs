@@ -44,6 +44,9 @@ pub enum TlsError {
     /// A certificate that cannot be parsed.
     #[error("certificate cannot be parsed: {0}")]
     BadCertificate(String),
+    /// The client CA file cannot serve for client authentication.
+    #[error("client_ca_file cannot verify client certificates: {0}")]
+    ClientAuth(String),
 }
 
 /// How a client trusts the server's certificate.
@@ -55,6 +58,8 @@ pub enum ServerTrust {
     CaFile(PathBuf),
     /// SHA-256 of the server certificate's SubjectPublicKeyInfo, `sha256/<base64>`.
     Pin(String),
+    /// No certificate check (`insecure = true`): warned about at every start.
+    Insecure,
 }
 
 /// ring's provider with TLS 1.3 AES-128-GCM first. The outer TLS layer hides the leg and
@@ -86,22 +91,52 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 /// The server configuration from a certificate chain and a private key (PEM, key 0600).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_config_with(cert, key, None)
+}
+
+/// Reads a PEM private key (refused when others can read the file).
+fn read_key(key: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     check_private_permissions(key)?;
-    let certs = read_certs(cert)?;
     let f = fs::File::open(key).map_err(|source| TlsError::Io {
         path: key.to_owned(),
         source,
     })?;
-    let key_der: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut BufReader::new(f))
+    rustls_pemfile::private_key(&mut BufReader::new(f))
         .map_err(|source| TlsError::Io {
             path: key.to_owned(),
             source,
         })?
-        .ok_or_else(|| TlsError::EmptyPem(key.to_owned()))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(certs, key_der)?;
+        .ok_or_else(|| TlsError::EmptyPem(key.to_owned()))
+}
+
+/// Like [`server_config`]; with `client_ca`, mutual TLS: clients must present a
+/// certificate issued by (or equal to) one in that PEM file, or the handshake fails.
+pub fn server_config_with(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let key_der = read_key(key)?;
+    let certs = read_certs(cert)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in read_certs(ca)? {
+                roots.add(c)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .map_err(|e| TlsError::ClientAuth(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder.with_single_cert(certs, key_der)?;
     // Legs never resume TLS sessions (each leg authenticates in its Noise handshake).
     cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
@@ -109,31 +144,54 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
 
 /// The client configuration for a trust choice.
 pub fn client_config(trust: &ServerTrust) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    client_config_with(trust, None)
+}
+
+/// Like [`client_config`]; with `identity` (certificate chain, key), the client presents
+/// a certificate to servers that require mutual TLS.
+pub fn client_config_with(
+    trust: &ServerTrust,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let cfg = match trust {
-        ServerTrust::WebRoots => {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-        ServerTrust::CaFile(path) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in read_certs(path)? {
-                roots.add(c)?;
+    let roots = |extra: Option<&Path>| -> Result<rustls::RootCertStore, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        match extra {
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+            Some(path) => {
+                for c in read_certs(path)? {
+                    roots.add(c)?;
+                }
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
         }
-        ServerTrust::Pin(pin) => {
-            let want = parse_pin(pin)?;
+        Ok(roots)
+    };
+    let builder = match trust {
+        ServerTrust::WebRoots => builder.with_root_certificates(roots(None)?),
+        ServerTrust::CaFile(path) => builder.with_root_certificates(roots(Some(path))?),
+        ServerTrust::Pin(pin) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinVerifier {
+                want: Some(parse_pin(pin)?),
+                algorithms: provider().signature_verification_algorithms,
+            })),
+        ServerTrust::Insecure => {
+            tracing::warn!(
+                target: "security",
+                "TLS certificate checks are OFF (insecure = true): anyone on the path can impersonate the exit's TLS layer; set ca_file or pin"
+            );
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(PinVerifier {
-                    want,
+                    want: None,
                     algorithms: provider().signature_verification_algorithms,
                 }))
-                .with_no_client_auth()
         }
+    };
+    let cfg = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder.with_client_auth_cert(read_certs(cert)?, read_key(key)?)?,
     };
     Ok(Arc::new(cfg))
 }
@@ -163,11 +221,12 @@ pub fn spki_pin(cert_der: &[u8]) -> Result<String, TlsError> {
     ))
 }
 
-/// Accepts exactly the certificate whose public key matches the pin; the TLS 1.3 handshake
-/// signature is still verified with that key.
+/// Accepts exactly the certificate whose public key matches the pin (or, without a pin,
+/// any certificate: the explicit insecure mode); the TLS 1.3 handshake signature is still
+/// verified with the presented key.
 #[derive(Debug)]
 struct PinVerifier {
-    want: [u8; 32],
+    want: Option<[u8; 32]>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -180,8 +239,11 @@ impl ServerCertVerifier for PinVerifier {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(want) = self.want else {
+            return Ok(ServerCertVerified::assertion());
+        };
         let got = spki_pin(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
-        let want = format!("sha256/{}", B64.encode(self.want));
+        let want = format!("sha256/{}", B64.encode(want));
         if got == want {
             Ok(ServerCertVerified::assertion())
         } else {
@@ -289,6 +351,72 @@ mod tests {
         // Malformed pins are refused before any connection.
         assert!(matches!(parse_pin("md5/abc"), Err(TlsError::BadPin(_))));
         assert!(matches!(parse_pin("sha256/AAAA"), Err(TlsError::BadPin(_))));
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_refuses_a_client_without_a_certificate() {
+        let dir = std::env::temp_dir().join(format!(
+            "hp-mtls-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str| {
+            let cert = crate::cert::generate_self_signed(&["localhost".into()]).unwrap();
+            let (c, k) = (
+                dir.join(format!("{name}.pem")),
+                dir.join(format!("{name}.key")),
+            );
+            crate::cert::write_dev_cert(&cert, &c, &k).unwrap();
+            (c, k)
+        };
+        let (server_cert, server_key) = write("server");
+        let (client_cert, client_key) = write("client");
+        let (stranger_cert, stranger_key) = write("stranger");
+        let cfg = server_config_with(&server_cert, &server_key, Some(&client_cert)).unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let cfg = cfg.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut t) = crate::tls_stream::accept(cfg, s).await {
+                        let _ = t.write_all(b"ok").await;
+                        let _ = t.shutdown().await;
+                    }
+                });
+            }
+        });
+        let trust = ServerTrust::CaFile(server_cert.clone());
+        let attempt = |identity: Option<(PathBuf, PathBuf)>| {
+            let trust = trust.clone();
+            async move {
+                let ids = identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+                let cfg = client_config_with(&trust, ids).unwrap();
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let name = ServerName::try_from("localhost").unwrap();
+                let mut s = crate::tls_stream::connect(cfg, name, tcp)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut out = Vec::new();
+                s.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(out)
+            }
+        };
+        assert_eq!(
+            attempt(Some((client_cert, client_key))).await.unwrap(),
+            b"ok"
+        );
+        let e = attempt(None).await.unwrap_err();
+        assert!(e.to_lowercase().contains("certificate"), "{e}");
+        assert!(attempt(Some((stranger_cert, stranger_key))).await.is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn insecure_mode_accepts_an_unknown_certificate() {
+        let (addr, _cert, _pin) = dev_server().await;
+        assert_eq!(fetch(addr, &ServerTrust::Insecure).await.unwrap(), b"ok");
     }
 
     #[test]

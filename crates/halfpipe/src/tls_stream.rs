@@ -18,7 +18,9 @@ use std::task::{ready, Context, Poll};
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::pki_types::ServerName;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, UnbufferedStatus, WriteTraffic,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -335,12 +337,24 @@ impl<C: TlsSide> TlsStream<C> {
     }
 
     async fn handshake(mut self) -> io::Result<Self> {
+        match self.drive_handshake().await {
+            Ok(()) => Ok(self),
+            Err(e) => {
+                // Tell the peer why (rustls queues a fatal alert), best effort.
+                while let Ok(Step::Send) = self.step(None) {}
+                let _ = self.flush_outgoing().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn drive_handshake(&mut self) -> io::Result<()> {
         loop {
             match self.step(None)? {
                 Step::Data | Step::Send => {}
                 Step::Writable => {
                     self.flush_outgoing().await?;
-                    return Ok(self);
+                    return Ok(());
                 }
                 Step::NeedInput => {
                     self.flush_outgoing().await?;
@@ -368,6 +382,48 @@ impl<C: TlsSide> TlsStream<C> {
         self.io.flush().await
     }
 
+    /// Drives the state machine (keeping records that arrive for the reader, queueing
+    /// housekeeping records) until application data may be written, then runs `write`.
+    fn with_write_traffic(
+        &mut self,
+        write: impl FnOnce(&mut WriteTraffic<'_, C::Data>, &mut Outgoing) -> Result<(), EncryptError>,
+    ) -> io::Result<()> {
+        let mut write = Some(write);
+        loop {
+            let UnbufferedStatus { mut discard, state } = self.conn.process(self.incoming.window());
+            let mut done = false;
+            match state.map_err(tls_err)? {
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    if let Some(write) = write.take() {
+                        write(&mut traffic, &mut self.outgoing).map_err(tls_err)?;
+                    }
+                    done = true;
+                }
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    // Records that arrived while writing: keep them for the reader.
+                    while let Some(record) = traffic.next_record() {
+                        let record = record.map_err(tls_err)?;
+                        discard += record.discard;
+                        self.plain.push(record.payload);
+                    }
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    self.outgoing
+                        .append(|out| encode.encode(out), encode_need)
+                        .map_err(tls_err)?;
+                }
+                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                ConnectionState::PeerClosed => self.peer_closed = true,
+                ConnectionState::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
+                _ => return Err(tls_err("TLS connection cannot send now")),
+            }
+            self.incoming.discard(discard);
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
     /// Sends queued housekeeping records if the socket takes them now; never blocks
     /// the read side on the write side.
     fn try_flush(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
@@ -389,6 +445,9 @@ impl<C: TlsSide> AsyncRead for TlsStream<C> {
             this.plain.take_into(buf);
             return Poll::Ready(Ok(()));
         }
+        if this.peer_closed {
+            return Poll::Ready(Ok(())); // close_notify seen (rustls reports it only once)
+        }
         let before = buf.filled().len();
         loop {
             match this.step(Some(buf))? {
@@ -406,14 +465,16 @@ impl<C: TlsSide> AsyncRead for TlsStream<C> {
                     }
                     let n = ready!(this.poll_fill(cx))?;
                     if n == 0 {
-                        return if this.incoming.start == this.incoming.end {
-                            Poll::Ready(Ok(())) // end of stream without close_notify
+                        // The peer closed without close_notify: a truncation, not an end.
+                        let what = if this.incoming.start == this.incoming.end {
+                            "peer closed the connection without TLS close_notify"
                         } else {
-                            Poll::Ready(Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "connection closed inside a TLS record",
-                            )))
+                            "connection closed inside a TLS record"
                         };
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            what,
+                        )));
                     }
                 }
             }
@@ -433,46 +494,12 @@ impl<C: TlsSide> AsyncWrite for TlsStream<C> {
             return Poll::Ready(Ok(0));
         }
         let data = &data[..data.len().min(WRITE_CHUNK)];
-        loop {
-            let UnbufferedStatus { discard, state } = this.conn.process(this.incoming.window());
-            let mut written = None;
-            match state.map_err(tls_err)? {
-                ConnectionState::WriteTraffic(mut traffic) => {
-                    this.outgoing
-                        .append(|out| traffic.encrypt(data, out), encrypt_need)
-                        .map_err(tls_err)?;
-                    written = Some(data.len());
-                }
-                ConnectionState::ReadTraffic(mut traffic) => {
-                    // Records that arrived while writing: keep them for the reader.
-                    let mut extra = 0;
-                    while let Some(record) = traffic.next_record() {
-                        let record = record.map_err(tls_err)?;
-                        extra += record.discard;
-                        this.plain.push(record.payload);
-                    }
-                    this.incoming.discard(discard + extra);
-                    continue;
-                }
-                ConnectionState::EncodeTlsData(mut encode) => {
-                    this.outgoing
-                        .append(|out| encode.encode(out), encode_need)
-                        .map_err(tls_err)?;
-                }
-                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                ConnectionState::PeerClosed => this.peer_closed = true,
-                ConnectionState::Closed => {
-                    return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-                }
-                _ => return Poll::Ready(Err(tls_err("TLS connection cannot send now"))),
-            }
-            this.incoming.discard(discard);
-            if let Some(n) = written {
-                // Start the write now; the next call finishes it.
-                this.try_flush(cx)?;
-                return Poll::Ready(Ok(n));
-            }
-        }
+        this.with_write_traffic(|traffic, out| {
+            out.append(|buf| traffic.encrypt(data, buf), encrypt_need)
+        })?;
+        // Start the write now; the next call finishes it.
+        this.try_flush(cx)?;
+        Poll::Ready(Ok(data.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -485,13 +512,9 @@ impl<C: TlsSide> AsyncWrite for TlsStream<C> {
         let this = self.get_mut();
         if this.handshake_done {
             this.handshake_done = false; // queue close_notify once
-            let UnbufferedStatus { discard, state } = this.conn.process(this.incoming.window());
-            if let Ok(ConnectionState::WriteTraffic(mut traffic)) = state {
-                let _ = this
-                    .outgoing
-                    .append(|out| traffic.queue_close_notify(out), encrypt_need);
-            }
-            this.incoming.discard(discard);
+            this.with_write_traffic(|traffic, out| {
+                out.append(|buf| traffic.queue_close_notify(buf), encrypt_need)
+            })?;
         }
         ready!(this.outgoing.poll_flush(&mut this.io, cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)

@@ -161,3 +161,63 @@ fn environment_overrides_the_key_file_and_permissions_are_enforced() {
         .unwrap();
     assert!(e.to_string().contains(ENV_SERVER_KEY), "{e}");
 }
+
+#[test]
+fn transport_sections_are_checked() {
+    let f = fixture();
+    let path = f.dir.join("server.toml");
+    // Valid: QUIC, WebSocket and decoy settings on a server with quic:// and wss:// legs.
+    let text = server_text(&f)
+        .replace("tls://127.0.0.1:8443", "quic://127.0.0.1:8443")
+        .replace("tls://127.0.0.1:8444", "wss://127.0.0.1:8444/api")
+        + "\n[quic]\ncongestion = \"bbr\"\nretry_above = 4\n\n[ws]\nmax_message = 131072\n\n[decoy]\nstatus = 403\nbody = \"no\"\n";
+    let s = server_from_str(&path, &text, &no_env).unwrap();
+    assert_eq!(
+        s.transport.quic.congestion,
+        crate::transport::Congestion::Bbr
+    );
+    assert_eq!(s.transport.quic.retry_above, 4);
+    assert_eq!(s.transport.ws.max_message, 131072);
+    assert_eq!(s.listen[1].path, "/api");
+    assert!(matches!(
+        s.transport.decoy.kind(),
+        DecoyKind::Fixed { status: 403, .. }
+    ));
+
+    // Each mistake is named by its key.
+    let bad = server_text(&f)
+        + "\n[quic]\ncongestion = \"reno\"\n\n[ws]\nhost = \"cdn\"\n\n[decoy]\ndir = \"/nonexistent-dir\"\nproxy = \"http://127.0.0.1:1\"\n";
+    let keys = keys_of(server_from_str(&path, &bad, &no_env).err().unwrap());
+    for k in ["quic.congestion", "ws.host", "decoy"] {
+        assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
+    }
+
+    let cpath = f.dir.join("client.toml");
+    let insecure_and_pin =
+        client_text(&f).replace("[tls]\n", "[tls]\ninsecure = true\npin = \"sha256/AAAA\"\n");
+    let keys = keys_of(
+        client_from_str(&cpath, &insecure_and_pin, &no_env)
+            .err()
+            .unwrap(),
+    );
+    assert!(keys.iter().any(|k| k.starts_with("tls")), "{keys:?}");
+    let half_identity = client_text(&f).replace("[tls]\n", "[tls]\ncert_file = \"cert.pem\"\n");
+    let keys = keys_of(
+        client_from_str(&cpath, &half_identity, &no_env)
+            .err()
+            .unwrap(),
+    );
+    assert!(keys.iter().any(|k| k == "tls.cert_file"), "{keys:?}");
+    let with_identity = client_text(&f).replace(
+        "[tls]\n",
+        "[tls]\ncert_file = \"cert.pem\"\nkey_file = \"cert.key\"\n",
+    );
+    assert!(client_from_str(&cpath, &with_identity, &no_env).is_ok());
+    let retry_on_client = client_text(&f) + "\n[quic]\nretry_above = 3\n";
+    let keys = keys_of(
+        client_from_str(&cpath, &retry_on_client, &no_env)
+            .err()
+            .unwrap(),
+    );
+    assert!(keys.iter().any(|k| k == "quic.retry_above"), "{keys:?}");
+}
