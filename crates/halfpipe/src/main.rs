@@ -74,8 +74,8 @@ enum Command {
         /// Keep the state directory and the logs of the systems under test.
         #[arg(long)]
         keep: bool,
-        /// Leg transports to measure, one tunnel each: tls, tcp, quic, or an uplink+downlink
-        /// pair such as quic+tls.
+        /// Leg transports to measure, one tunnel each: tls, tcp, quic, ws, wss, or an
+        /// uplink+downlink pair such as wss+quic.
         #[arg(long, value_delimiter = ',', default_value = "tls")]
         legs: Vec<String>,
     },
@@ -308,8 +308,8 @@ fn find_program(name: &str) -> Option<PathBuf> {
 async fn start_halfpipe(dir: &Path, legs: &str, target: std::net::SocketAddr) -> Result<System> {
     let (up, down) = legs.split_once('+').unwrap_or((legs, legs));
     for s in [up, down] {
-        if !matches!(s, "tls" | "tcp" | "quic") {
-            bail!("--legs takes tls, tcp, quic or a pair such as quic+tls, not {legs:?}");
+        if !matches!(s, "tls" | "tcp" | "quic" | "ws" | "wss") {
+            bail!("--legs takes tls, tcp, quic, ws, wss or a pair such as wss+quic, not {legs:?}");
         }
     }
     let ports = Ports::pick([0, 0, 0, 0])?;

@@ -430,13 +430,6 @@ async fn socks_garbage_gets_precise_replies_and_listener_keeps_serving() {
     assert_eq!(a, b);
 }
 
-fn curl() -> Option<std::path::PathBuf> {
-    ["/usr/bin/curl", "/usr/local/bin/curl", "/bin/curl"]
-        .iter()
-        .map(std::path::PathBuf::from)
-        .find(|p| p.exists())
-}
-
 /// A one-page HTTP server on 127.0.0.1.
 async fn web_page(body: &'static str) -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -465,7 +458,7 @@ async fn web_page(body: &'static str) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_through_socks5_and_http_connect() {
-    let curl = curl().expect("curl is required (.ci/run installs it)");
+    let curl = tool("curl");
     let h = start(Opts::default()).await;
     let page = web_page("hello through halfpipe").await;
     let url = format!("http://127.0.0.1:{}/", page.port());
@@ -632,4 +625,128 @@ async fn http_probes_get_the_decoy_and_nothing_else() {
     assert_eq!(code, 0);
     let (sent, got, n) = echo_transfer(s, MIB, 5).await;
     assert_eq!((sent, n), (got, MIB));
+}
+
+/// A real nginx, terminating TLS for a `wss://` uplink and forwarding the WebSocket to the
+/// exit's plain `ws://` listener (the way a CDN would), while the downlink goes direct over
+/// QUIC. A 64 MiB echo through it must come back identical, with a leg kill on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_uplink_through_a_real_nginx_reverse_proxy() {
+    let nginx = tool("nginx");
+    let h = start(Opts {
+        legs: ["ws", "quic"],
+        ..Opts::default()
+    })
+    .await;
+    let ws = &h.urls[0];
+    let dir = h.dir.join("nginx");
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let port = {
+        // A free port for nginx (bound and released; nginx binds it right after).
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let conf = format!(
+        r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.3;
+        location /hp {{
+            proxy_pass http://127.0.0.1:{ws_port};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host $host;
+            proxy_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}
+}}
+"#,
+        d = dir.display(),
+        cert = h.dir.join("cert.pem").display(),
+        key = h.dir.join("cert.key").display(),
+        ws_port = ws.port,
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let child = std::process::Command::new(&nginx)
+        .arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    let _nginx = KillOnDrop(child);
+    let proxy: SocketAddr = ([127, 0, 0, 1], port).into();
+    let ready = async {
+        while TcpStream::connect(proxy).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), ready)
+        .await
+        .unwrap_or_else(|_| {
+            let log = std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default();
+            panic!("nginx did not start listening: {log}")
+        });
+
+    let uplink: halfpipe::leg_url::LegUrl = format!("wss://127.0.0.1:{port}/hp").parse().unwrap();
+    let (exit, socks) = client_via(&h, uplink, h.urls[1].clone()).await;
+    let echo = echo_server().await;
+    let (code, s) = socks_connect(socks, &TargetAddr::Ip(echo)).await;
+    assert_eq!(code, 0, "connect through nginx");
+    let total = if is_release() { 64 * MIB } else { 8 * MIB };
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let mut hs = Sha256::new();
+        for i in 0..(total / MIB) as u64 {
+            let chunk = payload(MIB, 77 + i);
+            hs.update(&chunk);
+            w.write_all(&chunk).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+        hs.finalize()
+    });
+    let mut hr = Sha256::new();
+    let (mut got, mut killed) = (0usize, false);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(60), r.read(&mut buf))
+            .await
+            .expect("transfer through nginx stalled")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        hr.update(&buf[..n]);
+        got += n;
+        if !killed && got >= total / 2 {
+            exit.kill_leg(LegRole::Up).await; // redialled through nginx
+            killed = true;
+        }
+    }
+    assert!(killed);
+    assert_eq!(got, total);
+    assert_eq!(
+        writer.await.unwrap(),
+        hr.finalize(),
+        "SHA-256 through nginx"
+    );
+    assert_eq!(h.server.session_count(), 1);
 }

@@ -292,3 +292,71 @@ pub async fn echo_transfer(
     }
     (writer.await.unwrap(), h.finalize().into(), got)
 }
+
+/// The path of an external program the tests drive, installing it (through
+/// `scripts/install-test-deps.sh`) when it is missing.
+pub fn tool(name: &str) -> PathBuf {
+    let find = || {
+        [
+            "/usr/bin",
+            "/usr/sbin",
+            "/usr/local/bin",
+            "/usr/local/sbin",
+            "/bin",
+            "/sbin",
+        ]
+        .iter()
+        .map(|d| PathBuf::from(d).join(name))
+        .find(|p| p.exists())
+    };
+    if let Some(p) = find() {
+        return p;
+    }
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/install-test-deps.sh");
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .stdin(std::process::Stdio::null())
+        .status();
+    find().unwrap_or_else(|| {
+        panic!("{name} is required by this test and {} could not install it ({status:?}); install {name} and rerun", script.display())
+    })
+}
+
+/// Kills a child process when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A second client to the harness's exit with its own leg URLs (e.g. through a proxy);
+/// returns it and its SOCKS5 address.
+pub async fn client_via(h: &Harness, uplink: LegUrl, downlink: LegUrl) -> (Arc<Exit>, SocketAddr) {
+    let exit = Exit::new(ExitSettings {
+        uplink,
+        downlink,
+        transport: DialSettings {
+            tls: h.tls.clone(),
+            ..DialSettings::default()
+        },
+        keys: h.user_keys.clone(),
+        server_public: h.server_public,
+        dial_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(5),
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(500),
+        session: SessionConfig::default(),
+    });
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let socks = l.local_addr().unwrap();
+    tokio::spawn(serve_inbound(
+        l,
+        Inbound::Socks5(halfpipe::socks5::Socks5Auth::None),
+        exit.clone(),
+    ));
+    (exit, socks)
+}
