@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use halfpipe_core::handshake::{ClientHello, HandshakeKeys, HelloStatus, LegRole, SessionId};
 use halfpipe_core::session::{SessionConfig, Side};
@@ -22,10 +22,12 @@ use crate::tunnel::{Control, OpenError, Tunnel};
 /// How the client reaches the exit.
 #[derive(Clone)]
 pub struct ExitSettings {
-    /// Where the uplink goes.
-    pub uplink: LegUrl,
-    /// Where the downlink comes from.
-    pub downlink: LegUrl,
+    /// Where the uplink goes: URLs in order of preference (at least one).
+    pub uplink: Vec<LegUrl>,
+    /// Where the downlink comes from: URLs in order of preference (at least one).
+    pub downlink: Vec<LegUrl>,
+    /// A URL that failed is skipped for this long before it is preferred again.
+    pub hold_down: Duration,
     /// TLS trust and QUIC tuning for the legs.
     pub transport: DialSettings,
     /// Our static key (user identity) and cipher.
@@ -78,6 +80,9 @@ pub enum ClientError {
         /// The exit's verdict.
         status: HelloStatus,
     },
+    /// A leg has no URL configured.
+    #[error("no {0} URL configured")]
+    NoUrl(&'static str),
     /// The exit's handshake answer does not fit the session (the session is closed).
     #[error("{leg} {url}: the exit's answer does not fit the session: {source}")]
     Attach {
@@ -99,6 +104,29 @@ struct Current {
 pub struct Exit {
     settings: ExitSettings,
     current: AsyncMutex<Option<Current>>,
+    /// Per leg role (up, down): which URL carries it and when each URL last failed.
+    choices: [std::sync::Mutex<UrlChoice>; 2],
+}
+
+/// The URL a leg uses and the recent failures of its candidates.
+#[derive(Default)]
+struct UrlChoice {
+    in_use: Option<usize>,
+    failed_at: Vec<Option<Instant>>,
+}
+
+impl UrlChoice {
+    /// Candidate indexes to try now, in preference order: URLs not failed within
+    /// `hold_down` first, then the held-down ones (oldest failure first) as a last resort.
+    fn order(&mut self, n: usize, hold_down: Duration, now: Instant) -> Vec<usize> {
+        self.failed_at.resize(n, None);
+        let held =
+            |i: &usize| self.failed_at[*i].is_some_and(|t| now.duration_since(t) < hold_down);
+        let (mut later, mut first): (Vec<usize>, Vec<usize>) = (0..n).partition(held);
+        later.sort_by_key(|i| self.failed_at[*i]);
+        first.extend(later);
+        first
+    }
 }
 
 impl Exit {
@@ -107,6 +135,7 @@ impl Exit {
         Arc::new(Self {
             settings,
             current: AsyncMutex::new(None),
+            choices: Default::default(),
         })
     }
 
@@ -153,6 +182,17 @@ impl Exit {
         }
     }
 
+    /// The URL each leg (up, down) is on now, for status.
+    pub fn leg_urls(&self) -> [Option<LegUrl>; 2] {
+        let urls = [&self.settings.uplink, &self.settings.downlink];
+        [0, 1].map(|i| {
+            let c = self.choices[i].lock().unwrap_or_else(|e| e.into_inner());
+            c.in_use.and_then(|u| urls[i].get(u).cloned())
+        })
+    }
+
+    /// Dials a leg on its URLs in preference order (skipping recently failed ones while
+    /// others remain), returning on the first success or with the last error.
     async fn dial_leg(
         &self,
         id: SessionId,
@@ -160,10 +200,61 @@ impl Exit {
         epochs: &[AtomicU32; 2],
         role: LegRole,
     ) -> Result<(), ClientError> {
+        let idx = match role {
+            LegRole::Up => 0,
+            LegRole::Down => 1,
+        };
+        let urls = if idx == 0 {
+            &self.settings.uplink
+        } else {
+            &self.settings.downlink
+        };
+        let order = self.choices[idx]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .order(urls.len(), self.settings.hold_down, Instant::now());
+        let mut last = None;
+        for i in order {
+            let result = self.dial_leg_on(id, tunnel, epochs, role, &urls[i]).await;
+            let mut choice = self.choices[idx].lock().unwrap_or_else(|e| e.into_inner());
+            match result {
+                Ok(()) => {
+                    choice.in_use = Some(i);
+                    choice.failed_at[i] = None;
+                    tracing::info!(session = %id, leg = role.name(), url = %urls[i], "leg up");
+                    return Ok(());
+                }
+                // The exit forgot the session: no other URL will know it either.
+                Err(
+                    e @ ClientError::Refused {
+                        status: HelloStatus::UnknownSession,
+                        ..
+                    },
+                ) => return Err(e),
+                Err(e) => {
+                    choice.failed_at[i] = Some(Instant::now());
+                    if urls.len() > 1 {
+                        tracing::warn!(session = %id, leg = role.name(), url = %urls[i], error = %e, "leg URL failed; trying the next");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(ClientError::NoUrl(role.name())))
+    }
+
+    async fn dial_leg_on(
+        &self,
+        id: SessionId,
+        tunnel: &Arc<Tunnel>,
+        epochs: &[AtomicU32; 2],
+        role: LegRole,
+        url: &LegUrl,
+    ) -> Result<(), ClientError> {
         let s = &self.settings;
-        let (url, idx) = match role {
-            LegRole::Up => (&s.uplink, 0),
-            LegRole::Down => (&s.downlink, 1),
+        let idx = match role {
+            LegRole::Up => 0,
+            LegRole::Down => 1,
         };
         let leg = role.name();
         let mut io = dial(url, &s.transport, s.dial_timeout)

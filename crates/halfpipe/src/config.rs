@@ -146,6 +146,28 @@ impl<'a> Check<'a> {
         }
     }
 
+    /// One or more leg URLs (at least one; each checked).
+    fn leg_urls(&mut self, key: &str, v: &OneOrMany) -> Option<Vec<LegUrl>> {
+        let v = v.as_slice();
+        if v.is_empty() {
+            self.err(key, "needs at least one URL");
+            return None;
+        }
+        let urls: Vec<Option<LegUrl>> = v
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let k = if v.len() == 1 {
+                    key.to_owned()
+                } else {
+                    format!("{key}[{i}]")
+                };
+                self.leg_url(&k, s)
+            })
+            .collect();
+        urls.into_iter().collect()
+    }
+
     fn leg_url(&mut self, key: &str, s: &str) -> Option<LegUrl> {
         s.parse()
             .map_err(|e: crate::leg_url::LegUrlError| self.err(key, e.to_string()))
@@ -364,6 +386,23 @@ struct ServerFile {
     egress: EgressFile,
     #[serde(default)]
     limits: ServerLimitsFile,
+}
+
+/// A leg URL, or several in order of preference.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn as_slice(&self) -> &[String] {
+        match self {
+            OneOrMany::One(s) => std::slice::from_ref(s),
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 /// `[quic]`: QUIC tuning (both roles; `retry_above` is the server's).
@@ -619,8 +658,8 @@ struct ClientFile {
     private_key_file: Option<String>,
     psk_file: Option<String>,
     cipher: Option<String>,
-    uplink: String,
-    downlink: String,
+    uplink: OneOrMany,
+    downlink: OneOrMany,
     tls: Option<ClientTlsFile>,
     quic: Option<QuicFile>,
     ws: Option<WsFile>,
@@ -673,6 +712,7 @@ struct ClientLimitsFile {
     handshake_timeout: Option<String>,
     idle_timeout: Option<String>,
     resume_window: Option<String>,
+    hold_down: Option<String>,
     backoff_min: Option<String>,
     backoff_max: Option<String>,
 }
@@ -752,11 +792,11 @@ pub fn client_from_str(
     let suite = c.cipher(&f.cipher);
     let private_key = c.private_key("private_key_file", &f.private_key_file, ENV_CLIENT_KEY);
     let psk = c.psk(&f.psk_file);
-    let uplink = c.leg_url("uplink", &f.uplink);
-    let downlink = c.leg_url("downlink", &f.downlink);
+    let uplink = c.leg_urls("uplink", &f.uplink);
+    let downlink = c.leg_urls("downlink", &f.downlink);
     let needs_tls = [&uplink, &downlink]
         .iter()
-        .any(|u| u.as_ref().is_some_and(|u| u.scheme.uses_tls()));
+        .any(|u| u.iter().flatten().any(|u| u.scheme.uses_tls()));
     let quic = c.quic(&f.quic, false);
     let ws = c.ws(&f.ws, false);
     let tls = if needs_tls {
@@ -868,6 +908,7 @@ pub fn client_from_str(
         Duration::from_millis(100),
     );
     let backoff_max = c.duration("limits.backoff_max", &l.backoff_max, Duration::from_secs(5));
+    let hold_down = c.duration("limits.hold_down", &l.hold_down, Duration::from_secs(60));
     if backoff_min > backoff_max {
         c.err("limits.backoff_min", "must not exceed limits.backoff_max");
     }
@@ -877,6 +918,7 @@ pub fn client_from_str(
                 exit: ExitSettings {
                     uplink,
                     downlink,
+                    hold_down,
                     transport: DialSettings { tls, quic, ws },
                     keys: HandshakeKeys {
                         suite,
@@ -993,7 +1035,10 @@ pub fn client_toml(t: &ClientTemplate) -> String {
          # Our static key: the user identity. {ENV_CLIENT_KEY} (base64) overrides it.\n\
          private_key_file = \"client.key\"\n\
          cipher = \"aes-256-gcm\"\n\
-         # What goes up and what comes down travel on separate legs.\n\
+         # What goes up and what comes down travel on separate legs, each on its own URL:\n\
+         # tcp://, tls://, quic://, ws://host:port/path, wss://host:port/path. A list, such as\n\
+         # [\"wss://cdn.example.com:443/api\", \"quic://exit.example.com:443\"], is tried in\n\
+         # order; a failed URL is skipped for limits.hold_down (60 s) before it is preferred again.\n\
          uplink = {:?}\n\
          downlink = {:?}\n\n\
          [tls]\n\

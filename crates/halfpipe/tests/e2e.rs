@@ -707,7 +707,13 @@ http {{
         });
 
     let uplink: halfpipe::leg_url::LegUrl = format!("wss://127.0.0.1:{port}/hp").parse().unwrap();
-    let (exit, socks) = client_via(&h, uplink, h.urls[1].clone()).await;
+    let (exit, socks) = client_via(
+        &h,
+        vec![uplink],
+        vec![h.urls[1].clone()],
+        Duration::from_secs(60),
+    )
+    .await;
     let echo = echo_server().await;
     let (code, s) = socks_connect(socks, &TargetAddr::Ip(echo)).await;
     assert_eq!(code, 0, "connect through nginx");
@@ -749,4 +755,60 @@ http {{
         "SHA-256 through nginx"
     );
     assert_eq!(h.server.session_count(), 1);
+}
+
+/// Several URLs per leg: the client skips a dead preferred URL, says which URL each leg is
+/// on, and returns to the preferred one at the next redial once it is back and its
+/// hold-down has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legs_fail_over_between_urls_and_return_to_the_preferred_one() {
+    let h = start(Opts::default()).await;
+    // The preferred uplink URL: a port with nothing behind it yet.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let preferred_port = hole.local_addr().unwrap().port();
+    drop(hole);
+    let mut preferred = h.urls[0].clone();
+    preferred.port = preferred_port;
+    let (exit, socks) = client_via(
+        &h,
+        vec![preferred.clone(), h.urls[0].clone()],
+        vec![h.urls[1].clone()],
+        Duration::from_millis(200),
+    )
+    .await;
+    let echo = echo_server().await;
+    let (code, s) = socks_connect(socks, &TargetAddr::Ip(echo)).await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        exit.leg_urls()[0].as_ref(),
+        Some(&h.urls[0]),
+        "fell over to the second URL"
+    );
+    // Bring the preferred URL up: a plain TCP relay to the exit's real uplink listener.
+    let relay = tokio::net::TcpListener::bind(("127.0.0.1", preferred_port))
+        .await
+        .unwrap();
+    let real: SocketAddr = ([127, 0, 0, 1], h.urls[0].port).into();
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = relay.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut b) = TcpStream::connect(real).await {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(250)).await; // past the hold-down
+    exit.kill_leg(LegRole::Up).await;
+    let back = async {
+        while exit.leg_urls()[0].as_ref() != Some(&preferred) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), back)
+        .await
+        .expect("the uplink returned to the preferred URL");
+    // The stream opened before the switch still works, bytes intact.
+    let (sent, got, n) = echo_transfer(s, 4 * MIB, 11).await;
+    assert_eq!((sent, n), (got, 4 * MIB));
 }

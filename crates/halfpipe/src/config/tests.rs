@@ -69,8 +69,8 @@ fn templates_load_back() {
     assert!(s.egress.check_ip("10.0.0.1".parse().unwrap()).is_err());
     let c = client_from_str(&f.dir.join("client.toml"), &client_text(&f), &no_env).unwrap();
     assert_eq!(c.inbounds.len(), 2);
-    assert_eq!(c.exit.uplink.port, 8443);
-    assert_eq!(c.exit.downlink.port, 8444);
+    assert_eq!(c.exit.uplink[0].port, 8443);
+    assert_eq!(c.exit.downlink[0].port, 8444);
     assert!(is_server_config(&server_text(&f)));
     assert!(!is_server_config(&client_text(&f)));
 }
@@ -213,6 +213,22 @@ fn transport_sections_are_checked() {
         "[tls]\ncert_file = \"cert.pem\"\nkey_file = \"cert.key\"\n",
     );
     assert!(client_from_str(&cpath, &with_identity, &no_env).is_ok());
+    let two = client_text(&f).replace(
+        "uplink = \"tls://127.0.0.1:8443\"",
+        "uplink = [\"wss://127.0.0.1:8443/a\", \"quic://127.0.0.1:8443\"]",
+    );
+    let c = client_from_str(&cpath, &two, &no_env).unwrap();
+    assert_eq!(c.exit.uplink.len(), 2);
+    assert_eq!(c.exit.uplink[1].scheme, crate::leg_url::Scheme::Quic);
+    let none = client_text(&f).replace("uplink = \"tls://127.0.0.1:8443\"", "uplink = []");
+    let keys = keys_of(client_from_str(&cpath, &none, &no_env).err().unwrap());
+    assert!(keys.iter().any(|k| k == "uplink"), "{keys:?}");
+    let bad_second = client_text(&f).replace(
+        "uplink = \"tls://127.0.0.1:8443\"",
+        "uplink = [\"tls://127.0.0.1:8443\", \"ftp://x:1\"]",
+    );
+    let keys = keys_of(client_from_str(&cpath, &bad_second, &no_env).err().unwrap());
+    assert!(keys.iter().any(|k| k == "uplink[1]"), "{keys:?}");
     let retry_on_client = client_text(&f) + "\n[quic]\nretry_above = 3\n";
     let keys = keys_of(
         client_from_str(&cpath, &retry_on_client, &no_env)

@@ -147,8 +147,9 @@ pub async fn start(opts: Opts) -> Harness {
         server_name: Some("localhost".into()),
     });
     let exit = Exit::new(ExitSettings {
-        uplink: urls[0].clone(),
-        downlink: urls[1].clone(),
+        uplink: vec![urls[0].clone()],
+        downlink: vec![urls[1].clone()],
+        hold_down: Duration::from_secs(60),
         transport: DialSettings {
             tls: tls.clone(),
             ..DialSettings::default()
@@ -335,10 +336,16 @@ impl Drop for KillOnDrop {
 
 /// A second client to the harness's exit with its own leg URLs (e.g. through a proxy);
 /// returns it and its SOCKS5 address.
-pub async fn client_via(h: &Harness, uplink: LegUrl, downlink: LegUrl) -> (Arc<Exit>, SocketAddr) {
+pub async fn client_via(
+    h: &Harness,
+    uplink: Vec<LegUrl>,
+    downlink: Vec<LegUrl>,
+    hold_down: Duration,
+) -> (Arc<Exit>, SocketAddr) {
     let exit = Exit::new(ExitSettings {
         uplink,
         downlink,
+        hold_down,
         transport: DialSettings {
             tls: h.tls.clone(),
             ..DialSettings::default()
