@@ -49,3 +49,35 @@ pub fn write_dev_cert(cert: &DevCert, cert_path: &Path, key_path: &Path) -> Resu
     write_secret_file(key_path, cert.key_pem.as_bytes())?;
     Ok(())
 }
+
+/// Test support: fresh `localhost` development certificates in a new temporary directory.
+#[cfg(test)]
+pub(crate) struct TestCerts {
+    /// The directory holding the files.
+    pub dir: std::path::PathBuf,
+}
+
+#[cfg(test)]
+impl TestCerts {
+    /// A new, empty directory named after `tag`.
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "hp-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self { dir }
+    }
+
+    /// Writes a new certificate as `name.pem` and `name.key`; returns both paths and the pin.
+    pub fn write(&self, name: &str) -> (std::path::PathBuf, std::path::PathBuf, String) {
+        let cert = generate_self_signed(&["localhost".into()]).unwrap();
+        let (c, k) = (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        );
+        write_dev_cert(&cert, &c, &k).unwrap();
+        (c, k, cert.pin)
+    }
+}

@@ -284,15 +284,7 @@ mod tests {
     /// A TLS server on 127.0.0.1 with a fresh dev certificate; returns its address, the
     /// certificate path and the certificate's pin.
     async fn dev_server() -> (std::net::SocketAddr, PathBuf, String) {
-        let dir = std::env::temp_dir().join(format!(
-            "hp-tls-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let cert = crate::cert::generate_self_signed(&["localhost".into()]).unwrap();
-        let (c, k) = (dir.join("cert.pem"), dir.join("cert.key"));
-        crate::cert::write_dev_cert(&cert, &c, &k).unwrap();
+        let (c, k, pin) = crate::cert::TestCerts::new("tls").write("cert");
         let config = server_config(&c, &k).unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -307,7 +299,7 @@ mod tests {
                 });
             }
         });
-        (addr, c, cert.pin)
+        (addr, c, pin)
     }
 
     async fn fetch(addr: std::net::SocketAddr, trust: &ServerTrust) -> Result<Vec<u8>, String> {
@@ -355,19 +347,9 @@ mod tests {
 
     #[tokio::test]
     async fn mutual_tls_refuses_a_client_without_a_certificate() {
-        let dir = std::env::temp_dir().join(format!(
-            "hp-mtls-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let certs = crate::cert::TestCerts::new("mtls");
         let write = |name: &str| {
-            let cert = crate::cert::generate_self_signed(&["localhost".into()]).unwrap();
-            let (c, k) = (
-                dir.join(format!("{name}.pem")),
-                dir.join(format!("{name}.key")),
-            );
-            crate::cert::write_dev_cert(&cert, &c, &k).unwrap();
+            let (c, k, _) = certs.write(name);
             (c, k)
         };
         let (server_cert, server_key) = write("server");
@@ -410,7 +392,7 @@ mod tests {
         let e = attempt(None).await.unwrap_err();
         assert!(e.to_lowercase().contains("certificate"), "{e}");
         assert!(attempt(Some((stranger_cert, stranger_key))).await.is_err());
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&certs.dir);
     }
 
     #[tokio::test]

@@ -530,15 +530,8 @@ mod tests {
 
     /// A connected client/server pair over loopback with a fresh dev certificate.
     async fn pair() -> (ClientTlsStream, ServerTlsStream) {
-        let dir = std::env::temp_dir().join(format!(
-            "hp-tls-stream-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let cert = crate::cert::generate_self_signed(&["localhost".into()]).unwrap();
-        let (c, k) = (dir.join("cert.pem"), dir.join("cert.key"));
-        crate::cert::write_dev_cert(&cert, &c, &k).unwrap();
+        let certs = crate::cert::TestCerts::new("tls-stream");
+        let (c, k, _) = certs.write("cert");
         let server_cfg = crate::tls::server_config(&c, &k).unwrap();
         let client_cfg = crate::tls::client_config(&crate::tls::ServerTrust::CaFile(c)).unwrap();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -550,7 +543,7 @@ mod tests {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let name = ServerName::try_from("localhost").unwrap();
         let client = connect(client_cfg, name, tcp).await.unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&certs.dir);
         (client, server.await.unwrap())
     }
 

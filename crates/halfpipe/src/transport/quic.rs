@@ -349,18 +349,11 @@ mod tests {
 
     /// A dev certificate: the server config and a CA-file client dialer.
     fn certs() -> (Arc<rustls::ServerConfig>, TlsDialer) {
-        let dir = std::env::temp_dir().join(format!(
-            "hp-quic-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let cert = crate::cert::generate_self_signed(&["localhost".into()]).unwrap();
-        let (c, k) = (dir.join("cert.pem"), dir.join("cert.key"));
-        crate::cert::write_dev_cert(&cert, &c, &k).unwrap();
+        let certs = crate::cert::TestCerts::new("quic");
+        let (c, k, _) = certs.write("cert");
         let server = crate::tls::server_config(&c, &k).unwrap();
         let client = crate::tls::client_config(&crate::tls::ServerTrust::CaFile(c)).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&certs.dir);
         let dialer = TlsDialer {
             config: client,
             server_name: Some("localhost".into()),
