@@ -108,6 +108,14 @@ pub struct Exit {
     choices: [std::sync::Mutex<UrlChoice>; 2],
 }
 
+/// Index of a leg role in per-role arrays (up, down).
+fn role_index(role: LegRole) -> usize {
+    match role {
+        LegRole::Up => 0,
+        LegRole::Down => 1,
+    }
+}
+
 /// The URL a leg uses and the recent failures of its candidates.
 #[derive(Default)]
 struct UrlChoice {
@@ -200,10 +208,7 @@ impl Exit {
         epochs: &[AtomicU32; 2],
         role: LegRole,
     ) -> Result<(), ClientError> {
-        let idx = match role {
-            LegRole::Up => 0,
-            LegRole::Down => 1,
-        };
+        let idx = role_index(role);
         let urls = if idx == 0 {
             &self.settings.uplink
         } else {
@@ -252,10 +257,7 @@ impl Exit {
         url: &LegUrl,
     ) -> Result<(), ClientError> {
         let s = &self.settings;
-        let idx = match role {
-            LegRole::Up => 0,
-            LegRole::Down => 1,
-        };
+        let idx = role_index(role);
         let leg = role.name();
         let mut io = dial(url, &s.transport, s.dial_timeout)
             .await

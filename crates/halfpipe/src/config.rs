@@ -469,6 +469,7 @@ struct ServerLimitsFile {
     max_sessions_per_user: Option<usize>,
     max_streams_per_session: Option<usize>,
     max_handshakes_in_flight: Option<usize>,
+    max_connections_per_listener: Option<usize>,
     handshake_timeout: Option<String>,
     idle_timeout: Option<String>,
     resume_window: Option<String>,
@@ -590,6 +591,11 @@ pub fn server_from_str(
             "limits.max_handshakes_in_flight",
             l.max_handshakes_in_flight,
             defaults.max_handshakes_in_flight,
+        ),
+        max_connections_per_listener: c.positive(
+            "limits.max_connections_per_listener",
+            l.max_connections_per_listener,
+            defaults.max_connections_per_listener,
         ),
         handshake_timeout: c.duration(
             "limits.handshake_timeout",
@@ -999,7 +1005,9 @@ pub fn server_toml(t: &ServerTemplate) -> String {
          max_sessions = 1024\n\
          max_sessions_per_user = 16\n\
          max_streams_per_session = 1024\n\
+         # Per listener: handshakes being processed, and connections open (legs included).\n\
          max_handshakes_in_flight = 64\n\
+         max_connections_per_listener = 1024\n\
          handshake_timeout = \"10s\"\n\
          idle_timeout = \"300s\"\n\
          resume_window = \"60s\"\n",

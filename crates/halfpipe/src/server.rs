@@ -16,12 +16,12 @@ use halfpipe_core::handshake::{
 use halfpipe_core::replay::ReplayCache;
 use halfpipe_core::session::{SessionConfig, Side};
 use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::egress::EgressPolicy;
 use crate::leg::{server_read_hello, server_reply, unix_ms, LegError};
 use crate::leg_url::LegUrl;
-use crate::transport::{BoxedLeg, LegListener, ListenSettings, TransportError, Upgrade};
+use crate::transport::{BoxedLeg, Counted, LegListener, ListenSettings, TransportError, Upgrade};
 use crate::tunnel::{Control, Tunnel};
 
 /// A user allowed to connect.
@@ -40,8 +40,10 @@ pub struct ServerLimits {
     pub max_sessions: usize,
     /// Sessions at once per user.
     pub max_sessions_per_user: usize,
-    /// Handshakes being processed at once.
+    /// Handshakes being processed at once, per listener.
     pub max_handshakes_in_flight: usize,
+    /// Connections (legs and handshakes) open at once, per listener.
+    pub max_connections_per_listener: usize,
     /// Time allowed for transport and Noise handshakes.
     pub handshake_timeout: Duration,
     /// Allowed difference between client and server clocks.
@@ -56,6 +58,7 @@ impl Default for ServerLimits {
             max_sessions: 1024,
             max_sessions_per_user: 16,
             max_handshakes_in_flight: 64,
+            max_connections_per_listener: 1024,
             handshake_timeout: Duration::from_secs(10),
             max_clock_skew: Duration::from_secs(120),
             replay_capacity: 100_000,
@@ -107,7 +110,6 @@ struct State {
     session: SessionConfig,
     replay: Mutex<ReplayCache>,
     sessions: Mutex<HashMap<SessionId, SessionEntry>>,
-    handshakes: Arc<Semaphore>,
 }
 
 /// A running (bound) exit server.
@@ -147,7 +149,6 @@ impl Server {
                 limits.max_clock_skew.as_millis() as u64,
                 limits.replay_capacity,
             )),
-            handshakes: Arc::new(Semaphore::new(limits.max_handshakes_in_flight)),
             limits,
             session: settings.session,
             sessions: Mutex::new(HashMap::new()),
@@ -203,7 +204,9 @@ impl ServerHandle {
 }
 
 async fn accept_loop(state: Arc<State>, listener: LegListener) {
-    let listener = Arc::new(listener);
+    let url = listener.url().to_string();
+    let handshakes = Arc::new(Semaphore::new(state.limits.max_handshakes_in_flight));
+    let connections = Arc::new(Semaphore::new(state.limits.max_connections_per_listener));
     loop {
         let (peer, upgrade) = match listener.accept().await {
             Ok(x) => x,
@@ -213,10 +216,21 @@ async fn accept_loop(state: Arc<State>, listener: LegListener) {
                 continue;
             }
         };
-        let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
+        let Ok(slot) = connections.clone().try_acquire_owned() else {
             tracing::warn!(
                 target: "security",
                 %peer,
+                listener = %url,
+                limit = state.limits.max_connections_per_listener,
+                "connection limit hit: connection dropped"
+            );
+            continue;
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(
+                target: "security",
+                %peer,
+                listener = %url,
                 limit = state.limits.max_handshakes_in_flight,
                 "handshake limit hit: connection dropped"
             );
@@ -224,7 +238,7 @@ async fn accept_loop(state: Arc<State>, listener: LegListener) {
         };
         let state = state.clone();
         tokio::spawn(async move {
-            handle_leg(state, upgrade, peer).await;
+            handle_leg(state, upgrade, slot, peer).await;
             drop(permit);
         });
     }
@@ -235,10 +249,16 @@ fn security_refusal(peer: SocketAddr, reason: &str) {
     tracing::warn!(target: "security", %peer, reason, "leg refused");
 }
 
-async fn handle_leg(state: Arc<State>, upgrade: Upgrade, peer: SocketAddr) {
+async fn handle_leg(
+    state: Arc<State>,
+    upgrade: Upgrade,
+    slot: OwnedSemaphorePermit,
+    peer: SocketAddr,
+) {
     let deadline = tokio::time::Instant::now() + state.limits.handshake_timeout;
     let mut io = match tokio::time::timeout_at(deadline, upgrade).await {
-        Ok(Ok(io)) => io,
+        // The leg holds its listener's connection slot for as long as it lives.
+        Ok(Ok(io)) => Box::new(Counted::new(io, slot)) as BoxedLeg,
         Ok(Err(e)) => return security_refusal(peer, &format!("transport handshake failed: {e}")),
         Err(_) => return security_refusal(peer, "transport handshake timed out"),
     };

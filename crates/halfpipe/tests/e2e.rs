@@ -812,3 +812,39 @@ async fn legs_fail_over_between_urls_and_return_to_the_preferred_one() {
     let (sent, got, n) = echo_transfer(s, 4 * MIB, 11).await;
     assert_eq!((sent, n), (got, 4 * MIB));
 }
+
+/// Each listener caps its open connections (legs included): with a cap of one, the live
+/// uplink holds the uplink listener's only slot, a further connection is dropped at once
+/// (a TLS handshake fails fast instead of being served), and the tunnel is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_listener_are_capped_and_legs_keep_their_slot() {
+    let mut opts = Opts::default();
+    opts.limits.max_connections_per_listener = 1;
+    let h = start(opts).await;
+    let echo = echo_server().await;
+    let (code, s) = socks_connect(h.socks, &TargetAddr::Ip(echo)).await;
+    assert_eq!(code, 0, "one leg per listener fits");
+    let url = &h.urls[0];
+    let tcp = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(h.tls.clone().unwrap().config);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .expect("the over-limit connection is dropped at once, not left hanging");
+    assert!(
+        refused.is_err(),
+        "over the cap, the TLS handshake must fail"
+    );
+    let (sent, got, n) = echo_transfer(s, 2 * MIB, 21).await;
+    assert_eq!((sent, n), (got, 2 * MIB));
+    // A killed uplink gives its slot back: the redial gets in (bounded wait).
+    h.exit.kill_leg(LegRole::Up).await;
+    let (code, s) = socks_connect(h.socks, &TargetAddr::Ip(echo)).await;
+    assert_eq!(code, 0);
+    let (sent, got, n) = tokio::time::timeout(Duration::from_secs(20), echo_transfer(s, MIB, 22))
+        .await
+        .expect("the redialled uplink never got a slot");
+    assert_eq!((sent, n), (got, MIB));
+}

@@ -39,6 +39,53 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> LegIo for T {}
 /// A boxed leg pipe.
 pub type BoxedLeg = Box<dyn LegIo>;
 
+/// A leg pipe that holds a slot of its listener's connection cap for as long as it lives.
+pub struct Counted {
+    inner: BoxedLeg,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Counted {
+    /// Wraps `inner`, keeping `slot` until the pipe is dropped.
+    pub fn new(inner: BoxedLeg, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self { inner, _slot: slot }
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// The transport handshake of an accepted connection, yielding the leg pipe.
 pub type Upgrade = Pin<Box<dyn Future<Output = io::Result<BoxedLeg>> + Send>>;
 
