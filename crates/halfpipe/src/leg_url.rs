@@ -17,6 +17,8 @@ pub enum Scheme {
     Ws,
     /// WebSocket over TLS 1.3.
     Wss,
+    /// WebTransport over HTTP/3 (QUIC).
+    Wt,
 }
 
 impl Scheme {
@@ -28,12 +30,13 @@ impl Scheme {
             Scheme::Quic => "quic",
             Scheme::Ws => "ws",
             Scheme::Wss => "wss",
+            Scheme::Wt => "wt",
         }
     }
 
     /// Whether the scheme speaks HTTP (has a path, answers non-legs with a decoy).
     pub fn is_http(self) -> bool {
-        matches!(self, Scheme::Ws | Scheme::Wss)
+        matches!(self, Scheme::Ws | Scheme::Wss | Scheme::Wt)
     }
 
     /// Whether the transport runs TLS and so needs certificates (server) or trust
@@ -41,7 +44,7 @@ impl Scheme {
     pub fn uses_tls(self) -> bool {
         match self {
             Scheme::Tcp | Scheme::Ws => false,
-            Scheme::Tls | Scheme::Quic | Scheme::Wss => true,
+            Scheme::Tls | Scheme::Quic | Scheme::Wss | Scheme::Wt => true,
         }
     }
 }
@@ -92,6 +95,7 @@ impl FromStr for LegUrl {
             "quic" => Scheme::Quic,
             "ws" => Scheme::Ws,
             "wss" => Scheme::Wss,
+            "wt" => Scheme::Wt,
             other => return Err(LegUrlError::Scheme(other.to_owned())),
         };
         let (rest, path) = match rest.find('/') {

@@ -308,8 +308,10 @@ fn find_program(name: &str) -> Option<PathBuf> {
 async fn start_halfpipe(dir: &Path, legs: &str, target: std::net::SocketAddr) -> Result<System> {
     let (up, down) = legs.split_once('+').unwrap_or((legs, legs));
     for s in [up, down] {
-        if !matches!(s, "tls" | "tcp" | "quic" | "ws" | "wss") {
-            bail!("--legs takes tls, tcp, quic, ws, wss or a pair such as wss+quic, not {legs:?}");
+        if !matches!(s, "tls" | "tcp" | "quic" | "ws" | "wss" | "wt") {
+            bail!(
+                "--legs takes tls, tcp, quic, ws, wss, wt or a pair such as wss+quic, not {legs:?}"
+            );
         }
     }
     let ports = Ports::pick([0, 0, 0, 0])?;

@@ -55,6 +55,8 @@ data_plane_suite! {
     ws: "ws" / "ws";
     wss: "wss" / "wss";
     wss_up_quic_down: "wss" / "quic";
+    wt: "wt" / "wt";
+    wt_up_wss_down: "wt" / "wss";
 }
 
 async fn sixty_four_streams_each_way_hash_identical(opts: Opts) {
@@ -846,5 +848,32 @@ async fn connections_per_listener_are_capped_and_legs_keep_their_slot() {
     let (sent, got, n) = tokio::time::timeout(Duration::from_secs(20), echo_transfer(s, MIB, 22))
         .await
         .expect("the redialled uplink never got a slot");
+    assert_eq!((sent, n), (got, MIB));
+}
+
+/// A WebTransport session on a path other than the leg's is rejected like any missing page
+/// (404), and the real legs keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_on_another_path_is_rejected() {
+    let h = start(Opts {
+        legs: ["wt", "wt"],
+        ..Opts::default()
+    })
+    .await;
+    let mut elsewhere = h.urls[0].clone();
+    elsewhere.path = "/elsewhere".into();
+    let settings = halfpipe::transport::DialSettings {
+        tls: h.tls.clone(),
+        ..Default::default()
+    };
+    let e = halfpipe::transport::dial(&elsewhere, &settings, Duration::from_secs(5))
+        .await
+        .err()
+        .expect("a session on another path must be refused");
+    assert!(e.to_string().contains("WebTransport"), "{e}");
+    let echo = echo_server().await;
+    let (code, s) = socks_connect(h.socks, &TargetAddr::Ip(echo)).await;
+    assert_eq!(code, 0);
+    let (sent, got, n) = echo_transfer(s, MIB, 31).await;
     assert_eq!((sent, n), (got, MIB));
 }

@@ -16,6 +16,7 @@ pub mod decoy;
 pub mod quic;
 pub mod tcp;
 pub mod ws;
+pub mod wt;
 
 use std::future::Future;
 use std::io;
@@ -209,6 +210,7 @@ pub async fn dial(
         Scheme::Tcp | Scheme::Tls => tcp::dial(url, settings.tls.as_ref(), timeout).await,
         Scheme::Quic => quic::dial(url, settings, timeout).await,
         Scheme::Ws | Scheme::Wss => ws::dial(url, settings, timeout).await,
+        Scheme::Wt => wt::dial(url, settings, timeout).await,
     }
 }
 
@@ -216,6 +218,7 @@ enum Inner {
     Tcp(tcp::TcpLegListener),
     Quic(quic::QuicLegListener),
     Ws(ws::WsLegListener),
+    Wt(wt::WtLegListener),
 }
 
 /// A bound leg listener of any scheme.
@@ -248,6 +251,11 @@ impl LegListener {
                 ws::WsLegListener::bind(url, tls, settings.decoy.clone(), settings.ws.clone())
                     .await?,
             ),
+            Scheme::Wt => Inner::Wt(wt::WtLegListener::bind(
+                url,
+                tls.expect("wt uses TLS"),
+                &settings.quic,
+            )?),
         };
         Ok(Self {
             url: url.clone(),
@@ -261,6 +269,7 @@ impl LegListener {
             Inner::Tcp(l) => l.local_addr(),
             Inner::Quic(l) => l.local_addr(),
             Inner::Ws(l) => l.local_addr(),
+            Inner::Wt(l) => l.local_addr(),
         }
     }
 
@@ -280,6 +289,7 @@ impl LegListener {
             Inner::Tcp(l) => l.accept().await,
             Inner::Quic(l) => l.accept().await,
             Inner::Ws(l) => l.accept().await,
+            Inner::Wt(l) => l.accept().await,
         }
     }
 }

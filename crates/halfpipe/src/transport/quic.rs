@@ -82,7 +82,8 @@ impl Default for QuicOptions {
     }
 }
 
-fn transport_config(o: &QuicOptions, server: bool) -> Arc<TransportConfig> {
+/// The QUIC transport configuration for legs (shared with `wt://`).
+pub(super) fn transport_config(o: &QuicOptions, server: bool) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
@@ -100,7 +101,7 @@ fn transport_config(o: &QuicOptions, server: bool) -> Arc<TransportConfig> {
             t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
         }
     };
-    Arc::new(t)
+    t
 }
 
 fn quic_err(url: &LegUrl, e: impl std::fmt::Display) -> TransportError {
@@ -127,7 +128,7 @@ pub async fn dial(
     rustls_cfg.alpn_protocols = vec![settings.quic.alpn.as_bytes().to_vec()];
     let crypto = QuicClientConfig::try_from(Arc::new(rustls_cfg)).map_err(|e| quic_err(url, e))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport_config(&settings.quic, false));
+    cfg.transport_config(Arc::new(transport_config(&settings.quic, false)));
 
     let connect = async {
         let addr = tokio::net::lookup_host((url.host.as_str(), url.port))
@@ -219,7 +220,7 @@ impl QuicLegListener {
         let crypto = QuicServerConfig::try_from(Arc::new(rustls_cfg))
             .map_err(|e| bind_err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string())))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        cfg.transport_config(transport_config(o, true))
+        cfg.transport_config(Arc::new(transport_config(o, true)))
             .migration(true);
         let endpoint = Endpoint::server(cfg, addr).map_err(bind_err)?;
         Ok(Self {

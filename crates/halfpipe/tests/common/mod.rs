@@ -85,7 +85,9 @@ pub async fn start(opts: Opts) -> Harness {
         .with_test_writer()
         .try_init();
     let dir = temp_dir("h");
-    let cert = halfpipe::cert::generate_self_signed(&["localhost".into()]).unwrap();
+    // wt:// verifies the URL's host (127.0.0.1), the others the server_name (localhost).
+    let cert =
+        halfpipe::cert::generate_self_signed(&["localhost".into(), "127.0.0.1".into()]).unwrap();
     let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("cert.key"));
     halfpipe::cert::write_dev_cert(&cert, &cert_path, &key_path).unwrap();
     let (server_keys, server_public) = keys();
@@ -98,11 +100,12 @@ pub async fn start(opts: Opts) -> Harness {
             "quic" => halfpipe::leg_url::Scheme::Quic,
             "ws" => halfpipe::leg_url::Scheme::Ws,
             "wss" => halfpipe::leg_url::Scheme::Wss,
+            "wt" => halfpipe::leg_url::Scheme::Wt,
             other => panic!("no scheme {other}"),
         },
         host: "127.0.0.1".into(),
         port: 0,
-        path: if scheme.starts_with("ws") {
+        path: if scheme.starts_with('w') {
             "/hp".into()
         } else {
             String::new()

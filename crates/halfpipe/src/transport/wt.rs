@@ -1,0 +1,195 @@
+//! `wt://host:port/path` legs: WebTransport over HTTP/3 (the `wtransport` crate), one
+//! bidirectional stream per leg, with the same QUIC tuning as `quic://`.
+//!
+//! The client sends an extended CONNECT for `path` with the settings current browsers
+//! expect (wtransport advertises them); the exit accepts only sessions on its configured
+//! path and answers every other request with `404 Not Found`, as a web server would. TLS
+//! verification uses the URL's host (the `[tls] server_name` override does not apply).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream, ServerConfig};
+
+use super::quic::{transport_config, QuicOptions};
+use super::{BoxedLeg, DialSettings, TransportError, Upgrade};
+use crate::leg_url::LegUrl;
+
+/// The `quic://` tuning, with room for HTTP/3's own streams (control and QPACK streams
+/// each way, the CONNECT request stream) beside the leg's stream.
+fn wt_transport(o: &QuicOptions, server: bool) -> quinn::TransportConfig {
+    let mut t = transport_config(o, server);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(8));
+    t
+}
+
+fn wt_err(url: &LegUrl, e: impl std::fmt::Display) -> TransportError {
+    TransportError::Quic {
+        url: url.to_string(),
+        reason: format!("WebTransport: {e}"),
+    }
+}
+
+/// Dials a `wt://` leg.
+pub async fn dial(
+    url: &LegUrl,
+    settings: &DialSettings,
+    timeout: Duration,
+) -> Result<BoxedLeg, TransportError> {
+    let tls = settings
+        .tls
+        .as_ref()
+        .ok_or_else(|| TransportError::TlsNotConfigured(url.to_string()))?;
+    let mut rustls_cfg = (*tls.config).clone();
+    rustls_cfg.alpn_protocols = vec![wtransport::tls::WEBTRANSPORT_ALPN.to_vec()];
+    let cfg = ClientConfig::builder()
+        .with_bind_default()
+        .with_custom_tls_and_transport(rustls_cfg, wt_transport(&settings.quic, false))
+        .build();
+    let endpoint = Endpoint::client(cfg).map_err(|source| TransportError::Connect {
+        url: url.to_string(),
+        source,
+    })?;
+    let host = if url.host.contains(':') {
+        format!("[{}]", url.host)
+    } else {
+        url.host.clone()
+    };
+    let target = format!("https://{host}:{}{}", url.port, url.path);
+    let connect = async {
+        let conn = endpoint.connect(target).await.map_err(|e| wt_err(url, e))?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| wt_err(url, e))?
+            .await
+            .map_err(|e| wt_err(url, e))?;
+        Ok(Box::new(WtLeg {
+            _endpoint: Some(endpoint),
+            _conn: conn,
+            send,
+            recv,
+        }) as BoxedLeg)
+    };
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(r) => r,
+        Err(_) => Err(TransportError::Timeout {
+            what: "WebTransport handshake",
+            url: url.to_string(),
+            after: timeout,
+        }),
+    }
+}
+
+/// A WebTransport endpoint accepting legs on one path.
+pub struct WtLegListener {
+    endpoint: Endpoint<wtransport::endpoint::endpoint_side::Server>,
+    path: Arc<str>,
+}
+
+impl WtLegListener {
+    /// Binds a UDP endpoint on `url`'s address.
+    pub fn bind(
+        url: &LegUrl,
+        tls: Arc<rustls::ServerConfig>,
+        o: &QuicOptions,
+    ) -> Result<Self, TransportError> {
+        let bind_err = |source: io::Error| TransportError::Bind {
+            url: url.to_string(),
+            source,
+        };
+        let addr: SocketAddr =
+            std::net::ToSocketAddrs::to_socket_addrs(&(url.host.as_str(), url.port))
+                .map_err(bind_err)?
+                .next()
+                .ok_or_else(|| {
+                    bind_err(io::Error::new(io::ErrorKind::InvalidInput, "no address"))
+                })?;
+        let mut rustls_cfg = (*tls).clone();
+        rustls_cfg.alpn_protocols = vec![wtransport::tls::WEBTRANSPORT_ALPN.to_vec()];
+        rustls_cfg.max_early_data_size = 0;
+        let cfg = ServerConfig::builder()
+            .with_bind_address(addr)
+            .with_custom_tls_and_transport(rustls_cfg, wt_transport(o, true))
+            .build();
+        let endpoint = Endpoint::server(cfg).map_err(bind_err)?;
+        Ok(Self {
+            endpoint,
+            path: url.path.as_str().into(),
+        })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The next session attempt; the upgrade completes QUIC and HTTP/3, checks the path
+    /// (anything else: 404) and takes the leg's stream.
+    pub async fn accept(&self) -> io::Result<(SocketAddr, Upgrade)> {
+        let incoming = self.endpoint.accept().await;
+        let peer = incoming.remote_address();
+        let path = self.path.clone();
+        let upgrade: Upgrade = Box::pin(async move {
+            let request = incoming.await.map_err(io::Error::other)?;
+            if request.path() != &*path {
+                request.not_found().await;
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "WebTransport session on another path: 404 served",
+                ));
+            }
+            let conn = request.accept().await.map_err(io::Error::other)?;
+            let (send, recv) = conn.accept_bi().await.map_err(io::Error::other)?;
+            Ok(Box::new(WtLeg {
+                _endpoint: None,
+                _conn: conn,
+                send,
+                recv,
+            }) as BoxedLeg)
+        });
+        Ok((peer, upgrade))
+    }
+}
+
+/// One leg: the stream halves, with the session (and client endpoint) kept alive.
+struct WtLeg {
+    _endpoint: Option<Endpoint<wtransport::endpoint::endpoint_side::Client>>,
+    _conn: Connection,
+    send: SendStream,
+    recv: RecvStream,
+}
+
+impl AsyncRead for WtLeg {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().recv).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WtLeg {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().send).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().send).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().send).poll_shutdown(cx)
+    }
+}
