@@ -230,13 +230,14 @@ pub struct LegListener {
 impl LegListener {
     /// Binds `url`; TLS-based schemes need `settings.tls`.
     pub async fn bind(url: &LegUrl, settings: &ListenSettings) -> Result<Self, TransportError> {
+        let required = || {
+            settings
+                .tls
+                .clone()
+                .ok_or_else(|| TransportError::TlsNotConfigured(url.to_string()))
+        };
         let tls = if url.scheme.uses_tls() {
-            Some(
-                settings
-                    .tls
-                    .clone()
-                    .ok_or_else(|| TransportError::TlsNotConfigured(url.to_string()))?,
-            )
+            Some(required()?)
         } else {
             None
         };
@@ -244,18 +245,14 @@ impl LegListener {
             Scheme::Tcp | Scheme::Tls => Inner::Tcp(tcp::TcpLegListener::bind(url, tls).await?),
             Scheme::Quic => Inner::Quic(quic::QuicLegListener::bind(
                 url,
-                tls.expect("quic uses TLS"),
+                required()?,
                 &settings.quic,
             )?),
             Scheme::Ws | Scheme::Wss => Inner::Ws(
                 ws::WsLegListener::bind(url, tls, settings.decoy.clone(), settings.ws.clone())
                     .await?,
             ),
-            Scheme::Wt => Inner::Wt(wt::WtLegListener::bind(
-                url,
-                tls.expect("wt uses TLS"),
-                &settings.quic,
-            )?),
+            Scheme::Wt => Inner::Wt(wt::WtLegListener::bind(url, required()?, &settings.quic)?),
         };
         Ok(Self {
             url: url.clone(),
