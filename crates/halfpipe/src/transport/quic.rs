@@ -172,6 +172,27 @@ pub async fn dial(
     }
 }
 
+/// What a UDP listener needs from its URL and TLS settings (shared with `wt://`): the
+/// address to bind, and the server TLS configuration with `alpn` and no early data.
+pub(super) fn server_parts(
+    url: &LegUrl,
+    tls: &rustls::ServerConfig,
+    alpn: &[u8],
+) -> Result<(SocketAddr, rustls::ServerConfig), TransportError> {
+    let bind_err = |source: io::Error| TransportError::Bind {
+        url: url.to_string(),
+        source,
+    };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(url.host.as_str(), url.port))
+        .map_err(bind_err)?
+        .next()
+        .ok_or_else(|| bind_err(io::Error::new(io::ErrorKind::InvalidInput, "no address")))?;
+    let mut cfg = tls.clone();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg.max_early_data_size = 0;
+    Ok((addr, cfg))
+}
+
 /// Counts a handshake in flight until dropped.
 struct InFlight(Arc<AtomicUsize>);
 
@@ -203,20 +224,11 @@ impl QuicLegListener {
         tls: Arc<rustls::ServerConfig>,
         o: &QuicOptions,
     ) -> Result<Self, TransportError> {
+        let (addr, rustls_cfg) = server_parts(url, &tls, o.alpn.as_bytes())?;
         let bind_err = |source: io::Error| TransportError::Bind {
             url: url.to_string(),
             source,
         };
-        let addr: SocketAddr =
-            std::net::ToSocketAddrs::to_socket_addrs(&(url.host.as_str(), url.port))
-                .map_err(bind_err)?
-                .next()
-                .ok_or_else(|| {
-                    bind_err(io::Error::new(io::ErrorKind::InvalidInput, "no address"))
-                })?;
-        let mut rustls_cfg = (*tls).clone();
-        rustls_cfg.alpn_protocols = vec![o.alpn.as_bytes().to_vec()];
-        rustls_cfg.max_early_data_size = 0;
         let crypto = QuicServerConfig::try_from(Arc::new(rustls_cfg))
             .map_err(|e| bind_err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string())))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));

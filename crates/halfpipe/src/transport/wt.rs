@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream, ServerConfig};
 
-use super::quic::{transport_config, QuicOptions};
+use super::quic::{server_parts, transport_config, QuicOptions};
 use super::{BoxedLeg, DialSettings, TransportError, Upgrade};
 use crate::leg_url::LegUrl;
 
@@ -100,20 +100,11 @@ impl WtLegListener {
         tls: Arc<rustls::ServerConfig>,
         o: &QuicOptions,
     ) -> Result<Self, TransportError> {
+        let (addr, rustls_cfg) = server_parts(url, &tls, wtransport::tls::WEBTRANSPORT_ALPN)?;
         let bind_err = |source: io::Error| TransportError::Bind {
             url: url.to_string(),
             source,
         };
-        let addr: SocketAddr =
-            std::net::ToSocketAddrs::to_socket_addrs(&(url.host.as_str(), url.port))
-                .map_err(bind_err)?
-                .next()
-                .ok_or_else(|| {
-                    bind_err(io::Error::new(io::ErrorKind::InvalidInput, "no address"))
-                })?;
-        let mut rustls_cfg = (*tls).clone();
-        rustls_cfg.alpn_protocols = vec![wtransport::tls::WEBTRANSPORT_ALPN.to_vec()];
-        rustls_cfg.max_early_data_size = 0;
         let cfg = ServerConfig::builder()
             .with_bind_address(addr)
             .with_custom_tls_and_transport(rustls_cfg, wt_transport(o, true))
