@@ -66,6 +66,10 @@ struct Inner {
     signals: HashMap<StreamId, Arc<StreamSignals>>,
     /// The deadline the timer task sleeps towards (`None`: no deadline).
     timer_at: Option<Instant>,
+    /// Generation of the send leg whose writer may transmit. Checked under this lock by
+    /// every writer, so a replaced writer that has not yet seen its abort cannot take
+    /// frames (such as the new leg's RESUME) meant for its successor.
+    send_generation: u64,
 }
 
 struct LegSlot {
@@ -138,6 +142,7 @@ impl Tunnel {
                 session: Session::new(side, config, Instant::now()),
                 signals: HashMap::new(),
                 timer_at: None,
+                send_generation: 0,
             }),
             control: tx,
             send_leg: slot(),
@@ -318,6 +323,7 @@ impl Tunnel {
         peer_recv_next: u64,
     ) -> Result<(), SessionError> {
         let (gen, wake) = self.claim_slot(LegEnd::Send);
+        lock(&self.inner).send_generation = gen;
         self.with_session(|s| {
             s.detach_send_leg(Instant::now());
             s.attach_send_leg(Instant::now(), Some(peer_recv_next))
@@ -437,6 +443,9 @@ impl Tunnel {
             starts.clear();
             let closed = {
                 let mut g = lock(&self.inner);
+                if g.send_generation != generation {
+                    return; // replaced by a newer leg
+                }
                 let now = Instant::now();
                 while out.len() < WRITE_BATCH {
                     let start = RecordSealer::begin(&mut out);
