@@ -70,6 +70,9 @@ struct Inner {
     /// every writer, so a replaced writer that has not yet seen its abort cannot take
     /// frames (such as the new leg's RESUME) meant for its successor.
     send_generation: u64,
+    /// Generation of the receive leg whose reader may deliver records (same reason: a
+    /// replaced reader must not feed the old leg's frames to the new leg's RESUME check).
+    recv_generation: u64,
 }
 
 struct LegSlot {
@@ -143,6 +146,7 @@ impl Tunnel {
                 signals: HashMap::new(),
                 timer_at: None,
                 send_generation: 0,
+                recv_generation: 0,
             }),
             control: tx,
             send_leg: slot(),
@@ -336,6 +340,7 @@ impl Tunnel {
     /// Attaches a new receive leg (replacing any previous one) and starts its reader task.
     fn attach_recv_leg(self: &Arc<Self>, io: BoxedLeg, opener: RecordOpener) {
         let (gen, _) = self.claim_slot(LegEnd::Recv);
+        lock(&self.inner).recv_generation = gen;
         self.with_session(|s| {
             s.detach_recv_leg(Instant::now());
             s.attach_recv_leg(Instant::now());
@@ -523,13 +528,19 @@ impl Tunnel {
             if records.is_empty() {
                 continue;
             }
-            let result = self.with_session(|s| {
+            let result = self.with_inner(|g| {
+                if g.recv_generation != generation {
+                    return Ok(false); // replaced by a newer leg
+                }
                 let now = Instant::now();
                 for r in records.drain(..) {
-                    s.handle_record(now, r)?;
+                    g.session.handle_record(now, r)?;
                 }
-                Ok::<(), SessionError>(())
+                Ok::<bool, SessionError>(true)
             });
+            if let Ok(false) = result {
+                return;
+            }
             if let Err(e) = result {
                 tracing::warn!(error = %e, "peer broke the protocol; session closed");
                 return;
