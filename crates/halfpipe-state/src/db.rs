@@ -52,12 +52,14 @@ pub(crate) const LIMITS_NAME: &str = "limits";
 pub(crate) const BANS_NAME: &str = "bans";
 pub(crate) const TOKENS_NAME: &str = "tokens";
 pub(crate) const USERS_NAME: &str = "users";
+pub(crate) const DISABLED_NAME: &str = "disabled_names";
 
 pub(crate) const META: Table = TableDefinition::new(META_NAME);
 pub(crate) const LIMITS: Table = TableDefinition::new(LIMITS_NAME);
 pub(crate) const BANS: Table = TableDefinition::new(BANS_NAME);
 pub(crate) const TOKENS: Table = TableDefinition::new(TOKENS_NAME);
 pub(crate) const USERS: Table = TableDefinition::new(USERS_NAME);
+pub(crate) const DISABLED: Table = TableDefinition::new(DISABLED_NAME);
 
 const SCHEMA_KEY: &[u8] = b"schema";
 const SERVED_KEY: &[u8] = b"served_ms";
@@ -404,7 +406,7 @@ fn open_inner(path: &Path, file: fs::File, options: StateOptions) -> Result<Inne
     // Create the tables and check or record the schema.
     store.write("creating the tables", |txn| {
         let action = "creating the tables";
-        for t in [LIMITS, BANS, TOKENS, USERS] {
+        for t in [LIMITS, BANS, TOKENS, USERS, DISABLED] {
             txn.open_table(t).map_err(|e| store.err(action, e))?;
         }
         let mut meta = txn.open_table(META).map_err(|e| store.err(action, e))?;
@@ -443,7 +445,11 @@ fn open_inner(path: &Path, file: fs::File, options: StateOptions) -> Result<Inne
             limits.push((store.key_str(LIMITS_NAME, &k)?, tat));
         }
         let bans = Bans::load_rows(&store, store.rows(txn, BANS, action)?)?;
-        let users = Users::load_rows(&store, store.rows(txn, USERS, action)?)?;
+        let users = Users::load_rows(
+            &store,
+            store.rows(txn, USERS, action)?,
+            store.rows(txn, DISABLED, action)?,
+        )?;
         token::validate_rows(&store, store.rows(txn, TOKENS, action)?)?;
         Ok((served, limits, bans, users))
     })?;

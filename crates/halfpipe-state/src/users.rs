@@ -6,13 +6,16 @@
 //! handshake) come from an in-memory mirror. Fail closed: a change that *grants* (adding a
 //! user, enabling one) takes effect only once committed; one that *restricts* (removing,
 //! disabling) takes effect in memory even if the commit fails, and the error is returned.
+//!
+//! Users defined elsewhere (the configuration file) can be disabled by name too
+//! ([`Users::set_name_disabled`]); [`Users::disabled_names`] gives both kinds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::db::{Rows, Store, USERS, USERS_NAME};
+use crate::db::{Rows, Store, DISABLED, DISABLED_NAME, USERS, USERS_NAME};
 use crate::error::StateError;
 
 /// Longest user name, in bytes.
@@ -43,6 +46,8 @@ struct Stored {
 pub(crate) struct Index {
     by_name: BTreeMap<String, UserRecord>,
     by_key: HashMap<[u8; 32], String>,
+    /// Names disabled that are not runtime users (users of the configuration file).
+    disabled_names: BTreeSet<String>,
 }
 
 impl Index {
@@ -82,8 +87,19 @@ impl Users {
         }
     }
 
-    pub(crate) fn load_rows(store: &Store, rows: Rows) -> Result<Index, StateError> {
+    pub(crate) fn load_rows(
+        store: &Store,
+        rows: Rows,
+        disabled: Rows,
+    ) -> Result<Index, StateError> {
         let mut index = Index::default();
+        for (k, _) in disabled {
+            let name = store.key_str(DISABLED_NAME, &k)?;
+            if check_name(&name).is_err() {
+                return Err(store.corrupt(DISABLED_NAME, &k));
+            }
+            index.disabled_names.insert(name);
+        }
         for (k, v) in rows {
             let name = store.key_str(USERS_NAME, &k)?;
             let s: Stored = store.decode(USERS_NAME, &k, &v)?;
@@ -181,6 +197,49 @@ impl Users {
             self.write().insert(user.clone());
         }
         committed.map(|()| user)
+    }
+
+    /// Disables or enables a user that is not a runtime user (one of the configuration
+    /// file), by name; committed before this returns. Disabling applies in memory even if
+    /// the commit fails (fail closed); enabling does not.
+    pub fn set_name_disabled(&self, name: &str, disabled: bool) -> Result<(), StateError> {
+        check_name(name)?;
+        let _w = self.writer();
+        let action = "disabling or enabling a user by name";
+        let committed = self.store.write(action, |txn| {
+            let mut t = txn
+                .open_table(DISABLED)
+                .map_err(|e| self.store.err(action, e))?;
+            if disabled {
+                t.insert(name.as_bytes(), &b""[..])
+                    .map_err(|e| self.store.err(action, e))?;
+            } else {
+                t.remove(name.as_bytes())
+                    .map_err(|e| self.store.err(action, e))?;
+            }
+            Ok(())
+        });
+        if committed.is_ok() || disabled {
+            let mut m = self.write();
+            if disabled {
+                m.disabled_names.insert(name.to_owned());
+            } else {
+                m.disabled_names.remove(name);
+            }
+        }
+        committed
+    }
+
+    /// Every disabled name: runtime users marked disabled and names disabled with
+    /// [`Users::set_name_disabled`].
+    pub fn disabled_names(&self) -> BTreeSet<String> {
+        let m = self.read();
+        m.by_name
+            .values()
+            .filter(|u| u.disabled)
+            .map(|u| u.name.clone())
+            .chain(m.disabled_names.iter().cloned())
+            .collect()
     }
 
     /// Every user, sorted by name.

@@ -75,3 +75,23 @@ fn duplicates_and_unknowns_get_precise_errors() {
     }
     assert_eq!(users.list().len(), 1);
 }
+
+#[test]
+fn names_of_users_defined_elsewhere_can_be_disabled_and_it_survives_a_restart() {
+    let dir = TempDir::new("disabled-names");
+    let (db, _) = open(&dir.db());
+    let users = db.users();
+    users.add("bob", [2; 32], 0).unwrap();
+    users.set_disabled("bob", true).unwrap();
+    users.set_name_disabled("alice", true).unwrap();
+    let names: Vec<String> = users.disabled_names().into_iter().collect();
+    assert_eq!(names, ["alice", "bob"]);
+    assert!(users.set_name_disabled("no spaces", true).is_err());
+    drop(db);
+    let (db, _) = open(&dir.db());
+    let users = db.users();
+    assert!(users.disabled_names().contains("alice"));
+    users.set_name_disabled("alice", false).unwrap();
+    assert!(!users.disabled_names().contains("alice"));
+    assert!(users.disabled_names().contains("bob"));
+}
