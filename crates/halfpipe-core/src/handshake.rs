@@ -102,6 +102,9 @@ pub enum HelloStatus {
     UnknownSession = 3,
     /// A newer leg of this role is already attached.
     StaleEpoch = 4,
+    /// The server's control plane refuses new sessions for this user now (RESTRICTED or
+    /// LOCKDOWN mode, a disabled user, or a rate limit); retrying later may succeed.
+    Refused = 5,
 }
 
 impl HelloStatus {
@@ -112,6 +115,7 @@ impl HelloStatus {
             2 => Self::UserSessionLimit,
             3 => Self::UnknownSession,
             4 => Self::StaleEpoch,
+            5 => Self::Refused,
             _ => return None,
         })
     }
@@ -124,6 +128,9 @@ impl HelloStatus {
             Self::UserSessionLimit => "this user is at its session limit",
             Self::UnknownSession => "the server no longer knows this session",
             Self::StaleEpoch => "a newer leg of this role is attached",
+            Self::Refused => {
+                "the server refuses new sessions for this user now (restricted or lockdown mode, disabled user, or rate limit)"
+            }
         }
     }
 }

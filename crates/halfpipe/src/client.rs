@@ -357,14 +357,27 @@ impl Exit {
         self: &Arc<Self>,
         target: TargetAddr,
     ) -> Result<(Arc<Tunnel>, u32, ConnectStatus), ClientError> {
-        let tunnel = self.tunnel().await?;
-        match tunnel
-            .open_stream(target, self.settings.connect_timeout)
-            .await
-        {
-            Ok((id, st)) => Ok((tunnel, id, st)),
-            Err(OpenError::Timeout(_)) => Ok((tunnel, 0, ConnectStatus::TimedOut)),
-            Err(OpenError::Session(_)) => Ok((tunnel, 0, ConnectStatus::GeneralFailure)),
+        // A session that ends under the request (the exit restarted and forgot it) is
+        // replaced once: the stream never carried a byte, so opening it again is safe.
+        let mut retried = false;
+        loop {
+            let tunnel = self.tunnel().await?;
+            match tunnel
+                .open_stream(target.clone(), self.settings.connect_timeout)
+                .await
+            {
+                Ok((id, st)) => return Ok((tunnel, id, st)),
+                Err(OpenError::Timeout(_)) => return Ok((tunnel, 0, ConnectStatus::TimedOut)),
+                Err(OpenError::Session(_)) if !retried && tunnel.is_closed() => {
+                    tracing::info!(
+                        "session ended while opening a stream; retrying on a new session"
+                    );
+                    retried = true;
+                }
+                Err(OpenError::Session(_)) => {
+                    return Ok((tunnel, 0, ConnectStatus::GeneralFailure))
+                }
+            }
         }
     }
 }
@@ -483,6 +496,6 @@ async fn handle_inbound(
     if status != ConnectStatus::Succeeded {
         return Err(InboundError::Connect { target, status });
     }
-    tunnel.pump(id, socket, initial).await;
+    tunnel.pump(id, socket, initial, None).await;
     Ok(())
 }

@@ -29,6 +29,8 @@ use crate::transport::{
     Decoy, DecoyKind, DialSettings, ListenSettings, QuicOptions, TlsDialer, WsOptions,
 };
 
+mod control;
+
 /// Environment variable overriding the server's private key file.
 pub const ENV_SERVER_KEY: &str = "HALFPIPE_SERVER_PRIVATE_KEY";
 /// Environment variable overriding the client's private key file.
@@ -386,6 +388,8 @@ struct ServerFile {
     egress: EgressFile,
     #[serde(default)]
     limits: ServerLimitsFile,
+    #[serde(default)]
+    control: control::ControlFile,
 }
 
 /// A leg URL, or several in order of preference.
@@ -633,7 +637,10 @@ pub fn server_from_str(
             EgressPolicy::default()
         }
     };
+    let control = control::control(&mut c, &f.control);
     let settings = private_key.map(|private_key| ServerSettings {
+        control,
+        config_file: Some(path.to_owned()),
         listen,
         transport: ListenSettings {
             tls,
@@ -1010,7 +1017,33 @@ pub fn server_toml(t: &ServerTemplate) -> String {
          max_connections_per_listener = 1024\n\
          handshake_timeout = \"10s\"\n\
          idle_timeout = \"300s\"\n\
-         resume_window = \"60s\"\n",
+         resume_window = \"60s\"\n\n\
+         [control]\n\
+         # Mode, rate limits, bans, tokens, audit log and admin socket live here ('halfpipe\n\
+         # server init' creates it; 'halfpipe ctl --config THIS_FILE status' talks to it).\n\
+         state_dir = \"state\"\n\
+         # metrics = \"127.0.0.1:9464\"      # Prometheus page, loopback only\n\
+         # audit_key_file = \"/etc/halfpipe/audit.key\"   # default state/keys/audit.key\n\
+         checkpoint_every_records = 256\n\
+         checkpoint_every = \"30s\"\n\n\
+         [control.restricted]\n\
+         # Who and where RESTRICTED mode still lets through.\n\
+         users = []\n\
+         destinations = []\n\n\
+         [control.rate]\n\
+         # {{ per_second = N, burst = M }} or \"off\"; survive restarts.\n\
+         handshakes_per_source = {{ per_second = 20, burst = 100 }}\n\
+         handshakes_global = {{ per_second = 1000, burst = 2000 }}\n\
+         streams_per_user = {{ per_second = 5000, burst = 20000 }}\n\
+         bytes_up_per_user = \"off\"\n\
+         bytes_down_per_user = \"off\"\n\n\
+         # Tripwires: threshold events within window trigger action (alert, restricted,\n\
+         # lockdown, ban). Defaults shown for one; the others are listed in docs/CONTROL.md.\n\
+         [control.tripwires.handshake_failures_per_source]\n\
+         threshold = 20\n\
+         window = \"60s\"\n\
+         action = \"ban\"\n\
+         ban = \"10m\"\n",
         t.allow_comment,
         quoted(t.allow)
     ));

@@ -35,6 +35,8 @@ pub enum DeniedRange {
     Documentation,
     /// One of the exit's own addresses.
     OwnAddress,
+    /// Not on the RESTRICTED mode's destination list.
+    NotOnRestrictedList,
 }
 
 impl fmt::Display for DeniedRange {
@@ -49,6 +51,7 @@ impl fmt::Display for DeniedRange {
             Self::Reserved => "reserved range",
             Self::Documentation => "documentation/benchmark range",
             Self::OwnAddress => "the exit's own address",
+            Self::NotOnRestrictedList => "ranges outside the RESTRICTED mode's destination list",
         })
     }
 }
@@ -68,12 +71,27 @@ pub struct Denied {
 pub struct EgressPolicy {
     allow: Vec<IpNet>,
     own: Vec<IpAddr>,
+    /// When set (RESTRICTED mode), only these ranges, on top of everything else.
+    only: Option<Vec<IpNet>>,
 }
 
 impl EgressPolicy {
     /// A policy allowing the `allow` ranges despite the default deny, and denying `own`.
     pub fn new(allow: Vec<IpNet>, own: Vec<IpAddr>) -> Self {
-        Self { allow, own }
+        Self {
+            allow,
+            own,
+            only: None,
+        }
+    }
+
+    /// The same policy narrowed to `only` (RESTRICTED mode's destination list): an address
+    /// must be on it *and* pass every other check.
+    pub fn restricted_to(&self, only: &[IpNet]) -> Self {
+        Self {
+            only: Some(only.to_vec()),
+            ..self.clone()
+        }
     }
 
     /// Adds the addresses of this machine's network interfaces to the denied own addresses
@@ -91,6 +109,14 @@ impl EgressPolicy {
     /// Judges one address.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), Denied> {
         let ip = canonical(ip);
+        if let Some(only) = &self.only {
+            if !only.iter().any(|n| n.contains(&ip)) {
+                return Err(Denied {
+                    ip,
+                    range: DeniedRange::NotOnRestrictedList,
+                });
+            }
+        }
         if self.allow.iter().any(|n| n.contains(&ip)) {
             return Ok(());
         }
@@ -238,6 +264,22 @@ mod tests {
         p.check_ip(ip.parse().unwrap())
             .expect_err(&format!("{ip} must be denied"))
             .range
+    }
+
+    #[test]
+    fn restricted_narrows_but_never_widens() {
+        let allow_lo: IpNet = "127.0.0.0/8".parse().unwrap();
+        let p = EgressPolicy::new(vec![allow_lo], vec![]);
+        let r = p.restricted_to(&["8.8.8.0/24".parse().unwrap(), allow_lo]);
+        // On the list and otherwise allowed.
+        assert!(r.check_ip("8.8.8.8".parse().unwrap()).is_ok());
+        assert!(r.check_ip("127.0.0.1".parse().unwrap()).is_ok());
+        // Allowed by the base policy, but not on the restricted list.
+        assert_eq!(deny(&r, "1.1.1.1"), DeniedRange::NotOnRestrictedList);
+        assert!(p.check_ip("1.1.1.1".parse().unwrap()).is_ok());
+        // On the list, but denied by the base policy: still denied.
+        let r = EgressPolicy::default().restricted_to(&["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(deny(&r, "10.1.2.3"), DeniedRange::Private);
     }
 
     #[test]

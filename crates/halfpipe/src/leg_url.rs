@@ -22,6 +22,21 @@ pub enum Scheme {
 }
 
 impl Scheme {
+    /// Every scheme, in the order of [`Scheme::index`].
+    pub const ALL: [Scheme; 6] = [
+        Scheme::Tcp,
+        Scheme::Tls,
+        Scheme::Quic,
+        Scheme::Ws,
+        Scheme::Wss,
+        Scheme::Wt,
+    ];
+
+    /// Position in [`Scheme::ALL`] (for per-transport counters).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The name in URLs.
     pub fn name(self) -> &'static str {
         match self {

@@ -10,16 +10,22 @@
 //! | [`tunnel`] | the async session driver shared by client and exit |
 //! | [`client`] | session upkeep and local inbounds (SOCKS5, HTTP CONNECT, forwards) |
 //! | [`server`] | leg admission, session table, outbound connects |
+//! | [`control`] | the control plane driven: modes, tripwires, rate limits, tokens, audit |
+//! | [`admin`], [`ctl`] | the admin API over a Unix socket, metrics, and its client |
 //! | [`egress`], [`outbound`] | the exit's egress policy and connector |
 //! | [`socks5`], [`http_connect`] | inbound protocol parsers |
 //! | [`config`], [`keyfile`], [`tls`], [`cert`], [`leg_url`] | configuration and key material |
 //! | [`quickstart`] | the zero-config local demo |
 //! | [`bench`] | the loopback benchmark |
 
+pub mod admin;
+mod audit_view;
 pub mod bench;
 pub mod cert;
 pub mod client;
 pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod egress;
 pub mod http_connect;
 pub mod keyfile;
@@ -34,3 +40,5 @@ pub mod tls;
 pub mod tls_stream;
 pub mod transport;
 pub mod tunnel;
+
+pub use audit_view::{audit_report_json, render_audit_json, render_audit_report};

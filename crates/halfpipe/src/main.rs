@@ -32,11 +32,20 @@ enum Command {
         #[arg(long)]
         check_only: bool,
     },
-    /// Run the exit server.
+    /// Run the exit server (`server init` first, once, to create its state directory).
     Server {
+        #[command(subcommand)]
+        command: Option<ServerCommand>,
         /// Server configuration file.
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
+    /// Talk to a running server's admin API (over its Unix socket).
+    Ctl(CtlArgs),
+    /// The audit log.
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
     },
     /// Run the client (SOCKS5, HTTP CONNECT and forwards).
     Client {
@@ -78,6 +87,178 @@ enum Command {
         /// uplink+downlink pair such as wss+quic.
         #[arg(long, value_delimiter = ',', default_value = "tls")]
         legs: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServerCommand {
+    /// Create the state directory: database, token pepper, audit key and log, mode OPEN,
+    /// and a bootstrap admin token in a 0600 file.
+    Init,
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Verify an audit log: chain, signed checkpoints, head file. Exit 0 only when all holds.
+    Verify {
+        /// The log file (e.g. STATE_DIR/audit/audit.log).
+        file: PathBuf,
+        /// The signing key's public half (hex, printed by 'server init'); without it the
+        /// key named in the log's genesis record is trusted.
+        #[arg(long)]
+        key: Option<String>,
+        /// The head file with the latest checkpoint (default: audit.head beside the log).
+        #[arg(long)]
+        head: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// The server's configuration (finds the admin socket and the bootstrap token).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The admin socket (default: from --config).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// A file holding the admin token (default: HALFPIPE_TOKEN, then the bootstrap token).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Print the server's JSON answer instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Mode, uptime, sessions, users, legs per transport, bytes, tripwires.
+    Status,
+    /// Live sessions.
+    Sessions {
+        #[command(subcommand)]
+        command: SessionsCommand,
+    },
+    /// The control-plane mode.
+    Mode {
+        #[command(subcommand)]
+        command: ModeCommand,
+    },
+    /// Admin tokens.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+    /// Users.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// The audit log, as the server sees it.
+    Log {
+        #[command(subcommand)]
+        command: CtlLogCommand,
+    },
+    /// Re-read the configuration file (as SIGHUP does).
+    Reload,
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// List live sessions.
+    List,
+    /// Close a session now (by id or unique prefix).
+    Kill {
+        /// The session id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModeCommand {
+    /// Show the mode.
+    Get,
+    /// Set the mode: open, restricted, lockdown.
+    Set {
+        /// The mode.
+        mode: String,
+        /// Required to leave LOCKDOWN.
+        #[arg(long)]
+        confirm_leave_lockdown: bool,
+        /// Why (recorded in the state and the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Clear the freeze a clock jump put on de-escalation.
+    Unfreeze,
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Create a token (shown once).
+    Create {
+        /// A name for people.
+        #[arg(long)]
+        name: String,
+        /// Capabilities, comma-separated (status, sessions.read, sessions.kill, mode.set,
+        /// users.manage, tokens.manage, log.read, log.verify, reload, admin).
+        #[arg(long)]
+        caps: String,
+        /// Lifetime, e.g. 30d.
+        #[arg(long)]
+        expires_in: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by id.
+    Revoke {
+        /// The token id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// List users.
+    List,
+    /// Add a user with a public key from 'halfpipe keys gen'.
+    Add {
+        /// Name.
+        name: String,
+        /// The user's public key.
+        #[arg(long)]
+        public_key: String,
+    },
+    /// Remove an API-added user (closes their sessions).
+    Remove {
+        /// Name.
+        name: String,
+    },
+    /// Disable a user (closes their sessions, refuses new ones).
+    Disable {
+        /// Name.
+        name: String,
+    },
+    /// Enable a disabled user.
+    Enable {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlLogCommand {
+    /// Verify the server's audit log with the server's key.
+    Verify,
+    /// The last records.
+    Tail {
+        /// How many.
+        #[arg(short, default_value_t = 20)]
+        n: usize,
     },
 }
 
@@ -149,7 +330,25 @@ fn main() -> std::process::ExitCode {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::Quickstart { dir, check_only } => run_quickstart(&dir, check_only).await,
-        Command::Server { config } => run_server(&config).await,
+        Command::Server { command, config } => {
+            let Some(config) = config else {
+                bail!("'halfpipe server' needs --config FILE (the quickstart writes one)");
+            };
+            match command {
+                Some(ServerCommand::Init) => server_init(&config),
+                None => run_server(&config).await,
+            }
+        }
+        Command::Ctl(args) => run_ctl(args).await,
+        Command::Log {
+            command:
+                LogCommand::Verify {
+                    file,
+                    key,
+                    head,
+                    json,
+                },
+        } => log_verify(&file, key.as_deref(), head.as_deref(), json),
         Command::Client { config } => run_client(&config).await,
         Command::CheckConfig { file } => check_config(&file),
         Command::Keys {
@@ -224,17 +423,203 @@ fn load_errors(e: config::ConfigErrors) -> anyhow::Error {
     anyhow::anyhow!("{e}\n(run 'halfpipe check-config FILE' after fixing)")
 }
 
+fn server_init(path: &Path) -> Result<()> {
+    let settings = config::load_server(path, &config::process_env).map_err(load_errors)?;
+    let done = halfpipe::control::init::init(&settings.control)
+        .with_context(|| format!("initializing the state directory of {}", path.display()))?;
+    let p = &settings.control.paths;
+    println!("state directory:     {} (0700)", p.dir.display());
+    println!(
+        "bootstrap admin token: {} (0600; id {}) — keep it safe, create narrower tokens with 'halfpipe ctl tokens create'",
+        done.token_file.display(),
+        done.token_id
+    );
+    println!(
+        "audit log:           {} (signing key {}, public {})",
+        p.audit_log.display(),
+        p.audit_key.display(),
+        done.audit_public
+    );
+    println!("next: halfpipe server --config {}", path.display());
+    Ok(())
+}
+
 async fn run_server(path: &Path) -> Result<()> {
     let settings = config::load_server(path, &config::process_env).map_err(load_errors)?;
     let server = Server::bind(settings).await?;
     for u in server.urls() {
         tracing::info!(listen = %u, "leg listener up");
     }
-    tokio::select! {
-        _ = server.run() => {}
-        _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+    let handle = server.handle();
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let run = server.run();
+    tokio::pin!(run);
+    let result = loop {
+        tokio::select! {
+            () = &mut run => break Ok(()),
+            _ = hup.recv() => match handle.reload() {
+                Ok(summary) => tracing::info!(%summary, "SIGHUP: configuration reloaded"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed; the running configuration is unchanged"),
+            },
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break Ok(()) }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("shutting down"); break Ok(()) }
+        }
+    };
+    let h = handle.clone();
+    tokio::task::spawn_blocking(move || h.shutdown()).await?;
+    result
+}
+
+fn log_verify(file: &Path, key: Option<&str>, head: Option<&Path>, json: bool) -> Result<()> {
+    let key = match key {
+        None => None,
+        Some(k) => {
+            let mut b = [0u8; 32];
+            hex::decode_to_slice(k.trim(), &mut b).with_context(|| {
+                "--key must be the 64 hex characters printed by 'halfpipe server init'"
+            })?;
+            Some(b)
+        }
+    };
+    let default_head = file.with_file_name("audit.head");
+    let head = head.or(default_head.exists().then_some(default_head.as_path()));
+    let report = halfpipe_audit::verify(file, head, key);
+    if json {
+        println!("{:#}", halfpipe::audit_report_json(&report));
+    } else {
+        print!("{}", halfpipe::render_audit_report(&report));
     }
-    Ok(())
+    if report.is_ok() {
+        Ok(())
+    } else {
+        std::process::exit(7)
+    }
+}
+
+async fn run_ctl(args: CtlArgs) -> Result<()> {
+    use halfpipe::ctl::{read_token, render_status, render_table, CtlClient, CtlError};
+    use serde_json::json;
+    let paths = match &args.config {
+        Some(c) => Some(
+            config::load_server(c, &config::process_env)
+                .map_err(load_errors)?
+                .control
+                .paths,
+        ),
+        None => None,
+    };
+    let Some(socket) = args
+        .socket
+        .clone()
+        .or_else(|| paths.as_ref().map(|p| p.admin_socket.clone()))
+    else {
+        bail!("'halfpipe ctl' needs --config SERVER.TOML or --socket PATH");
+    };
+    let token = match (
+        &args.token_file,
+        std::env::var("HALFPIPE_TOKEN").ok(),
+        &paths,
+    ) {
+        (Some(f), _, _) => read_token(f),
+        (None, Some(t), _) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        (None, _, Some(p)) => read_token(&p.bootstrap_token),
+        _ => Err(CtlError::NoToken),
+    };
+    let outcome = async {
+        let client = CtlClient::new(socket, token?);
+        let (method, path, body) = match &args.command {
+            CtlCommand::Status => ("GET", "/v1/status".to_string(), None),
+            CtlCommand::Sessions { command: SessionsCommand::List } => ("GET", "/v1/sessions".into(), None),
+            CtlCommand::Sessions { command: SessionsCommand::Kill { id } } => ("POST", format!("/v1/sessions/{id}/kill"), None),
+            CtlCommand::Mode { command: ModeCommand::Get } => ("GET", "/v1/mode".into(), None),
+            CtlCommand::Mode { command: ModeCommand::Set { mode, confirm_leave_lockdown, reason } } => (
+                "POST",
+                "/v1/mode".into(),
+                Some(json!({ "mode": mode, "confirm": confirm_leave_lockdown, "reason": reason.clone().unwrap_or_else(|| "set with halfpipe ctl".into()) })),
+            ),
+            CtlCommand::Mode { command: ModeCommand::Unfreeze } => ("POST", "/v1/mode/unfreeze".into(), None),
+            CtlCommand::Tokens { command: TokensCommand::Create { name, caps, expires_in } } => (
+                "POST",
+                "/v1/tokens".into(),
+                Some(json!({ "name": name, "caps": caps, "expires_in": expires_in })),
+            ),
+            CtlCommand::Tokens { command: TokensCommand::List } => ("GET", "/v1/tokens".into(), None),
+            CtlCommand::Tokens { command: TokensCommand::Revoke { id } } => ("DELETE", format!("/v1/tokens/{id}"), None),
+            CtlCommand::Users { command: UsersCommand::List } => ("GET", "/v1/users".into(), None),
+            CtlCommand::Users { command: UsersCommand::Add { name, public_key } } => (
+                "POST",
+                "/v1/users".into(),
+                Some(json!({ "name": name, "public_key": public_key })),
+            ),
+            CtlCommand::Users { command: UsersCommand::Remove { name } } => ("DELETE", format!("/v1/users/{name}"), None),
+            CtlCommand::Users { command: UsersCommand::Disable { name } } => ("POST", format!("/v1/users/{name}/disable"), None),
+            CtlCommand::Users { command: UsersCommand::Enable { name } } => ("POST", format!("/v1/users/{name}/enable"), None),
+            CtlCommand::Log { command: CtlLogCommand::Verify } => ("POST", "/v1/log/verify".into(), None),
+            CtlCommand::Log { command: CtlLogCommand::Tail { n } } => ("GET", format!("/v1/log/tail?n={n}"), None),
+            CtlCommand::Reload => ("POST", "/v1/reload".into(), None),
+        };
+        let v = client.call(method, &path, body).await?;
+        let text = if args.json {
+            format!("{v:#}
+")
+        } else {
+            match &args.command {
+                CtlCommand::Status => render_status(&v),
+                CtlCommand::Sessions { command: SessionsCommand::List } => render_table(
+                    &v,
+                    "sessions",
+                    &["id", "user", "peer", "age_s", "streams", "bytes_up", "bytes_down", "uplink", "downlink"],
+                ),
+                CtlCommand::Tokens { command: TokensCommand::List } => {
+                    render_table(&v, "tokens", &["id", "name", "caps", "expires_ms", "revoked"])
+                }
+                CtlCommand::Tokens { command: TokensCommand::Create { .. } } => format!(
+                    "token {} created; it is shown once, store it now:
+{}
+",
+                    v["id"].as_str().unwrap_or("?"),
+                    v["token"].as_str().unwrap_or("?")
+                ),
+                CtlCommand::Users { command: UsersCommand::List } => {
+                    render_table(&v, "users", &["name", "source", "disabled", "sessions", "public_key"])
+                }
+                CtlCommand::Log { command: CtlLogCommand::Verify } => halfpipe::render_audit_json(&v),
+                CtlCommand::Log { command: CtlLogCommand::Tail { .. } } => v["records"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| format!("{r}
+"))
+                    .collect(),
+                CtlCommand::Mode { .. } => format!(
+                    "mode {}{} (set by {}: {})
+",
+                    v["mode"].as_str().unwrap_or("?"),
+                    if v["frozen"].as_bool() == Some(true) { ", de-escalation frozen" } else { "" },
+                    v["changed_by"].as_str().unwrap_or("?"),
+                    v["reason"].as_str().unwrap_or("")
+                ),
+                _ => format!("{v}
+"),
+            }
+        };
+        print!("{text}");
+        if matches!(args.command, CtlCommand::Log { command: CtlLogCommand::Verify })
+            && v["ok"].as_bool() != Some(true)
+        {
+            return Err(CtlError::LogInvalid);
+        }
+        Ok::<(), CtlError>(())
+    }
+    .await;
+    match outcome {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(e.exit_code() as i32)
+        }
+    }
 }
 
 async fn run_client(path: &Path) -> Result<()> {

@@ -42,6 +42,9 @@ pub enum QuickstartError {
     /// The exit could not start.
     #[error(transparent)]
     Server(#[from] crate::server::ServerError),
+    /// The exit's state directory could not be created.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     /// Noise key generation failed.
     #[error(transparent)]
     Handshake(#[from] halfpipe_core::handshake::HandshakeError),
@@ -158,6 +161,8 @@ pub fn prepare_with(dir: &Path, ports: Ports, schemes: [&str; 2]) -> Result<bool
     });
     std::fs::write(state.server_toml(), server).map_err(io_at(&state.server_toml()))?;
     std::fs::write(state.client_toml(), client).map_err(io_at(&state.client_toml()))?;
+    let settings = config::load_server(&state.server_toml(), &config::process_env)?;
+    crate::control::init::init(&settings.control)?;
     Ok(true)
 }
 

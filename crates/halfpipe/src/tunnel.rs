@@ -30,6 +30,16 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// Bytes read from an application socket at once.
 const APP_READ: usize = 128 * 1024;
 
+/// Paces a stream's bytes (the exit's per-user byte rates): each call charges `n` bytes
+/// and answers zero, or refuses (charging nothing) and says how long to wait before asking
+/// again.
+pub trait Throttle: Send + Sync {
+    /// `n` bytes were read from the socket and are about to enter the session.
+    fn read_from_socket(&self, n: usize) -> Duration;
+    /// `n` bytes left the session and are about to be written to the socket.
+    fn write_to_socket(&self, n: usize) -> Duration;
+}
+
 /// What the side owning the tunnel must act on.
 #[derive(Debug)]
 pub enum Control {
@@ -166,6 +176,12 @@ impl Tunnel {
     /// Whether the session has ended.
     pub fn is_closed(&self) -> bool {
         lock(&self.inner).session.is_closed()
+    }
+
+    /// Whether the send and the receive leg are attached now.
+    pub fn legs_attached(&self) -> (bool, bool) {
+        let g = lock(&self.inner);
+        (g.session.send_leg_attached(), g.session.recv_leg_attached())
     }
 
     /// Number of open streams.
@@ -656,14 +672,27 @@ impl Tunnel {
     }
 
     /// Moves bytes between `socket` and `stream` in both directions until both are done.
-    /// `initial` is data the application already sent (e.g. after an HTTP CONNECT head).
-    pub async fn pump(self: Arc<Self>, stream: StreamId, socket: TcpStream, initial: Bytes) {
+    /// `initial` is data the application already sent (e.g. after an HTTP CONNECT head);
+    /// `throttle`, when given, paces both directions.
+    pub async fn pump(
+        self: Arc<Self>,
+        stream: StreamId,
+        socket: TcpStream,
+        initial: Bytes,
+        throttle: Option<Arc<dyn Throttle>>,
+    ) {
         let Some(sig) = lock(&self.inner).signals.get(&stream).cloned() else {
             return;
         };
         let (rd, wr) = socket.into_split();
-        let up = Arc::clone(&self).pump_app_to_session(stream, sig.clone(), rd, initial);
-        let down = Arc::clone(&self).pump_session_to_app(stream, sig, wr);
+        let up = Arc::clone(&self).pump_app_to_session(
+            stream,
+            sig.clone(),
+            rd,
+            initial,
+            throttle.clone(),
+        );
+        let down = Arc::clone(&self).pump_session_to_app(stream, sig, wr, throttle);
         tokio::join!(up, down);
         lock(&self.inner).signals.remove(&stream);
     }
@@ -674,6 +703,7 @@ impl Tunnel {
         sig: Arc<StreamSignals>,
         mut rd: tokio::net::tcp::OwnedReadHalf,
         initial: Bytes,
+        throttle: Option<Arc<dyn Throttle>>,
     ) {
         let mut pending = initial;
         // One buffer, refilled in place: `split` hands the filled part to the session and
@@ -693,7 +723,12 @@ impl Tunnel {
                     self.with_session(|s| s.finish(stream).ok());
                     return;
                 }
-                Ok(_) => pending = buf.split().freeze(),
+                Ok(n) => {
+                    if let Some(t) = &throttle {
+                        pace(|| t.read_from_socket(n)).await;
+                    }
+                    pending = buf.split().freeze()
+                }
                 Err(_) => {
                     self.with_session(|s| s.reset(stream, ResetCode::Cancelled).ok());
                     return;
@@ -707,6 +742,7 @@ impl Tunnel {
         stream: StreamId,
         sig: Arc<StreamSignals>,
         mut wr: tokio::net::tcp::OwnedWriteHalf,
+        throttle: Option<Arc<dyn Throttle>>,
     ) {
         let mut chunks: Vec<Bytes> = Vec::with_capacity(MAX_WRITE_CHUNKS);
         loop {
@@ -723,6 +759,10 @@ impl Tunnel {
                 }
                 Drained::More
             });
+            if let (Some(t), false) = (&throttle, chunks.is_empty()) {
+                let n = chunks.iter().map(Bytes::len).sum();
+                pace(|| t.write_to_socket(n)).await;
+            }
             if !chunks.is_empty() && write_all_chunks(&mut wr, &mut chunks).await.is_err() {
                 self.with_session(|s| s.reset(stream, ResetCode::Cancelled).ok());
                 return;
@@ -737,6 +777,18 @@ impl Tunnel {
                 Drained::Gone => return,
             }
         }
+    }
+}
+
+/// Asks the throttle until it lets the bytes pass (a refusal charges nothing, so the
+/// bytes are charged by the call that finally says zero).
+async fn pace(mut ask: impl FnMut() -> Duration) {
+    loop {
+        let wait = ask();
+        if wait.is_zero() {
+            return;
+        }
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -1,6 +1,8 @@
 //! End-to-end tests on loopback: real sockets, real TLS, real Noise, in one process.
 
 mod common;
+#[path = "e2e/control_plane.rs"]
+mod control_plane;
 
 use std::net::SocketAddr;
 use std::time::Duration;

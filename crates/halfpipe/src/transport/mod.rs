@@ -40,16 +40,29 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> LegIo for T {}
 /// A boxed leg pipe.
 pub type BoxedLeg = Box<dyn LegIo>;
 
-/// A leg pipe that holds a slot of its listener's connection cap for as long as it lives.
+/// A server leg pipe that holds a slot of its listener's connection cap for as long as it
+/// lives, and counts its bytes per transport (read: up, written: down).
 pub struct Counted {
     inner: BoxedLeg,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    metrics: std::sync::Arc<crate::control::metrics::Metrics>,
+    scheme: crate::leg_url::Scheme,
 }
 
 impl Counted {
     /// Wraps `inner`, keeping `slot` until the pipe is dropped.
-    pub fn new(inner: BoxedLeg, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
-        Self { inner, _slot: slot }
+    pub fn new(
+        inner: BoxedLeg,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        metrics: std::sync::Arc<crate::control::metrics::Metrics>,
+        scheme: crate::leg_url::Scheme,
+    ) -> Self {
+        Self {
+            inner,
+            _slot: slot,
+            metrics,
+            scheme,
+        }
     }
 }
 
@@ -59,7 +72,15 @@ impl AsyncRead for Counted {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            let c = &this.metrics.leg_bytes(this.scheme).up;
+            c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
     }
 }
 
@@ -69,7 +90,13 @@ impl AsyncWrite for Counted {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut *this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            let c = &this.metrics.leg_bytes(this.scheme).down;
+            c.fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
     }
 
     fn poll_flush(

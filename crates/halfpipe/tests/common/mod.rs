@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use halfpipe::client::{serve_inbound, Exit, ExitSettings, Inbound};
+use halfpipe::control::settings::ControlSettings;
 use halfpipe::egress::EgressPolicy;
 use halfpipe::leg_url::LegUrl;
 use halfpipe::server::{Server, ServerHandle, ServerLimits, ServerSettings, User};
@@ -20,6 +21,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Adjusts the control plane's settings before the exit starts.
+pub type ControlTweak = Arc<dyn Fn(&mut ControlSettings) + Send + Sync>;
+
 /// Options for [`start`].
 #[derive(Clone)]
 pub struct Opts {
@@ -28,6 +32,8 @@ pub struct Opts {
     pub allow_loopback: bool,
     pub session: SessionConfig,
     pub limits: ServerLimits,
+    /// Adjusts the control plane's settings before the exit starts.
+    pub control: Option<ControlTweak>,
 }
 
 impl Default for Opts {
@@ -40,6 +46,7 @@ impl Default for Opts {
                 handshake_timeout: Duration::from_secs(2),
                 ..ServerLimits::default()
             },
+            control: None,
         }
     }
 }
@@ -117,7 +124,14 @@ pub async fn start(opts: Opts) -> Harness {
     } else {
         vec![]
     };
+    let mut control = ControlSettings::with_state_dir(&dir.join("state"));
+    if let Some(f) = &opts.control {
+        f(&mut control);
+    }
+    halfpipe::control::init::init(&control).unwrap();
     let server = Server::bind(ServerSettings {
+        control,
+        config_file: None,
         listen,
         transport: ListenSettings {
             tls: Some(halfpipe::tls::server_config(&cert_path, &key_path).unwrap()),

@@ -1,0 +1,375 @@
+//! What the admin API and `ctl` see of a running exit: status, sessions, users, the audit
+//! log, and reloading the configuration.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::{close_sessions, lock, read, Reloadable, ServerHandle, State};
+use crate::control::metrics::Gauges;
+use crate::control::{wall_ms, ControlPlane};
+use crate::keyfile::{decode_public, encode_key};
+use crate::leg_url::Scheme;
+
+/// Recomputes the user table: the config's users and the admin API's, minus disabled ones.
+pub(super) fn rebuild_users(state: &State) {
+    let reloadable = read(&state.reloadable);
+    let users = state.control.db().users();
+    let runtime = users.list();
+    let disabled: BTreeSet<String> = users.disabled_names();
+    let mut table = HashMap::new();
+    for u in &reloadable.config_users {
+        if !disabled.contains(&u.name) {
+            table.insert(u.public_key, u.name.clone());
+        }
+    }
+    for u in runtime.iter().filter(|u| !u.disabled) {
+        table.entry(u.public_key).or_insert_with(|| u.name.clone());
+    }
+    *state.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+}
+
+impl ServerHandle {
+    /// The control plane.
+    pub fn control(&self) -> &Arc<ControlPlane> {
+        &self.state.control
+    }
+
+    /// The Prometheus page.
+    pub fn metrics_page(&self) -> String {
+        let cp = &self.state.control;
+        cp.metrics.render(&self.gauges())
+    }
+
+    fn gauges(&self) -> Gauges {
+        let sessions = lock(&self.state.sessions);
+        Gauges {
+            sessions: sessions.len(),
+            streams: sessions.values().map(|e| e.tunnel.stream_count()).sum(),
+            mode: self.state.control.mode() as u8,
+            uptime_s: self.state.control.uptime().as_secs(),
+        }
+    }
+
+    /// Mode, uptime, sessions, users, legs per transport, bytes, tripwires, counters.
+    pub fn status(&self) -> Value {
+        let cp = &self.state.control;
+        let g = self.gauges();
+        let mut legs: HashMap<&'static str, usize> = HashMap::new();
+        for e in lock(&self.state.sessions).values() {
+            let (send, recv) = e.tunnel.legs_attached();
+            // At the exit the receive leg is the uplink, the send leg the downlink.
+            for (attached, scheme) in [(recv, e.transports[0]), (send, e.transports[1])] {
+                if let (true, Some(s)) = (attached, scheme) {
+                    *legs.entry(s.name()).or_default() += 1;
+                }
+            }
+        }
+        let bytes: Vec<Value> = Scheme::ALL
+            .iter()
+            .map(|s| {
+                let b = cp.metrics.leg_bytes(*s);
+                json!({
+                    "transport": s.name(),
+                    "up": b.up.load(Ordering::Relaxed),
+                    "down": b.down.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        let tripwires: Vec<Value> = cp
+            .tripwire_status()
+            .into_iter()
+            .map(|t| {
+                json!({
+                    "kind": t.kind.name(),
+                    "key": t.key,
+                    "fires": t.fires,
+                    "in_episode": t.in_episode,
+                    "last_fired_ms": t.last_fired_ms,
+                    "count_in_window": t.count_in_window,
+                })
+            })
+            .collect();
+        let mode = cp.mode_state();
+        let bans: Vec<Value> = cp
+            .db()
+            .bans()
+            .list(cp.db().clock().now_ms())
+            .into_iter()
+            .map(|(key, b)| json!({ "key": key, "until_service_ms": b.until_ms, "reason": b.reason }))
+            .collect();
+        json!({
+            "bans": bans,
+            "mode": mode.mode.name(),
+            "frozen": mode.frozen,
+            "mode_changed_by": mode.changed_by,
+            "mode_reason": mode.reason,
+            "uptime_s": g.uptime_s,
+            "sessions": g.sessions,
+            "streams": g.streams,
+            "users": read(&self.state.users).len(),
+            "legs": legs,
+            "bytes": bytes,
+            "sessions_opened": cp.metrics.sessions_opened.load(Ordering::Relaxed),
+            "handshake_failures": cp.metrics.handshake_failures(),
+            "limit_hits": cp.metrics.limit_hits(),
+            "tripwires": tripwires,
+            "audit_failure": cp.audit_failure(),
+        })
+    }
+
+    /// The live sessions, for `ctl sessions`.
+    pub fn sessions_info(&self) -> Vec<Value> {
+        lock(&self.state.sessions)
+            .iter()
+            .map(|(id, e)| {
+                json!({
+                    "id": id.to_string(),
+                    "user": e.user,
+                    "peer": e.peer.to_string(),
+                    "age_s": e.opened.elapsed().as_secs(),
+                    "streams": e.tunnel.stream_count(),
+                    "bytes_up": e.tunnel.stats.bytes_received.load(Ordering::Relaxed),
+                    "bytes_down": e.tunnel.stats.bytes_sent.load(Ordering::Relaxed),
+                    "uplink": e.transports[0].map(Scheme::name),
+                    "downlink": e.transports[1].map(Scheme::name),
+                })
+            })
+            .collect()
+    }
+
+    /// Closes one session, named by its id (hex) or a unique prefix of it.
+    pub fn kill_session(&self, id: &str) -> Result<(), String> {
+        let sessions = lock(&self.state.sessions);
+        let matches: Vec<_> = sessions
+            .iter()
+            .filter(|(sid, _)| sid.to_string().starts_with(id))
+            .collect();
+        let (sid, entry) = match matches.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(format!(
+                    "no session {id} (see 'halfpipe ctl sessions list')"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "{id} matches several sessions: give more of the id"
+                ))
+            }
+        };
+        let (sid, user, tunnel) = (sid.to_string(), entry.user.clone(), entry.tunnel.clone());
+        drop(sessions);
+        tunnel.close(halfpipe_core::frame::CloseCode::Administrative);
+        tracing::warn!(session = %sid, user, "session killed by an administrator");
+        self.state.control.audit(
+            "session_killed",
+            vec![("session".into(), sid), ("user".into(), user)],
+        );
+        Ok(())
+    }
+
+    /// Every user: source (config or api), disabled, live sessions.
+    pub fn users_info(&self) -> Vec<Value> {
+        let state = &self.state;
+        let runtime = state.control.db().users().list();
+        let disabled = state.control.db().users().disabled_names();
+        let sessions = lock(&state.sessions);
+        let live = |name: &str| sessions.values().filter(|e| e.user == name).count();
+        let mut out: Vec<Value> = read(&state.reloadable)
+            .config_users
+            .iter()
+            .map(|u| {
+                json!({
+                    "name": u.name,
+                    "public_key": encode_key(&u.public_key),
+                    "source": "config",
+                    "disabled": disabled.contains(&u.name),
+                    "sessions": live(&u.name),
+                })
+            })
+            .collect();
+        for u in &runtime {
+            out.push(json!({
+                "name": u.name,
+                "public_key": encode_key(&u.public_key),
+                "source": "api",
+                "disabled": u.disabled,
+                "sessions": live(&u.name),
+            }));
+        }
+        out
+    }
+
+    fn is_config_user(&self, name: &str) -> bool {
+        read(&self.state.reloadable)
+            .config_users
+            .iter()
+            .any(|u| u.name == name)
+    }
+
+    /// Adds a user through the admin API (persisted in the state database).
+    pub fn add_user(&self, name: &str, public_key: &str) -> Result<(), String> {
+        let key = decode_public(public_key, "public key").map_err(|_| {
+            "public_key is not a public key (44 characters of base64, as printed by 'halfpipe keys gen')".to_string()
+        })?;
+        let reloadable = read(&self.state.reloadable);
+        if let Some(u) = reloadable
+            .config_users
+            .iter()
+            .find(|u| u.name == name || u.public_key == key)
+        {
+            return Err(format!(
+                "{} is already a user in the config file with that name or key",
+                u.name
+            ));
+        }
+        self.state
+            .control
+            .db()
+            .users()
+            .add(name, key, wall_ms())
+            .map_err(|e| e.to_string())?;
+        rebuild_users(&self.state);
+        self.state
+            .control
+            .audit("user_added", vec![("user".into(), name.into())]);
+        Ok(())
+    }
+
+    /// Removes an API-added user and closes their sessions.
+    pub fn remove_user(&self, name: &str) -> Result<(), String> {
+        if self.is_config_user(name) {
+            return Err(format!(
+                "{name} is defined in the config file: remove it there and reload"
+            ));
+        }
+        self.state
+            .control
+            .db()
+            .users()
+            .remove(name)
+            .map_err(|e| e.to_string())?;
+        rebuild_users(&self.state);
+        close_sessions(&self.state, |u| u == name, "user removed");
+        self.state
+            .control
+            .audit("user_removed", vec![("user".into(), name.into())]);
+        Ok(())
+    }
+
+    /// Disables (closing their sessions) or enables a user, config or API.
+    pub fn set_user_disabled(&self, name: &str, disabled: bool) -> Result<(), String> {
+        let users = self.state.control.db().users();
+        if self.is_config_user(name) {
+            users
+                .set_name_disabled(name, disabled)
+                .map_err(|e| e.to_string())?;
+        } else {
+            users
+                .set_disabled(name, disabled)
+                .map_err(|e| e.to_string())?;
+        }
+        rebuild_users(&self.state);
+        if disabled {
+            close_sessions(&self.state, |u| u == name, "user disabled");
+        }
+        self.state.control.audit(
+            if disabled {
+                "user_disabled"
+            } else {
+                "user_enabled"
+            },
+            vec![("user".into(), name.into())],
+        );
+        Ok(())
+    }
+
+    /// Verifies the audit log (as `halfpipe log verify` would, with the server's key).
+    pub fn verify_log(&self) -> Value {
+        let p = &self.state.control.settings().paths;
+        let key = halfpipe_audit::AuditKey::load(&p.audit_key)
+            .map(|k| k.public_bytes())
+            .ok();
+        let report = halfpipe_audit::verify(&p.audit_log, Some(&p.audit_head), key);
+        crate::audit_report_json(&report)
+    }
+
+    /// The last `n` audit records.
+    pub fn log_tail(&self, n: usize) -> Result<Value, String> {
+        let p = &self.state.control.settings().paths;
+        let records = halfpipe_audit::tail(&p.audit_log, n).map_err(|e| e.to_string())?;
+        Ok(json!({ "records": records }))
+    }
+
+    /// Re-reads the configuration file: users, egress allow list, limits, rates and
+    /// RESTRICTED lists. Sessions of removed users are closed; everyone else keeps going.
+    /// Listener addresses and keys need a restart.
+    pub fn reload(&self) -> Result<Value, String> {
+        let Some(path) = &self.state.config_file else {
+            return Err("this server was not started from a config file".into());
+        };
+        let settings = crate::config::load_server(path, &crate::config::process_env)
+            .map_err(|e| format!("{e}\n(the running configuration is unchanged)"))?;
+        let old = read(&self.state.reloadable);
+        let old_names: BTreeSet<&str> = old.config_users.iter().map(|u| u.name.as_str()).collect();
+        let new_names: BTreeSet<&str> = settings.users.iter().map(|u| u.name.as_str()).collect();
+        let added: Vec<String> = new_names
+            .difference(&old_names)
+            .map(|s| s.to_string())
+            .collect();
+        let removed: Vec<String> = old_names
+            .difference(&new_names)
+            .map(|s| s.to_string())
+            .collect();
+        // A user whose key changed counts as removed (their sessions were made with the old key).
+        let rekeyed: Vec<String> = settings
+            .users
+            .iter()
+            .filter(|n| {
+                old.config_users
+                    .iter()
+                    .any(|o| o.name == n.name && o.public_key != n.public_key)
+            })
+            .map(|u| u.name.clone())
+            .collect();
+        *self
+            .state
+            .reloadable
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(Reloadable {
+            config_users: settings.users,
+            egress: settings.egress,
+            limits: settings.limits,
+        });
+        self.state
+            .control
+            .reload(settings.control.rates, settings.control.restricted);
+        rebuild_users(&self.state);
+        let gone: BTreeSet<&str> = removed.iter().chain(&rekeyed).map(String::as_str).collect();
+        let closed = close_sessions(&self.state, |u| gone.contains(u), "user removed by reload");
+        tracing::info!(?added, ?removed, ?rekeyed, closed, "configuration reloaded");
+        self.state.control.audit(
+            "config_reload",
+            vec![
+                ("added".into(), added.join(",")),
+                ("removed".into(), removed.join(",")),
+                ("rekeyed".into(), rekeyed.join(",")),
+                ("sessions_closed".into(), closed.to_string()),
+            ],
+        );
+        Ok(json!({
+            "added": added,
+            "removed": removed,
+            "rekeyed": rekeyed,
+            "sessions_closed": closed,
+        }))
+    }
+
+    /// Clean shutdown of the control plane (final audit checkpoint, state flushed).
+    pub fn shutdown(&self) {
+        self.state.control.shutdown();
+    }
+}

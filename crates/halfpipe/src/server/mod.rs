@@ -1,0 +1,713 @@
+//! The exit server: leg listeners, handshake admission, the session table, and the
+//! outbound connector behind the egress policy.
+//!
+//! Admission order for every leg: handshake slot (bounded) → Noise authentication →
+//! known user → replay check → session ownership → limits. Anything failing before the
+//! peer is authenticated gets silence on the wire and a `security` log line.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use halfpipe_core::handshake::{
+    AcceptedHello, HandshakeKeys, HelloStatus, LegRole, Responder, ServerHello, SessionId,
+};
+use halfpipe_core::replay::ReplayCache;
+use halfpipe_core::session::{SessionConfig, Side};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+mod handle;
+
+use crate::control::settings::ControlSettings;
+use crate::control::{ControlError, ControlPlane, Direction};
+use crate::egress::EgressPolicy;
+use crate::leg::{server_read_hello, server_reply, unix_ms, LegError};
+use crate::leg_url::{LegUrl, Scheme};
+use crate::transport::{BoxedLeg, Counted, LegListener, ListenSettings, TransportError, Upgrade};
+use crate::tunnel::{Control, Throttle, Tunnel};
+use halfpipe_control::mode::Mode;
+
+/// A user allowed to connect.
+#[derive(Clone, Debug)]
+pub struct User {
+    /// Name, for logs.
+    pub name: String,
+    /// Static X25519 public key: the user's identity.
+    pub public_key: [u8; 32],
+}
+
+/// Admission limits.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    /// Sessions at once.
+    pub max_sessions: usize,
+    /// Sessions at once per user.
+    pub max_sessions_per_user: usize,
+    /// Handshakes being processed at once, per listener.
+    pub max_handshakes_in_flight: usize,
+    /// Connections (legs and handshakes) open at once, per listener.
+    pub max_connections_per_listener: usize,
+    /// Time allowed for transport and Noise handshakes.
+    pub handshake_timeout: Duration,
+    /// Allowed difference between client and server clocks.
+    pub max_clock_skew: Duration,
+    /// Replay cache entries.
+    pub replay_capacity: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 1024,
+            max_sessions_per_user: 16,
+            max_handshakes_in_flight: 64,
+            max_connections_per_listener: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            max_clock_skew: Duration::from_secs(120),
+            replay_capacity: 100_000,
+        }
+    }
+}
+
+/// Everything the exit needs to run.
+pub struct ServerSettings {
+    /// The control plane: state directory, audit log, limits, tripwires.
+    pub control: ControlSettings,
+    /// The configuration file, re-read by `reload` (`None`: nothing to reload from).
+    pub config_file: Option<PathBuf>,
+    /// Leg listeners (any listener accepts either leg role).
+    pub listen: Vec<LegUrl>,
+    /// Certificates and QUIC tuning for the listeners.
+    pub transport: ListenSettings,
+    /// The server's static key and cipher.
+    pub keys: HandshakeKeys,
+    /// Users allowed.
+    pub users: Vec<User>,
+    /// Where streams may go.
+    pub egress: EgressPolicy,
+    /// Timeout for connecting to a target.
+    pub connect_timeout: Duration,
+    /// Admission limits.
+    pub limits: ServerLimits,
+    /// Per-session tunables (stream limit, windows, timers).
+    pub session: SessionConfig,
+}
+
+/// The server failed to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The control plane could not start (fail closed: no serving without it).
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// The admin socket or metrics listener could not be set up.
+    #[error("{0}")]
+    Admin(String),
+}
+
+struct SessionEntry {
+    user: String,
+    user_key: [u8; 32],
+    epochs: [u32; 2],
+    tunnel: Arc<Tunnel>,
+    peer: SocketAddr,
+    opened: Instant,
+    /// Transport of the latest leg of each role (up, down).
+    transports: [Option<Scheme>; 2],
+}
+
+/// What `reload` replaces: the users from the config file, the egress policy, limits.
+struct Reloadable {
+    config_users: Vec<User>,
+    egress: EgressPolicy,
+    limits: ServerLimits,
+}
+
+struct State {
+    keys: HandshakeKeys,
+    /// Users by public key: the config's and the admin API's, minus disabled ones.
+    users: RwLock<Arc<HashMap<[u8; 32], String>>>,
+    reloadable: RwLock<Arc<Reloadable>>,
+    config_file: Option<PathBuf>,
+    connect_timeout: Duration,
+    session: SessionConfig,
+    replay: Mutex<ReplayCache>,
+    sessions: Mutex<HashMap<SessionId, SessionEntry>>,
+    control: Arc<ControlPlane>,
+}
+
+fn read<T: Clone>(l: &RwLock<T>) -> T {
+    l.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// A running (bound) exit server.
+pub struct Server {
+    state: Arc<State>,
+    listeners: Vec<LegListener>,
+    admin: tokio::net::UnixListener,
+    metrics: Option<tokio::net::TcpListener>,
+}
+
+/// A cheap handle for inspecting a running server (status, tests).
+#[derive(Clone)]
+pub struct ServerHandle {
+    state: Arc<State>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Server {
+    /// Binds every listener.
+    pub async fn bind(settings: ServerSettings) -> Result<Self, ServerError> {
+        let mut listeners = Vec::new();
+        for url in &settings.listen {
+            listeners.push(LegListener::bind(url, &settings.transport).await?);
+        }
+        let admin = crate::admin::bind_socket(&settings.control.paths.admin_socket)
+            .map_err(|e| ServerError::Admin(e.to_string()))?;
+        let metrics = match settings.control.metrics {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| ServerError::Admin(format!("metrics listener {addr}: {e}")))?,
+            ),
+            None => None,
+        };
+        let control = ControlPlane::start(settings.control)?;
+        let limits = settings.limits;
+        let state = Arc::new(State {
+            keys: settings.keys,
+            users: RwLock::new(Arc::default()),
+            config_file: settings.config_file,
+            connect_timeout: settings.connect_timeout,
+            replay: Mutex::new(ReplayCache::new(
+                limits.max_clock_skew.as_millis() as u64,
+                limits.replay_capacity,
+            )),
+            reloadable: RwLock::new(Arc::new(Reloadable {
+                config_users: settings.users,
+                egress: settings.egress,
+                limits,
+            })),
+            session: settings.session,
+            sessions: Mutex::new(HashMap::new()),
+            control,
+        });
+        handle::rebuild_users(&state);
+        Ok(Self {
+            state,
+            listeners,
+            admin,
+            metrics,
+        })
+    }
+
+    /// The URLs actually bound (ports resolved).
+    pub fn urls(&self) -> Vec<LegUrl> {
+        self.listeners.iter().map(LegListener::url).collect()
+    }
+
+    /// A handle for inspection.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            state: self.state.clone(),
+        }
+    }
+
+    /// Serves until the task is dropped: the leg listeners, the control plane's
+    /// once-a-second tick, the mode watcher (LOCKDOWN closes every session), the admin
+    /// socket and the metrics listener.
+    pub async fn run(self) {
+        let handle = self.handle();
+        let mut tasks = vec![
+            tokio::spawn(crate::admin::serve_socket(self.admin, handle.clone())),
+            tokio::spawn(tick_loop(self.state.clone())),
+            tokio::spawn(mode_watch(self.state.clone())),
+        ];
+        if let Some(l) = self.metrics {
+            tasks.push(tokio::spawn(crate::admin::serve_metrics(l, handle)));
+        }
+        for l in self.listeners {
+            tasks.push(tokio::spawn(accept_loop(self.state.clone(), l)));
+        }
+        // Abort every task when this future is dropped (shutdown), not just detach them.
+        struct AbortAll(Vec<tokio::task::JoinHandle<()>>);
+        impl Drop for AbortAll {
+            fn drop(&mut self) {
+                self.0.iter().for_each(tokio::task::JoinHandle::abort);
+            }
+        }
+        let _tasks = AbortAll(tasks);
+        futures_util::future::pending::<()>().await;
+    }
+}
+
+impl ServerHandle {
+    /// Number of live sessions.
+    pub fn session_count(&self) -> usize {
+        lock(&self.state.sessions).len()
+    }
+
+    /// Ids and user names of live sessions.
+    pub fn sessions(&self) -> Vec<(SessionId, String)> {
+        lock(&self.state.sessions)
+            .iter()
+            .map(|(id, e)| (*id, e.user.clone()))
+            .collect()
+    }
+
+    /// Bytes the exit holds for all sessions (receive buffers plus retransmit buffers).
+    pub fn buffered_bytes(&self) -> u64 {
+        lock(&self.state.sessions)
+            .values()
+            .map(|e| e.tunnel.memory())
+            .sum()
+    }
+}
+
+async fn accept_loop(state: Arc<State>, listener: LegListener) {
+    let url = listener.url().to_string();
+    let scheme = listener.url().scheme;
+    let limits = read(&state.reloadable).limits.clone();
+    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes_in_flight));
+    let connections = Arc::new(Semaphore::new(limits.max_connections_per_listener));
+    loop {
+        let (peer, upgrade) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let cp = &state.control;
+        if cp.mode() == Mode::Lockdown {
+            // Only the admin API answers in LOCKDOWN.
+            tracing::debug!(%peer, "lockdown: connection dropped");
+            cp.metrics.handshake_failed("lockdown");
+            continue;
+        }
+        if let Err(r) = cp.admit_source(peer.ip()) {
+            tracing::warn!(target: "security", %peer, listener = %url, reason = r.describe(), "connection dropped");
+            continue;
+        }
+        let Ok(slot) = connections.clone().try_acquire_owned() else {
+            cp.metrics.limit_hit("connections_per_listener");
+            tracing::warn!(
+                target: "security",
+                %peer,
+                listener = %url,
+                limit = limits.max_connections_per_listener,
+                "connection limit hit: connection dropped"
+            );
+            continue;
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            cp.metrics.limit_hit("handshakes_in_flight");
+            tracing::warn!(
+                target: "security",
+                %peer,
+                listener = %url,
+                limit = limits.max_handshakes_in_flight,
+                "handshake limit hit: connection dropped"
+            );
+            continue;
+        };
+        let state = state.clone();
+        let timeout = limits.handshake_timeout;
+        tokio::spawn(async move {
+            handle_leg(state, upgrade, slot, peer, scheme, timeout).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Why an unauthenticated leg was refused (logged and counted, never sent).
+fn security_refusal(state: &State, peer: SocketAddr, class: &'static str, reason: &str) {
+    tracing::warn!(target: "security", %peer, reason, "leg refused");
+    state.control.handshake_failed(peer.ip(), class, reason);
+}
+
+async fn handle_leg(
+    state: Arc<State>,
+    upgrade: Upgrade,
+    slot: OwnedSemaphorePermit,
+    peer: SocketAddr,
+    scheme: Scheme,
+    handshake_timeout: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + handshake_timeout;
+    let counters = state.control.metrics.clone();
+    let mut io = match tokio::time::timeout_at(deadline, upgrade).await {
+        // The leg holds its listener's connection slot for as long as it lives.
+        Ok(Ok(io)) => Box::new(Counted::new(io, slot, counters, scheme)) as BoxedLeg,
+        Ok(Err(e)) => {
+            return security_refusal(
+                &state,
+                peer,
+                "transport",
+                &format!("transport handshake failed: {e}"),
+            )
+        }
+        Err(_) => {
+            return security_refusal(&state, peer, "timeout", "transport handshake timed out")
+        }
+    };
+    let (resp, acc) =
+        match tokio::time::timeout_at(deadline, server_read_hello(&mut io, &state.keys)).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(LegError::Io(e))) => {
+                return security_refusal(&state, peer, "io", &format!("I/O during handshake: {e}"))
+            }
+            Ok(Err(e)) => {
+                // Hold the connection open in silence until the deadline: no error byte,
+                // no early close that would tell a prober anything.
+                security_refusal(&state, peer, "auth", &format!("authentication failed: {e}"));
+                return silence(&mut io, deadline).await;
+            }
+            Err(_) => return security_refusal(&state, peer, "timeout", "handshake timed out"),
+        };
+    match admit(&state, peer, &acc, scheme) {
+        Admission::Silence(class, reason) => {
+            security_refusal(&state, peer, class, &reason);
+            silence(&mut io, deadline).await;
+        }
+        Admission::Refuse(status) => {
+            let hello = ServerHello {
+                status,
+                recv_next: 0,
+                server_time_ms: unix_ms(),
+            };
+            tracing::info!(%peer, session = %acc.hello.session_id, status = status.describe(), "leg refused");
+            let _ = tokio::time::timeout_at(deadline, server_reply(&mut io, resp, &hello)).await;
+        }
+        Admission::Attach(tunnel) => {
+            state.control.metrics.legs_attached[scheme.index()]
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            attach(peer, io, resp, &acc, tunnel, deadline).await
+        }
+    }
+}
+
+/// Reads and discards until the deadline or EOF, so a refused peer learns nothing.
+async fn silence(io: &mut BoxedLeg, deadline: tokio::time::Instant) {
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout_at(deadline, async {
+        while let Ok(n) = io.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+enum Admission {
+    /// Refused before the peer may learn anything: reason class and text.
+    Silence(&'static str, String),
+    Refuse(HelloStatus),
+    Attach(Arc<Tunnel>),
+}
+
+fn admit(state: &Arc<State>, peer: SocketAddr, acc: &AcceptedHello, scheme: Scheme) -> Admission {
+    let users = read(&state.users);
+    let Some(user) = users.get(&acc.client_static) else {
+        return Admission::Silence("unknown_key", "unknown or disabled client key".into());
+    };
+    if let Err(e) =
+        lock(&state.replay).check_and_insert(acc.replay_id, acc.hello.timestamp_ms, unix_ms())
+    {
+        if matches!(e, halfpipe_core::replay::ReplayError::Replayed) {
+            state.control.replay_seen();
+        }
+        return Admission::Silence("replay", format!("user {user}: {e}"));
+    }
+    let hello = &acc.hello;
+    let role_idx = match hello.role {
+        LegRole::Up => 0,
+        LegRole::Down => 1,
+    };
+    let mut sessions = lock(&state.sessions);
+    if let Some(entry) = sessions.get_mut(&hello.session_id) {
+        if entry.user_key != acc.client_static {
+            return Admission::Silence(
+                "hijack",
+                format!(
+                    "user {user} named session {} owned by another user",
+                    hello.session_id
+                ),
+            );
+        }
+        if hello.epoch <= entry.epochs[role_idx] {
+            return Admission::Refuse(HelloStatus::StaleEpoch);
+        }
+        entry.epochs[role_idx] = hello.epoch;
+        entry.transports[role_idx] = Some(scheme);
+        return Admission::Attach(entry.tunnel.clone());
+    }
+    if hello.epoch > 1 || hello.recv_next > 0 {
+        // A leg resuming a session this exit does not hold (it restarted, or the session
+        // expired): tell the client to start afresh instead of building a session around
+        // sequence numbers it cannot honour.
+        return Admission::Refuse(HelloStatus::UnknownSession);
+    }
+    if let Err(r) = state.control.admit_session(user) {
+        tracing::warn!(%peer, user, reason = r.describe(), "new session refused by the control plane");
+        return Admission::Refuse(HelloStatus::Refused);
+    }
+    let limits = read(&state.reloadable).limits.clone();
+    if sessions.len() >= limits.max_sessions {
+        state.control.metrics.limit_hit("sessions");
+        tracing::warn!(%peer, user, limit = limits.max_sessions, "session limit hit");
+        return Admission::Refuse(HelloStatus::SessionLimit);
+    }
+    let per_user = sessions
+        .values()
+        .filter(|e| e.user_key == acc.client_static)
+        .count();
+    if per_user >= limits.max_sessions_per_user {
+        state.control.metrics.limit_hit("sessions_per_user");
+        tracing::warn!(%peer, user, limit = limits.max_sessions_per_user, "per-user session limit hit");
+        return Admission::Refuse(HelloStatus::UserSessionLimit);
+    }
+    let (tunnel, control) = Tunnel::new(Side::Server, state.session.clone());
+    let mut epochs = [0u32; 2];
+    epochs[role_idx] = hello.epoch;
+    let mut transports = [None; 2];
+    transports[role_idx] = Some(scheme);
+    sessions.insert(
+        hello.session_id,
+        SessionEntry {
+            user: user.clone(),
+            user_key: acc.client_static,
+            epochs,
+            tunnel: tunnel.clone(),
+            peer,
+            opened: Instant::now(),
+            transports,
+        },
+    );
+    drop(sessions);
+    state
+        .control
+        .metrics
+        .sessions_opened
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(%peer, user, session = %hello.session_id, "session opened");
+    state.control.audit(
+        "session_opened",
+        vec![
+            ("user".into(), user.clone()),
+            ("session".into(), hello.session_id.to_string()),
+            ("peer".into(), peer.to_string()),
+        ],
+    );
+    tokio::spawn(run_session(
+        state.clone(),
+        hello.session_id,
+        user.clone(),
+        tunnel.clone(),
+        control,
+    ));
+    Admission::Attach(tunnel)
+}
+
+async fn attach(
+    peer: SocketAddr,
+    mut io: BoxedLeg,
+    resp: Responder,
+    acc: &AcceptedHello,
+    tunnel: Arc<Tunnel>,
+    deadline: tokio::time::Instant,
+) {
+    let hello = ServerHello {
+        status: HelloStatus::Accepted,
+        recv_next: tunnel.recv_next(),
+        server_time_ms: unix_ms(),
+    };
+    let keys = match tokio::time::timeout_at(deadline, server_reply(&mut io, resp, &hello)).await {
+        Ok(Ok(k)) => k,
+        Ok(Err(e)) => return tracing::info!(%peer, error = %e, "leg lost during handshake reply"),
+        Err(_) => return tracing::info!(%peer, "leg handshake reply timed out"),
+    };
+    let role = acc.hello.role;
+    let attached = tunnel.attach_leg(role, io, &keys, acc.hello.recv_next);
+    match attached {
+        Ok(()) => {
+            tracing::debug!(%peer, session = %acc.hello.session_id, leg = role.name(), epoch = acc.hello.epoch, "leg attached")
+        }
+        Err(e) => {
+            tracing::warn!(%peer, session = %acc.hello.session_id, error = %e, "leg refused by session; session closed");
+        }
+    }
+}
+
+/// Paces one user's streams by the control plane's byte rates.
+struct UserThrottle {
+    control: Arc<ControlPlane>,
+    user: String,
+}
+
+impl UserThrottle {
+    fn charge(&self, dir: Direction, n: usize) -> Duration {
+        match self.control.byte_rate(dir) {
+            Some(spec) => self.control.charge_bytes(&self.user, dir, spec, n as u64),
+            None => Duration::ZERO,
+        }
+    }
+}
+
+impl Throttle for UserThrottle {
+    // At the exit the socket is the target: what it sends goes down to the client.
+    fn read_from_socket(&self, n: usize) -> Duration {
+        self.charge(Direction::Down, n)
+    }
+
+    fn write_to_socket(&self, n: usize) -> Duration {
+        self.charge(Direction::Up, n)
+    }
+}
+
+async fn connect_stream(
+    state: Arc<State>,
+    tunnel: Arc<Tunnel>,
+    user: String,
+    stream: halfpipe_core::frame::StreamId,
+    target: halfpipe_core::TargetAddr,
+) {
+    let cp = &state.control;
+    if let Err(r) = cp.admit_stream(&user) {
+        tracing::info!(user, %target, reason = r.describe(), "stream refused by the control plane");
+        let _ = tunnel.open_result(stream, halfpipe_core::ConnectStatus::NotAllowed);
+        return;
+    }
+    let base = read(&state.reloadable).egress.clone();
+    let policy = cp.egress(&base).unwrap_or(base);
+    match crate::outbound::connect(&policy, &target, state.connect_timeout).await {
+        Ok(socket) => {
+            if tunnel
+                .open_result(stream, halfpipe_core::ConnectStatus::Succeeded)
+                .is_ok()
+            {
+                let throttle = (cp.byte_rate(Direction::Up).is_some()
+                    || cp.byte_rate(Direction::Down).is_some())
+                .then(|| {
+                    Arc::new(UserThrottle {
+                        control: cp.clone(),
+                        user: user.clone(),
+                    }) as Arc<dyn Throttle>
+                });
+                tunnel
+                    .pump(stream, socket, bytes::Bytes::new(), throttle)
+                    .await;
+            }
+        }
+        Err(status) => {
+            if status == halfpipe_core::ConnectStatus::NotAllowed {
+                cp.egress_denied(&user);
+            }
+            tracing::info!(user, %target, reason = status.describe(), "stream refused");
+            let _ = tunnel.open_result(stream, status);
+        }
+    }
+}
+
+async fn run_session(
+    state: Arc<State>,
+    id: SessionId,
+    user: String,
+    tunnel: Arc<Tunnel>,
+    mut control: mpsc::Receiver<Control>,
+) {
+    while let Some(c) = control.recv().await {
+        match c {
+            Control::StreamOpened { stream, target } => {
+                tokio::spawn(connect_stream(
+                    state.clone(),
+                    tunnel.clone(),
+                    user.clone(),
+                    stream,
+                    target,
+                ));
+            }
+            Control::StreamLimit(stream) => {
+                state.control.metrics.limit_hit("streams_per_session");
+                tracing::warn!(user, session = %id, stream, "stream limit hit: stream refused");
+            }
+            Control::LegDown { role, error } => {
+                tracing::debug!(user, session = %id, leg = role.name(), error, "leg down");
+            }
+            Control::Closed(reason) => {
+                let up = tunnel
+                    .stats
+                    .bytes_received
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let down = tunnel
+                    .stats
+                    .bytes_sent
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(user, session = %id, ?reason, bytes_up = up, bytes_down = down, "session closed");
+                state.control.audit(
+                    "session_closed",
+                    vec![
+                        ("user".into(), user.clone()),
+                        ("session".into(), id.to_string()),
+                        ("reason".into(), format!("{reason:?}")),
+                        ("bytes_up".into(), up.to_string()),
+                        ("bytes_down".into(), down.to_string()),
+                    ],
+                );
+                break;
+            }
+        }
+    }
+    lock(&state.sessions).remove(&id);
+}
+
+/// Once a second: the control plane's clock check and state flush.
+async fn tick_loop(state: Arc<State>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let cp = state.control.clone();
+        // The flush touches the disk: keep it off the async workers.
+        let _ = tokio::task::spawn_blocking(move || cp.tick()).await;
+    }
+}
+
+/// Closes every session when the mode becomes LOCKDOWN.
+async fn mode_watch(state: Arc<State>) {
+    let mut rx = state.control.subscribe();
+    loop {
+        if *rx.borrow_and_update() == Mode::Lockdown {
+            close_sessions(&state, |_| true, "lockdown");
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Closes the sessions whose user matches; returns how many.
+fn close_sessions(state: &State, which: impl Fn(&str) -> bool, why: &str) -> usize {
+    let tunnels: Vec<Arc<Tunnel>> = lock(&state.sessions)
+        .values()
+        .filter(|e| which(&e.user))
+        .map(|e| e.tunnel.clone())
+        .collect();
+    for t in &tunnels {
+        t.close(halfpipe_core::frame::CloseCode::Administrative);
+    }
+    if !tunnels.is_empty() {
+        tracing::warn!(count = tunnels.len(), why, "sessions closed");
+    }
+    tunnels.len()
+}

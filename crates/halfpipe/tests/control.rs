@@ -1,0 +1,596 @@
+//! The control plane end to end, with real processes: `halfpipe server` and `halfpipe
+//! client` started from quickstart-made configs on loopback, steered with `halfpipe ctl`.
+//!
+//! Readiness is explicit (the admin API answers, the SOCKS port accepts, a record shows up)
+//! and every wait is bounded.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{echo_server, echo_transfer, socks_connect, temp_dir, KillOnDrop};
+use halfpipe::quickstart::{prepare_with, Ports};
+use halfpipe_core::TargetAddr;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_halfpipe")
+}
+
+/// A quickstart directory (keys, certificate, configs, initialized state) and its ports.
+fn setup(tag: &str) -> (PathBuf, Ports) {
+    let dir = temp_dir(tag);
+    let ports = Ports::pick([0, 0, 0, 0]).unwrap();
+    assert!(prepare_with(&dir, ports, ["tls", "tls"]).unwrap());
+    (dir, ports)
+}
+
+fn edit(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{from:?} not in {}", path.display());
+    std::fs::write(path, text.replacen(from, to, 1)).unwrap();
+}
+
+fn spawn(dir: &Path, args: &[&str], log: &str) -> KillOnDrop {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(log))
+        .unwrap();
+    KillOnDrop(
+        Command::new(bin())
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// `halfpipe ctl --config DIR/server.toml ARGS`: (exit code, stdout, stderr).
+fn ctl_with(dir: &Path, token: Option<&str>, args: &[&str]) -> (i32, String, String) {
+    let mut c = Command::new(bin());
+    c.arg("ctl")
+        .arg("--config")
+        .arg(dir.join("server.toml"))
+        .args(args)
+        .stdin(Stdio::null());
+    match token {
+        Some(t) => c.env("HALFPIPE_TOKEN", t),
+        None => c.env_remove("HALFPIPE_TOKEN"),
+    };
+    let out = c.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ctl(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    ctl_with(dir, None, args)
+}
+
+/// `ctl --json ARGS`, which must succeed.
+fn ctl_json(dir: &Path, args: &[&str]) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let (code, out, err) = ctl(dir, &a);
+    assert_eq!(code, 0, "ctl {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {out}"))
+}
+
+/// Polls `f` every 50 ms until it holds, for at most `limit`.
+async fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn start_server(dir: &Path) -> KillOnDrop {
+    let child = spawn(dir, &["server", "--config", "server.toml"], "server.log");
+    let d = dir.to_owned();
+    wait_until("the admin API", Duration::from_secs(30), move || {
+        ctl(&d, &["status"]).0 == 0
+    })
+    .await;
+    child
+}
+
+async fn start_client(dir: &Path, config: &str, socks: u16) -> KillOnDrop {
+    let child = spawn(dir, &["client", "--config", config], "client.log");
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", socks))
+        .await
+        .is_err()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "client never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child
+}
+
+fn signal(child: &KillOnDrop, sig: libc::c_int) {
+    // SAFETY: kill(2) on our own child's pid with a valid signal number.
+    let rc = unsafe { libc::kill(child.0.id() as libc::pid_t, sig) };
+    assert_eq!(rc, 0);
+}
+
+/// Stops a server cleanly (SIGTERM) and waits for it.
+fn stop(mut child: KillOnDrop) {
+    signal(&child, libc::SIGTERM);
+    let start = Instant::now();
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "server did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sessions(dir: &Path) -> Vec<Value> {
+    ctl_json(dir, &["sessions", "list"])["sessions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A SOCKS stream through `socks` to `target` that echoes `n` bytes back (the tunnel works).
+async fn echo_once(socks: u16, target: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let (code, mut s) =
+        socks_connect(([127, 0, 0, 1], socks).into(), &TargetAddr::Ip(target)).await;
+    assert_eq!(code, 0, "SOCKS connect refused");
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"ping");
+    s
+}
+
+/// A SOCKS stream to `target`, retried (bounded) while the client re-establishes its
+/// session (after an exit restart its first request may meet the old, dead session).
+async fn socks_retry(socks: u16, target: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let start = Instant::now();
+    loop {
+        let (code, s) =
+            socks_connect(([127, 0, 0, 1], socks).into(), &TargetAddr::Ip(target)).await;
+        if code == 0 {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no tunnel (SOCKS reply {code})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether the stream ends (EOF or error) within `limit`.
+async fn ends_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    let mut b = [0u8; 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+fn audit_kinds(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("state/audit/audit.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["kind"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lockdown_closes_every_session_and_survives_kill_9() {
+    let (dir, ports) = setup("lockdown");
+    let target = echo_server().await;
+    let server = start_server(&dir).await;
+    let _client = start_client(&dir, "client.toml", ports.socks).await;
+    let mut stream = echo_once(ports.socks, target).await;
+    assert_eq!(sessions(&dir).len(), 1);
+
+    let (code, _, err) = ctl(&dir, &["mode", "set", "lockdown", "--reason", "test"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        ends_within(&mut stream, Duration::from_secs(10)).await,
+        "the live stream survived LOCKDOWN"
+    );
+    let d = dir.clone();
+    wait_until("no sessions", Duration::from_secs(10), move || {
+        sessions(&d).is_empty()
+    })
+    .await;
+    // No new session: the SOCKS request is answered with a failure.
+    let (code, _) = socks_connect(
+        ([127, 0, 0, 1], ports.socks).into(),
+        &TargetAddr::Ip(target),
+    )
+    .await;
+    assert_ne!(code, 0, "a stream was opened in LOCKDOWN");
+
+    // kill -9, restart: still LOCKDOWN.
+    drop(server);
+    let server = start_server(&dir).await;
+    let m = ctl_json(&dir, &["mode", "get"]);
+    assert_eq!(m["mode"], "lockdown", "{m}");
+
+    // Leaving LOCKDOWN needs the confirmation, and is logged with the token's id.
+    let (code, _, err) = ctl(&dir, &["mode", "set", "open"]);
+    assert_eq!(code, 5, "left lockdown without confirmation: {err}");
+    assert!(err.contains("--confirm-leave-lockdown"), "{err}");
+    let (code, _, err) = ctl(&dir, &["mode", "set", "open", "--confirm-leave-lockdown"]);
+    assert_eq!(code, 0, "{err}");
+    let m = ctl_json(&dir, &["mode", "get"]);
+    assert_eq!(m["mode"], "open");
+    assert!(
+        m["changed_by"].as_str().unwrap().starts_with("token:"),
+        "{m}"
+    );
+    // And the tunnel works again (the client redials with backoff).
+    let start = Instant::now();
+    loop {
+        let (code, _) = socks_connect(
+            ([127, 0, 0, 1], ports.socks).into(),
+            &TargetAddr::Ip(target),
+        )
+        .await;
+        if code == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no tunnel after leaving lockdown"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(server);
+    let kinds = audit_kinds(&dir);
+    assert!(
+        kinds.iter().filter(|k| *k == "mode_change").count() >= 2,
+        "{kinds:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_or_missing_mode_file_starts_in_lockdown() {
+    let (dir, _) = setup("corrupt-mode");
+    let mode = dir.join("state/mode.json");
+    let mut bytes = std::fs::read(&mode).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(&mode, &bytes).unwrap();
+    let server = start_server(&dir).await;
+    let m = ctl_json(&dir, &["mode", "get"]);
+    assert_eq!(m["mode"], "lockdown", "{m}");
+    let reason = m["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("confirm-leave-lockdown"),
+        "no recovery advice: {reason}"
+    );
+    drop(server);
+
+    std::fs::remove_file(&mode).unwrap();
+    let server = start_server(&dir).await;
+    let m = ctl_json(&dir, &["mode", "get"]);
+    assert_eq!(m["mode"], "lockdown", "{m}");
+    assert!(m["reason"].as_str().unwrap().contains("missing"), "{m}");
+    let log = std::fs::read_to_string(dir.join("server.log")).unwrap();
+    assert!(
+        log.contains("starting in LOCKDOWN"),
+        "no log line saying why"
+    );
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_drives_a_running_server() {
+    let (dir, ports) = setup("ctl");
+    let target = echo_server().await;
+    let server = start_server(&dir).await;
+    let _client = start_client(&dir, "client.toml", ports.socks).await;
+    let _s = echo_once(ports.socks, target).await;
+
+    // Human status.
+    let (code, out, _) = ctl(&dir, &["status"]);
+    assert_eq!(code, 0);
+    for needle in [
+        "mode:      open",
+        "sessions:  1",
+        "legs:      tls 2",
+        "tripwires:",
+    ] {
+        assert!(
+            out.contains(needle),
+            "{needle:?} missing from status:\n{out}"
+        );
+    }
+
+    // A live transfer is closed by `sessions kill`.
+    let (code, stream) = socks_connect(
+        ([127, 0, 0, 1], ports.socks).into(),
+        &TargetAddr::Ip(target),
+    )
+    .await;
+    assert_eq!(code, 0);
+    let transfer = tokio::spawn(echo_transfer(stream, 1 << 30, 7));
+    let d = dir.clone();
+    wait_until("bytes moving", Duration::from_secs(20), move || {
+        sessions(&d)[0]["bytes_up"].as_u64().unwrap_or(0) > (1 << 20)
+    })
+    .await;
+    let id = sessions(&dir)[0]["id"].as_str().unwrap().to_string();
+    let (code, _, err) = ctl(&dir, &["sessions", "kill", &id[..8]]);
+    assert_eq!(code, 0, "{err}");
+    let outcome = tokio::time::timeout(Duration::from_secs(20), transfer).await;
+    match outcome {
+        Ok(Ok((_, _, got))) => assert!(got < 1 << 30, "the transfer finished despite the kill"),
+        Ok(Err(_)) => {} // the echo task saw the connection die
+        Err(_) => panic!("the killed transfer kept going"),
+    }
+    assert_eq!(ctl(&dir, &["sessions", "kill", "ffffffffffff"]).0, 4);
+
+    // Tokens: a narrow token can read status but not change the mode; revoked is refused.
+    let t = ctl_json(
+        &dir,
+        &["tokens", "create", "--name", "watcher", "--caps", "status"],
+    );
+    let secret = t["token"].as_str().unwrap().to_string();
+    let id = t["id"].as_str().unwrap().to_string();
+    assert_eq!(ctl_with(&dir, Some(&secret), &["status"]).0, 0);
+    let (code, _, err) = ctl_with(&dir, Some(&secret), &["mode", "set", "lockdown"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("mode.set"), "{err}");
+    let listed = ctl(&dir, &["--json", "tokens", "list"]).1;
+    assert!(
+        listed.contains(&id) && !listed.contains(&secret),
+        "{listed}"
+    );
+    assert_eq!(ctl(&dir, &["tokens", "revoke", &id]).0, 0);
+    let (code, _, err) = ctl_with(&dir, Some(&secret), &["status"]);
+    assert_eq!(code, 3, "revoked token accepted: {err}");
+    assert_eq!(ctl_with(&dir, Some("hpt_00_garbage"), &["status"]).0, 3);
+
+    // Users.
+    let users = ctl_json(&dir, &["users", "list"]);
+    assert_eq!(users["users"][0]["name"], "quickstart");
+
+    // The log: the server's own verification, tail, and the offline verifier.
+    let (code, out, _) = ctl(&dir, &["log", "verify"]);
+    assert_eq!(code, 0, "{out}");
+    let tail = ctl_json(&dir, &["log", "tail", "-n", "50"]);
+    let kinds: Vec<&str> = tail["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["kind"].as_str())
+        .collect();
+    for k in [
+        "session_opened",
+        "token_created",
+        "token_revoked",
+        "session_killed",
+        "token_use",
+    ] {
+        assert!(kinds.contains(&k), "{k} not in {kinds:?}");
+    }
+    stop(server);
+    let all = std::fs::read_to_string(dir.join("state/audit/audit.log")).unwrap();
+    assert!(!all.contains(&secret), "a token is in the audit log");
+    let bootstrap = std::fs::read_to_string(dir.join("state/admin.token")).unwrap();
+    assert!(!all.contains(bootstrap.trim()));
+    let server_log = std::fs::read_to_string(dir.join("server.log")).unwrap();
+    assert!(!server_log.contains(&secret) && !server_log.contains(bootstrap.trim()));
+
+    let verify = |args: &[&str]| {
+        let out = Command::new(bin())
+            .args(["log", "verify"])
+            .arg(dir.join("state/audit/audit.log"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = verify(&[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("OK"), "{out}");
+    let wrong_key = "00".repeat(32);
+    let (code, out) = verify(&["--key", &wrong_key]);
+    assert_eq!(code, 7, "a log signed by another key verified: {out}");
+    // Edit one record: named.
+    let log = dir.join("state/audit/audit.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let tampered = text.replacen("\"quickstart\"", "\"mallory\"", 1);
+    assert_ne!(tampered, text);
+    std::fs::write(&log, tampered).unwrap();
+    let (code, out) = verify(&[]);
+    assert_eq!(code, 7, "{out}");
+    assert!(out.contains("edited"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_removes_a_user_while_another_transfers() {
+    let (dir, ports) = setup("reload");
+    let target = echo_server().await;
+    // bob: a second user, with his own key and client config.
+    let out = Command::new(bin())
+        .args(["keys", "gen", "--out"])
+        .arg(dir.join("bob.key"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let bob_pub = std::fs::read_to_string(dir.join("bob.key.pub")).unwrap();
+    let bob_ports = Ports::pick([0, 0, 0, 0]).unwrap();
+    let client_cfg = std::fs::read_to_string(dir.join("client.toml")).unwrap();
+    let bob_cfg = client_cfg
+        .replace(
+            "private_key_file = \"client.key\"",
+            "private_key_file = \"bob.key\"",
+        )
+        .replace(
+            &format!("127.0.0.1:{}\"", ports.socks),
+            &format!("127.0.0.1:{}\"", bob_ports.socks),
+        )
+        .replace(
+            &format!("127.0.0.1:{}\"", ports.http),
+            &format!("127.0.0.1:{}\"", bob_ports.http),
+        );
+    std::fs::write(dir.join("bob.toml"), bob_cfg).unwrap();
+
+    let server = start_server(&dir).await;
+    let _alice = start_client(&dir, "client.toml", ports.socks).await;
+    let (code, stream) = socks_connect(
+        ([127, 0, 0, 1], ports.socks).into(),
+        &TargetAddr::Ip(target),
+    )
+    .await;
+    assert_eq!(code, 0);
+    let alice = tokio::spawn(echo_transfer(stream, 48 << 20, 11));
+
+    // Add bob to the config; SIGHUP.
+    let user_block = format!(
+        "[[users]]\nname = \"bob\"\npublic_key = {:?}\n\n[egress]",
+        bob_pub.trim()
+    );
+    edit(&dir.join("server.toml"), "[egress]", &user_block);
+    signal(&server, libc::SIGHUP);
+    let d = dir.clone();
+    wait_until("bob in the user list", Duration::from_secs(10), move || {
+        ctl_json(&d, &["users", "list"])["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["name"] == "bob")
+    })
+    .await;
+    let _bob = start_client(&dir, "bob.toml", bob_ports.socks).await;
+    let mut bob_stream = echo_once(bob_ports.socks, target).await;
+    assert!(sessions(&dir).iter().any(|s| s["user"] == "bob"));
+
+    // Remove bob again; `ctl reload`: his session is closed, alice's transfer runs on.
+    edit(&dir.join("server.toml"), &user_block, "[egress]");
+    let (code, out, err) = ctl(&dir, &["--json", "reload"]);
+    assert_eq!(code, 0, "{err}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["removed"][0], "bob", "{summary}");
+    assert!(
+        ends_within(&mut bob_stream, Duration::from_secs(10)).await,
+        "bob's stream outlived his removal"
+    );
+    assert!(!sessions(&dir).iter().any(|s| s["user"] == "bob"));
+
+    let (sent, got, n) = tokio::time::timeout(Duration::from_secs(300), alice)
+        .await
+        .expect("alice's transfer stalled")
+        .unwrap();
+    assert_eq!(n, 48 << 20);
+    assert_eq!(sent, got, "alice's bytes changed across the reloads");
+    assert!(
+        audit_kinds(&dir)
+            .iter()
+            .filter(|k| *k == "config_reload")
+            .count()
+            >= 2
+    );
+    stop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_and_a_byte_budget_survive_a_restart() {
+    let (dir, ports) = setup("persist");
+    let target = echo_server().await;
+    let cfg = dir.join("server.toml");
+    // 2 kB/s down after a 1 MB burst: the burst refills only while the server runs
+    // (service time), so a restart cannot hand a fresh budget out.
+    edit(
+        &cfg,
+        "bytes_down_per_user = \"off\"",
+        "bytes_down_per_user = { per_second = 2000, burst = 1000000 }",
+    );
+    let server = start_server(&dir).await;
+    let client = start_client(&dir, "client.toml", ports.socks).await;
+    let (code, stream) = socks_connect(
+        ([127, 0, 0, 1], ports.socks).into(),
+        &TargetAddr::Ip(target),
+    )
+    .await;
+    assert_eq!(code, 0);
+    let (a, b, n) = echo_transfer(stream, 1_000_000, 3).await;
+    assert_eq!((a, n), (b, 1_000_000));
+    stop(server);
+    let server = start_server(&dir).await;
+    let stream = socks_retry(ports.socks, target).await;
+    let (a, b, n) = echo_transfer(stream, 16_000, 4).await;
+    assert_eq!((a, n), (b, 16_000));
+    let status = ctl_json(&dir, &["status"]);
+    assert!(
+        status["limit_hits"]["bytes_down_per_user"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "the byte budget was fresh after the restart: {status}"
+    );
+    drop(client);
+
+    // Three failed handshakes from 127.0.0.1 ban it; the ban outlives a restart.
+    stop(server);
+    edit(&cfg, "threshold = 20", "threshold = 3");
+    let server = start_server(&dir).await;
+    let leg = ("127.0.0.1", ports.uplink);
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(leg).await.unwrap();
+        let _ = s
+            .write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5])
+            .await;
+        let _ = s.shutdown().await;
+        let _ = ends_within(&mut s, Duration::from_secs(15)).await;
+    }
+    let d = dir.clone();
+    wait_until("the ban", Duration::from_secs(10), move || {
+        ctl_json(&d, &["status"])["bans"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|x| x["key"] == "src:127.0.0.1"))
+    })
+    .await;
+    stop(server);
+    let server = start_server(&dir).await;
+    let status = ctl_json(&dir, &["status"]);
+    assert!(
+        status["bans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["key"] == "src:127.0.0.1"),
+        "the ban did not survive the restart: {status}"
+    );
+    // A banned source is dropped at once, before any handshake.
+    let mut s = tokio::net::TcpStream::connect(leg).await.unwrap();
+    assert!(
+        ends_within(&mut s, Duration::from_secs(5)).await,
+        "banned source was served"
+    );
+    stop(server);
+    assert!(audit_kinds(&dir).contains(&"ban".to_string()));
+}

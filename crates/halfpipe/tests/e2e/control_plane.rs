@@ -1,0 +1,405 @@
+//! The control plane inside a running exit: every tripwire drives the mode it should, the
+//! capability table holds on the real API, tokens are refused when they should be and
+//! never logged.
+
+use std::sync::Arc;
+
+use halfpipe::admin::handle;
+use halfpipe::control::settings::ControlSettings;
+use halfpipe_control::capability::{Capability, CapabilitySet};
+use halfpipe_control::endpoint::Endpoint;
+use halfpipe_control::mode::Mode;
+use halfpipe_control::tripwire::{Action, TripwireKind};
+use hyper::StatusCode;
+
+use super::*;
+
+fn with_tripwire(kind: TripwireKind, threshold: u32, action: Action) -> Opts {
+    Opts {
+        control: Some(Arc::new(move |c: &mut ControlSettings| {
+            let t = c.tripwires.get_mut(&kind).unwrap();
+            t.threshold = threshold;
+            t.action = action;
+        })),
+        ..Opts::default()
+    }
+}
+
+/// Waits (bounded) until `f` holds: the exit records a refusal just after it drops the
+/// connection, so the test may see the close first.
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends garbage to the uplink listener: a failed (transport) handshake.
+async fn garbage_handshake(h: &Harness) {
+    let url = &h.urls[0];
+    let mut s = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .unwrap();
+    let _ = s
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0x04, 9, 9, 9, 9])
+        .await;
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut sink)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_handshakes_overall_drive_restricted_and_restricted_refuses_others() {
+    let h = start(with_tripwire(
+        TripwireKind::HandshakeFailuresTotal,
+        3,
+        Action::Restricted,
+    ))
+    .await;
+    let cp = h.server.control().clone();
+    for i in 0..2 {
+        garbage_handshake(&h).await;
+        eventually("the refusal counted", || {
+            h.server
+                .control()
+                .metrics
+                .handshake_failures()
+                .values()
+                .sum::<u64>()
+                > i
+        })
+        .await;
+    }
+    assert_eq!(cp.mode(), Mode::Open, "fired below its threshold");
+    garbage_handshake(&h).await;
+    eventually("RESTRICTED", || cp.mode() == Mode::Restricted).await;
+    assert_eq!(
+        cp.mode_state().changed_by,
+        "tripwire:handshake_failures_total"
+    );
+    // alice is not on the RESTRICTED user list: a new session is refused with a verdict.
+    assert_eq!(new_session(&h, &h.user_keys).await, HelloStatus::Refused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_handshakes_from_one_source_ban_it() {
+    let h = start(with_tripwire(
+        TripwireKind::HandshakeFailuresPerSource,
+        2,
+        Action::BanSource,
+    ))
+    .await;
+    garbage_handshake(&h).await;
+    garbage_handshake(&h).await;
+    let cp = h.server.control();
+    eventually("the ban", || {
+        let now = cp.db().clock().now_ms();
+        cp.db().bans().banned("src:127.0.0.1", now).is_some()
+    })
+    .await;
+    assert_eq!(cp.mode(), Mode::Open, "a ban is not a mode change");
+    // The banned source now gets its connection dropped before any handshake.
+    let url = &h.urls[0];
+    let mut s = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .unwrap();
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(1), s.read(&mut b)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "banned source was held or served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_handshakes_drive_lockdown_and_lockdown_closes_sessions() {
+    let h = start(with_tripwire(
+        TripwireKind::ReplayedHandshakes,
+        2,
+        Action::Lockdown,
+    ))
+    .await;
+    let target = echo_server().await;
+    let (code, _s) = socks_connect(h.socks, &TargetAddr::Ip(target)).await;
+    assert_eq!(code, 0);
+    assert_eq!(h.server.session_count(), 1);
+    let (_init, msg1) = message_one(&h, &h.user_keys, SessionId::random(), 1);
+    let _ = send_message_one(&h, &msg1).await;
+    let _ = send_message_one(&h, &msg1).await;
+    assert_eq!(h.server.control().mode(), Mode::Open);
+    let _ = send_message_one(&h, &msg1).await;
+    assert_eq!(h.server.control().mode(), Mode::Lockdown);
+    let start = std::time::Instant::now();
+    while h.server.session_count() > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "sessions survived LOCKDOWN"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_denials_of_one_user_drive_restricted() {
+    let h = start(Opts {
+        allow_loopback: false,
+        ..with_tripwire(TripwireKind::EgressDenialsPerUser, 2, Action::Restricted)
+    })
+    .await;
+    let target = echo_server().await;
+    for i in 0..2 {
+        assert_eq!(h.server.control().mode(), Mode::Open, "fired after {i}");
+        let (code, _) = socks_connect(h.socks, &TargetAddr::Ip(target)).await;
+        assert_eq!(code, 2, "loopback must be denied with 'not allowed'");
+    }
+    let start = std::time::Instant::now();
+    while h.server.control().mode() != Mode::Restricted {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = h.server.status();
+    let fired =
+        status["tripwires"].as_array().unwrap().iter().any(|t| {
+            t["kind"] == "egress_denials_per_user" && t["key"] == "alice" && t["fires"] == 1
+        });
+    assert!(fired, "status does not show the tripwire: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_jump_freezes_de_escalation_until_an_admin_unfreezes() {
+    let h = start(Opts::default()).await;
+    let cp = h.server.control().clone();
+    let admin = admin_token(&h, &[Capability::Admin]);
+    let call = |m: &'static str, p: &'static str, body: &'static str| {
+        let (h, t) = (h.server.clone(), admin.clone());
+        async move { handle(&h, m, p, "", Some(&t), body.as_bytes()).await }
+    };
+    let (st, _) = call("POST", "/v1/mode", r#"{"mode":"restricted"}"#).await;
+    assert_eq!(st, StatusCode::OK);
+    // The wall clock leaps an hour ahead while monotonic time moves a second.
+    cp.tick_at(
+        halfpipe::control::wall_ms() + 3_600_000,
+        cp.uptime().as_millis() as u64 + 1000,
+    );
+    assert!(cp.mode_state().frozen);
+    let (st, body) = call("POST", "/v1/mode", r#"{"mode":"open"}"#).await;
+    assert_eq!(st, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("unfreeze"),
+        "{body}"
+    );
+    // Escalation still works while frozen.
+    let (st, _) = call("POST", "/v1/mode", r#"{"mode":"lockdown"}"#).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _) = call("POST", "/v1/mode/unfreeze", "").await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, body) = call("POST", "/v1/mode", r#"{"mode":"open","confirm":true}"#).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(cp.mode(), Mode::Open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_store_that_cannot_write_drives_lockdown() {
+    let h = start(Opts::default()).await;
+    let cp = h.server.control().clone();
+    // Make the mode file impossible to replace: a non-empty directory in its place.
+    let mode_file = &cp.settings().paths.mode_file;
+    std::fs::remove_file(mode_file).unwrap();
+    std::fs::create_dir_all(mode_file.join("blocker")).unwrap();
+    let admin = admin_token(&h, &[Capability::Admin]);
+    let (st, body) = handle(
+        &h.server,
+        "POST",
+        "/v1/mode",
+        "",
+        Some(&admin),
+        br#"{"mode":"restricted"}"#,
+    )
+    .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{body}");
+    assert_eq!(
+        cp.mode(),
+        Mode::Lockdown,
+        "a failing key store must lock down"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_log_that_fails_drives_lockdown_and_pins_it() {
+    let h = start(Opts::default()).await;
+    let cp = h.server.control().clone();
+    cp.simulate_audit_failure("disk full (simulated)");
+    let start = std::time::Instant::now();
+    while cp.mode() != Mode::Lockdown {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no lockdown after an audit failure"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(cp.audit_failure().is_some());
+    let admin = admin_token(&h, &[Capability::Admin]);
+    let (st, body) = handle(
+        &h.server,
+        "POST",
+        "/v1/mode",
+        "",
+        Some(&admin),
+        br#"{"mode":"open","confirm":true}"#,
+    )
+    .await;
+    assert_eq!(
+        st,
+        StatusCode::CONFLICT,
+        "left lockdown without an audit trail: {body}"
+    );
+}
+
+/// A fresh token with `caps`, made directly in the store.
+fn admin_token(h: &Harness, caps: &[Capability]) -> String {
+    let cp = h.server.control();
+    let (_, secret) = cp
+        .tokens()
+        .create(
+            "test",
+            CapabilitySet::new(caps.iter().copied()),
+            None,
+            halfpipe::control::wall_ms(),
+        )
+        .unwrap();
+    secret.expose().to_string()
+}
+
+/// A request that fits the endpoint's pattern (a made-up id or name where it has one).
+fn request_for(e: Endpoint) -> (&'static str, String) {
+    let path = e
+        .path_pattern()
+        .replace("{id}", "00000000")
+        .replace("{name}", "nobody");
+    (e.method(), path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_capability_table_holds_on_the_real_api() {
+    let h = start(Opts::default()).await;
+    let mut sets: Vec<Vec<Capability>> = Capability::ALL.iter().map(|c| vec![*c]).collect();
+    sets.push(vec![Capability::Status, Capability::SessionsRead]);
+    for caps in sets {
+        let token = admin_token(&h, &caps);
+        let set = CapabilitySet::new(caps.iter().copied());
+        for e in Endpoint::ALL {
+            // Mutating endpoints that would end the test's world are judged without a body,
+            // which the handler refuses (400) after the capability check passed.
+            let (method, path) = request_for(e);
+            let (st, body) = handle(&h.server, method, &path, "", Some(&token), b"").await;
+            let allowed = set.allows(e.capability());
+            if allowed {
+                assert_ne!(st, StatusCode::FORBIDDEN, "{caps:?} denied {e:?}: {body}");
+                assert_ne!(st, StatusCode::UNAUTHORIZED);
+            } else {
+                assert_eq!(st, StatusCode::FORBIDDEN, "{caps:?} allowed {e:?}: {body}");
+            }
+        }
+    }
+    // No token, a malformed one, an unknown one: 401 on every endpoint.
+    for e in Endpoint::ALL {
+        let (method, path) = request_for(e);
+        for bearer in [None, Some("nonsense"), Some("hpt_0011223344556677_AAAA")] {
+            let (st, _) = handle(&h.server, method, &path, "", bearer, b"").await;
+            assert_eq!(st, StatusCode::UNAUTHORIZED, "{e:?} with {bearer:?}");
+        }
+    }
+    // An unknown path and a wrong method.
+    let t = admin_token(&h, &[Capability::Admin]);
+    assert_eq!(
+        handle(&h.server, "GET", "/v1/nothing", "", Some(&t), b"")
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        handle(&h.server, "PUT", "/v1/status", "", Some(&t), b"")
+            .await
+            .0,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_and_expired_tokens_are_refused_and_never_logged() {
+    let h = start(Opts::default()).await;
+    let cp = h.server.control().clone();
+    let now = halfpipe::control::wall_ms();
+    let (info, secret) = cp
+        .tokens()
+        .create(
+            "soon-gone",
+            CapabilitySet::new([Capability::Status]),
+            Some(now + 60_000),
+            now,
+        )
+        .unwrap();
+    let secret = secret.expose().to_string();
+    assert_eq!(
+        handle(&h.server, "GET", "/v1/status", "", Some(&secret), b"")
+            .await
+            .0,
+        StatusCode::OK
+    );
+    cp.tokens().revoke(&info.id).unwrap();
+    let (st, body) = handle(&h.server, "GET", "/v1/status", "", Some(&secret), b"").await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert!(
+        body["error"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
+    assert!(!body.to_string().contains(&secret));
+
+    let (_, expired) = cp
+        .tokens()
+        .create(
+            "past",
+            CapabilitySet::new([Capability::Admin]),
+            Some(now - 1),
+            now - 10,
+        )
+        .unwrap();
+    let expired = expired.expose().to_string();
+    let (st, body) = handle(&h.server, "GET", "/v1/status", "", Some(&expired), b"").await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert!(
+        body["error"].as_str().unwrap().contains("expired"),
+        "{body}"
+    );
+
+    // Neither secret is in the audit log or anywhere in the state directory's files.
+    cp.shutdown();
+    for entry in walk(&cp.settings().paths.dir) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        for s in [&secret, &expired] {
+            let secret_part = s.rsplit('_').next().unwrap();
+            assert!(
+                !text.contains(secret_part),
+                "{} holds a token secret",
+                entry.display()
+            );
+        }
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
+    out
+}
