@@ -146,7 +146,7 @@ mod writer;
 
 pub use error::AuditError;
 pub use key::AuditKey;
-pub use log::{now_ms, AuditLog, CheckpointPolicy, NewRecord};
+pub use log::{now_ms, AuditLog, CheckpointPolicy, LineSink, NewRecord};
 pub use record::{
     kinds, Record, CHECKPOINT_KIND, FORMAT_VERSION, GENESIS_KIND, MAX_LINE_BYTES, MAX_NAME_BYTES,
 };

@@ -67,9 +67,14 @@ pub struct AuditLog {
     since_checkpoint: u64,
     last_checkpoint: Instant,
     poisoned: Option<String>,
+    sink: Option<LineSink>,
     #[cfg(test)]
     pub(crate) hooks: hooks::Hooks,
 }
+
+/// Called with every line once it is durably written (after its fdatasync), in order:
+/// for forwarding copies elsewhere (e.g. a remote syslog). It must not block.
+pub type LineSink = Box<dyn FnMut(&str) + Send>;
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -205,6 +210,7 @@ impl AuditLog {
             since_checkpoint: 1,
             last_checkpoint: Instant::now(),
             poisoned: None,
+            sink: None,
             #[cfg(test)]
             hooks: hooks::Hooks::default(),
         };
@@ -279,6 +285,7 @@ impl AuditLog {
             since_checkpoint: report.unsigned_tail,
             last_checkpoint: Instant::now(),
             poisoned: None,
+            sink: None,
             #[cfg(test)]
             hooks: hooks::Hooks::default(),
         };
@@ -456,10 +463,20 @@ impl AuditLog {
     /// Any failure poisons the log.
     fn write_out(&mut self, buf: &str, checkpoint: Option<&str>) -> Result<(), AuditError> {
         let result = self.write_out_inner(buf, checkpoint);
-        if let Err(e) = &result {
-            self.poisoned = Some(e.to_string());
+        match &result {
+            Err(e) => self.poisoned = Some(e.to_string()),
+            Ok(()) => {
+                if let Some(sink) = &mut self.sink {
+                    buf.lines().for_each(&mut **sink);
+                }
+            }
         }
         result
+    }
+
+    /// Sets the function that receives every line after it is durably written.
+    pub fn set_sink(&mut self, sink: LineSink) {
+        self.sink = Some(sink);
     }
 
     fn write_out_inner(&mut self, buf: &str, checkpoint: Option<&str>) -> Result<(), AuditError> {

@@ -139,6 +139,52 @@ pub async fn serve_socket(listener: UnixListener, server: ServerHandle) {
     }
 }
 
+/// Serves the admin API on a loopback TCP listener with mutual TLS (the client certificate
+/// is checked by `config`; the bearer token still decides what it may do).
+pub async fn serve_tls(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    server: ServerHandle,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        if !peer.ip().is_loopback() {
+            tracing::warn!(target: "security", %peer, "admin TLS connection from off the machine refused");
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(target: "security", limit = MAX_CONNECTIONS, "admin connection limit hit");
+            continue;
+        };
+        let (server, config) = (server.clone(), config.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(HEAD_TIMEOUT, crate::tls_stream::accept(config, stream))
+                .await
+            {
+                Ok(Ok(tls)) => {
+                    serve_connection(TokioIo::new(tls), move |req| {
+                        let server = server.clone();
+                        async move { Ok::<_, Infallible>(http_handle(&server, req).await) }
+                    })
+                    .await
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(target: "security", %peer, error = %e, "admin TLS handshake refused")
+                }
+                Err(_) => {
+                    tracing::warn!(target: "security", %peer, "admin TLS handshake timed out")
+                }
+            }
+            drop(slot);
+        });
+    }
+}
+
 /// Serves the metrics page on a loopback listener until the task is dropped.
 pub async fn serve_metrics(listener: TcpListener, server: ServerHandle) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));

@@ -33,7 +33,7 @@ const MAX_ANSWER: usize = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
     /// The socket could not be reached.
-    #[error("cannot reach the admin socket {path}: {source} (is the server running? is --socket or --config right?)")]
+    #[error("cannot reach the admin API at {path}: {source} (is the server running? is --socket, --tcp or --config right?)")]
     Unreachable {
         /// The socket.
         path: String,
@@ -86,9 +86,31 @@ impl CtlError {
     }
 }
 
+/// Where the admin API listens.
+pub enum AdminAddr {
+    /// The Unix socket.
+    Unix(PathBuf),
+    /// The loopback TCP listener with mutual TLS.
+    Tls {
+        /// Its address.
+        addr: std::net::SocketAddr,
+        /// Trust for the server's certificate and the client certificate to present.
+        config: std::sync::Arc<rustls::ClientConfig>,
+    },
+}
+
+impl std::fmt::Display for AdminAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminAddr::Unix(p) => write!(f, "{}", p.display()),
+            AdminAddr::Tls { addr, .. } => write!(f, "{addr} (TLS)"),
+        }
+    }
+}
+
 /// Where the admin API is and which token to present.
 pub struct CtlClient {
-    socket: PathBuf,
+    addr: AdminAddr,
     token: String,
 }
 
@@ -106,9 +128,9 @@ pub fn read_token(path: &Path) -> Result<String, CtlError> {
 }
 
 impl CtlClient {
-    /// A client for `socket` presenting `token`.
-    pub fn new(socket: PathBuf, token: String) -> Self {
-        Self { socket, token }
+    /// A client for the API at `addr` presenting `token`.
+    pub fn new(addr: AdminAddr, token: String) -> Self {
+        Self { addr, token }
     }
 
     /// One request; the JSON answer on 2xx, [`CtlError::Server`] otherwise.
@@ -129,15 +151,41 @@ impl CtlClient {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, CtlError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| CtlError::Unreachable {
-                    path: self.socket.display().to_string(),
-                    source,
-                })?;
+        let unreachable = |source| CtlError::Unreachable {
+            path: self.addr.to_string(),
+            source,
+        };
+        match &self.addr {
+            AdminAddr::Unix(p) => {
+                let s = UnixStream::connect(p).await.map_err(unreachable)?;
+                self.request_on(s, method, path, body).await
+            }
+            AdminAddr::Tls { addr, config } => {
+                let tcp = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(unreachable)?;
+                let _ = tcp.set_nodelay(true);
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let tls = crate::tls_stream::connect(config.clone(), name, tcp)
+                    .await
+                    .map_err(unreachable)?;
+                self.request_on(tls, method, path, body).await
+            }
+        }
+    }
+
+    async fn request_on<I>(
+        &self,
+        io: I,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, CtlError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let proto = |e: hyper::Error| CtlError::Protocol(e.to_string());
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(proto)?;
         tokio::spawn(conn);

@@ -124,6 +124,19 @@ struct CtlArgs {
     /// The admin socket (default: from --config).
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// The admin API's loopback TLS listener instead of the socket (mutual TLS: needs
+    /// --ca-file, --cert-file and --key-file).
+    #[arg(long)]
+    tcp: Option<std::net::SocketAddr>,
+    /// CA (or self-signed certificate) the TLS listener's certificate must chain to.
+    #[arg(long, requires = "tcp")]
+    ca_file: Option<PathBuf>,
+    /// Client certificate for the TLS listener.
+    #[arg(long, requires = "tcp")]
+    cert_file: Option<PathBuf>,
+    /// Client certificate's private key (0600).
+    #[arg(long, requires = "tcp")]
+    key_file: Option<PathBuf>,
     /// A file holding the admin token (default: HALFPIPE_TOKEN, then the bootstrap token).
     #[arg(long)]
     token_file: Option<PathBuf>,
@@ -408,6 +421,9 @@ async fn run_quickstart(dir: &Path, check_only: bool) -> Result<()> {
         "  note: {dir_shown}/server.toml allow-lists loopback destinations for this demo only;"
     );
     println!("        every other server config denies loopback and private ranges unless told otherwise.");
+    println!(
+        "  steer the exit:      halfpipe ctl --config {dir_shown}/server.toml status   (modes, sessions, tokens: docs/CONTROL.md)"
+    );
     println!("the same thing as two processes:");
     println!("  halfpipe server --config {dir_shown}/server.toml");
     println!("  halfpipe client --config {dir_shown}/client.toml");
@@ -498,7 +514,7 @@ fn log_verify(file: &Path, key: Option<&str>, head: Option<&Path>, json: bool) -
 }
 
 async fn run_ctl(args: CtlArgs) -> Result<()> {
-    use halfpipe::ctl::{read_token, render_status, render_table, CtlClient, CtlError};
+    use halfpipe::ctl::{read_token, render_status, render_table, AdminAddr, CtlClient, CtlError};
     use serde_json::json;
     let paths = match &args.config {
         Some(c) => Some(
@@ -509,12 +525,23 @@ async fn run_ctl(args: CtlArgs) -> Result<()> {
         ),
         None => None,
     };
-    let Some(socket) = args
-        .socket
-        .clone()
-        .or_else(|| paths.as_ref().map(|p| p.admin_socket.clone()))
-    else {
-        bail!("'halfpipe ctl' needs --config SERVER.TOML or --socket PATH");
+    let addr = match (&args.tcp, &args.ca_file, &args.cert_file, &args.key_file) {
+        (Some(addr), Some(ca), Some(cert), Some(key)) => AdminAddr::Tls {
+            addr: *addr,
+            config: halfpipe::tls::client_config_with(
+                &halfpipe::tls::ServerTrust::CaFile(ca.clone()),
+                Some((cert, key)),
+            )?,
+        },
+        (Some(_), ..) => bail!("--tcp needs --ca-file, --cert-file and --key-file (mutual TLS)"),
+        (None, ..) => match args
+            .socket
+            .clone()
+            .or_else(|| paths.as_ref().map(|p| p.admin_socket.clone()))
+        {
+            Some(socket) => AdminAddr::Unix(socket),
+            None => bail!("'halfpipe ctl' needs --config SERVER.TOML, --socket PATH or --tcp ADDR"),
+        },
     };
     let token = match (
         &args.token_file,
@@ -527,7 +554,7 @@ async fn run_ctl(args: CtlArgs) -> Result<()> {
         _ => Err(CtlError::NoToken),
     };
     let outcome = async {
-        let client = CtlClient::new(socket, token?);
+        let client = CtlClient::new(addr, token?);
         let (method, path, body) = match &args.command {
             CtlCommand::Status => ("GET", "/v1/status".to_string(), None),
             CtlCommand::Sessions { command: SessionsCommand::List } => ("GET", "/v1/sessions".into(), None),

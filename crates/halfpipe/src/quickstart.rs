@@ -185,6 +185,10 @@ pub async fn start(dir: &Path) -> Result<Running, QuickstartError> {
     };
     let server = config::load_server(&state.server_toml(), &config::process_env)?;
     let client = config::load_client(&state.client_toml(), &config::process_env)?;
+    if !server.control.paths.db.exists() {
+        // A directory made before the exit had a control plane: give it one.
+        crate::control::init::init(&server.control)?;
+    }
     let server = Server::bind(server).await?;
     let legs = server.urls().iter().map(ToString::to_string).collect();
     tokio::spawn(server.run());

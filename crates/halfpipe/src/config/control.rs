@@ -10,7 +10,8 @@ use halfpipe_state::ratelimit::RateSpec;
 use serde::Deserialize;
 
 use super::Check;
-use crate::control::settings::{ControlSettings, StatePaths};
+use crate::control::settings::{AdminTls, ControlSettings, StatePaths};
+use crate::control::syslog::SyslogSettings;
 
 /// `[control]`.
 #[derive(Deserialize, Default)]
@@ -24,12 +25,95 @@ pub(super) struct ControlFile {
     checkpoint_every_records: Option<u64>,
     checkpoint_every: Option<String>,
     clock_jump: Option<String>,
+    admin_tls: Option<AdminTlsFile>,
+    syslog: Option<SyslogFile>,
     #[serde(default)]
     restricted: RestrictedFile,
     #[serde(default)]
     rate: BTreeMap<String, RateFile>,
     #[serde(default)]
     tripwires: BTreeMap<String, TripwireFile>,
+}
+
+/// `[control.admin_tls]`: the admin API on a loopback TCP port with mutual TLS.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminTlsFile {
+    listen: String,
+    cert_file: String,
+    key_file: String,
+    client_ca_file: String,
+}
+
+/// `[control.syslog]`: forward audit records to a collector over TLS (RFC 5425).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SyslogFile {
+    address: String,
+    server_name: Option<String>,
+    ca_file: Option<String>,
+    pin: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    hostname: Option<String>,
+}
+
+fn syslog(c: &mut Check, f: &SyslogFile) -> Option<SyslogSettings> {
+    let key = "control.syslog";
+    let host = f
+        .address
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']));
+    let Some(host) = host.filter(|h| !h.is_empty()) else {
+        c.err(
+            format!("{key}.address"),
+            format!("{:?} is not host:port (RFC 5425's port is 6514)", f.address),
+        );
+        return None;
+    };
+    let name = f.server_name.clone().unwrap_or_else(|| host.to_string());
+    let server_name = match rustls::pki_types::ServerName::try_from(name.clone()) {
+        Ok(n) => n,
+        Err(_) => {
+            c.err(
+                format!("{key}.server_name"),
+                format!("{name:?} is not a DNS name or IP address"),
+            );
+            return None;
+        }
+    };
+    let trust = match (&f.ca_file, &f.pin) {
+        (Some(ca), None) => crate::tls::ServerTrust::CaFile(c.path(ca)),
+        (None, Some(pin)) => crate::tls::ServerTrust::Pin(pin.clone()),
+        (None, None) => crate::tls::ServerTrust::WebRoots,
+        (Some(_), Some(_)) => {
+            c.err(key, "give ca_file or pin, not both");
+            return None;
+        }
+    };
+    let identity = match (&f.cert_file, &f.key_file) {
+        (Some(cert), Some(k)) => Some((c.path(cert), c.path(k))),
+        (None, None) => None,
+        _ => {
+            c.err(key, "cert_file and key_file go together");
+            return None;
+        }
+    };
+    let ids = identity.as_ref().map(|(a, b)| (a.as_path(), b.as_path()));
+    let tls = crate::tls::client_config_with(&trust, ids)
+        .map_err(|e| c.err(key, e.to_string()))
+        .ok()?;
+    let hostname = f.hostname.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "halfpipe".into())
+    });
+    Some(SyslogSettings {
+        address: f.address.clone(),
+        server_name: server_name.to_owned(),
+        tls,
+        hostname,
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -78,6 +162,33 @@ pub(super) fn control(c: &mut Check, f: &ControlFile) -> ControlSettings {
     }
     let mut s = ControlSettings::with_state_dir(&dir);
     s.paths = paths;
+    s.admin_tls = f.admin_tls.as_ref().and_then(|t| {
+        let listen = match t.listen.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_loopback() => Some(a),
+            _ => {
+                c.err(
+                    "control.admin_tls.listen",
+                    format!(
+                        "{:?} must be a loopback address such as \"127.0.0.1:9443\"",
+                        t.listen
+                    ),
+                );
+                None
+            }
+        };
+        let config = crate::tls::server_config_with(
+            &c.path(&t.cert_file),
+            &c.path(&t.key_file),
+            Some(&c.path(&t.client_ca_file)),
+        )
+        .map_err(|e| c.err("control.admin_tls", e.to_string()))
+        .ok();
+        Some(AdminTls {
+            listen: listen?,
+            config: config?,
+        })
+    });
+    s.syslog = f.syslog.as_ref().and_then(|f| syslog(c, f));
     s.metrics = f.metrics.as_deref().and_then(|m| match m.parse::<SocketAddr>() {
         Ok(a) if a.ip().is_loopback() => Some(a),
         Ok(_) => {

@@ -13,6 +13,7 @@
 pub mod init;
 pub mod metrics;
 pub mod settings;
+pub mod syslog;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -134,6 +135,7 @@ pub struct ControlPlane {
     tokens: Tokens,
     audit: AuditHandle,
     audit_failed: Mutex<Option<String>>,
+    forward: Option<syslog::SyslogQueue>,
     stopped: AtomicBool,
     started: Instant,
     /// Counters for status and metrics.
@@ -176,11 +178,16 @@ impl ControlPlane {
         let pepper = Pepper::load(&p.pepper)?;
         let tokens = Tokens::new(&db, pepper);
         let key = AuditKey::load(&p.audit_key)?;
+        let audit_public = key.public_hex();
         let policy = CheckpointPolicy {
             every_records: settings.checkpoint_every_records,
             every: settings.checkpoint_every,
         };
-        let log = AuditLog::open(&p.audit_log, &p.audit_head, key, policy)?;
+        let mut log = AuditLog::open(&p.audit_log, &p.audit_head, key, policy)?;
+        let forward = settings.syslog.clone().map(syslog::spawn);
+        if let Some(q) = forward.clone() {
+            log.set_sink(Box::new(move |line| q.push(line)));
+        }
         let loaded = ModeFile::load(&p.mode_file, wall_ms());
         if loaded.fell_back() {
             tracing::error!(target: "security", reason = %loaded.state().reason, "starting in LOCKDOWN");
@@ -214,12 +221,21 @@ impl ControlPlane {
                 tokens,
                 audit,
                 audit_failed: Mutex::new(None),
+                forward,
                 stopped: AtomicBool::new(false),
                 started: now,
                 metrics: Arc::default(),
             }
         });
         lock(&cp.clock_watch).check(wall_ms(), 0);
+        cp.audit(
+            "key_event",
+            vec![
+                ("key".into(), "audit".into()),
+                ("event".into(), "loaded".into()),
+                ("public".into(), audit_public),
+            ],
+        );
         cp.audit(
             "server_started",
             vec![
@@ -268,6 +284,11 @@ impl ControlPlane {
     /// Tripwire states, for status.
     pub fn tripwire_status(&self) -> Vec<TripwireStatus> {
         lock(&self.tripwires).status(self.db.clock().now_ms())
+    }
+
+    /// Audit lines the syslog forwarder dropped (collector away too long), if forwarding.
+    pub fn forward_dropped(&self) -> Option<u64> {
+        self.forward.as_ref().map(syslog::SyslogQueue::dropped)
     }
 
     /// Why the audit log stopped, if it did.

@@ -114,11 +114,24 @@ pub struct Restricted {
     pub destinations: Vec<IpNet>,
 }
 
+/// The optional TCP admin listener: loopback only, mutual TLS.
+#[derive(Clone, Debug)]
+pub struct AdminTls {
+    /// Where to listen (a loopback address).
+    pub listen: SocketAddr,
+    /// Server certificate, with client certificates required.
+    pub config: std::sync::Arc<rustls::ServerConfig>,
+}
+
 /// Everything the control plane is configured with.
 #[derive(Clone, Debug)]
 pub struct ControlSettings {
     /// Where its state lives.
     pub paths: StatePaths,
+    /// The admin API on TCP as well (mutual TLS), besides the Unix socket.
+    pub admin_tls: Option<AdminTls>,
+    /// Copies of the audit records to a remote syslog over TLS.
+    pub syslog: Option<super::syslog::SyslogSettings>,
     /// Prometheus metrics listener (loopback only).
     pub metrics: Option<SocketAddr>,
     /// A signed checkpoint after this many audit records.
@@ -140,6 +153,8 @@ impl ControlSettings {
     pub fn with_state_dir(dir: &Path) -> Self {
         Self {
             paths: StatePaths::new(dir, None, None, None),
+            admin_tls: None,
+            syslog: None,
             metrics: None,
             checkpoint_every_records: 256,
             checkpoint_every: Duration::from_secs(30),

@@ -117,6 +117,7 @@ impl ServerHandle {
             "limit_hits": cp.metrics.limit_hits(),
             "tripwires": tripwires,
             "audit_failure": cp.audit_failure(),
+            "audit_forward_dropped": cp.forward_dropped(),
         })
     }
 

@@ -150,6 +150,7 @@ pub struct Server {
     state: Arc<State>,
     listeners: Vec<LegListener>,
     admin: tokio::net::UnixListener,
+    admin_tls: Option<(tokio::net::TcpListener, Arc<rustls::ServerConfig>)>,
     metrics: Option<tokio::net::TcpListener>,
 }
 
@@ -180,6 +181,15 @@ impl Server {
             ),
             None => None,
         };
+        let admin_tls = match &settings.control.admin_tls {
+            Some(t) => Some((
+                tokio::net::TcpListener::bind(t.listen).await.map_err(|e| {
+                    ServerError::Admin(format!("admin TLS listener {}: {e}", t.listen))
+                })?,
+                t.config.clone(),
+            )),
+            None => None,
+        };
         let control = ControlPlane::start(settings.control)?;
         let limits = settings.limits;
         let state = Arc::new(State {
@@ -205,6 +215,7 @@ impl Server {
             state,
             listeners,
             admin,
+            admin_tls,
             metrics,
         })
     }
@@ -231,6 +242,13 @@ impl Server {
             tokio::spawn(tick_loop(self.state.clone())),
             tokio::spawn(mode_watch(self.state.clone())),
         ];
+        if let Some((l, config)) = self.admin_tls {
+            tasks.push(tokio::spawn(crate::admin::serve_tls(
+                l,
+                config,
+                handle.clone(),
+            )));
+        }
         if let Some(l) = self.metrics {
             tasks.push(tokio::spawn(crate::admin::serve_metrics(l, handle)));
         }

@@ -403,3 +403,209 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_over_loopback_tcp_needs_a_client_certificate() {
+    use halfpipe::control::settings::AdminTls;
+    use halfpipe::ctl::{AdminAddr, CtlClient, CtlError};
+    use halfpipe::tls::{client_config_with, server_config_with, ServerTrust};
+    let dir = temp_dir("admin-tls");
+    let write = |name: &str| {
+        let c = halfpipe::cert::generate_self_signed(&["127.0.0.1".into()]).unwrap();
+        let (cert, key) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        halfpipe::cert::write_dev_cert(&c, &cert, &key).unwrap();
+        (cert, key)
+    };
+    let (server_cert, server_key) = write("server");
+    let (client_cert, client_key) = write("client");
+    let (stranger_cert, stranger_key) = write("stranger");
+    let config = server_config_with(&server_cert, &server_key, Some(&client_cert)).unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let h = start(Opts {
+        control: Some(Arc::new(move |c: &mut ControlSettings| {
+            c.admin_tls = Some(AdminTls {
+                listen,
+                config: config.clone(),
+            });
+        })),
+        ..Opts::default()
+    })
+    .await;
+    let token = admin_token(&h, &[Capability::Status]);
+    let client = |identity: Option<(&std::path::Path, &std::path::Path)>| {
+        let config =
+            client_config_with(&ServerTrust::CaFile(server_cert.clone()), identity).unwrap();
+        CtlClient::new(
+            AdminAddr::Tls {
+                addr: listen,
+                config,
+            },
+            token.clone(),
+        )
+    };
+    let ok = client(Some((&client_cert, &client_key)))
+        .call("GET", "/v1/status", None)
+        .await
+        .unwrap();
+    assert_eq!(ok["mode"], "open");
+    // The token still decides: status yes, sessions no.
+    let denied = client(Some((&client_cert, &client_key)))
+        .call("GET", "/v1/sessions", None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(denied, CtlError::Server { status: 403, .. }),
+        "{denied}"
+    );
+    // No certificate, or one the server does not trust: no API at all.
+    for identity in [
+        None,
+        Some((stranger_cert.as_path(), stranger_key.as_path())),
+    ] {
+        let e = client(identity)
+            .call("GET", "/v1/status", None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, CtlError::Unreachable { .. } | CtlError::Protocol(_)),
+            "served without the right client certificate: {e}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_on_loopback() {
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let h = start(Opts {
+        control: Some(Arc::new(move |c: &mut ControlSettings| {
+            c.metrics = Some(listen)
+        })),
+        ..Opts::default()
+    })
+    .await;
+    let target = echo_server().await;
+    let (code, mut s) = socks_connect(h.socks, &TargetAddr::Ip(target)).await;
+    assert_eq!(code, 0);
+    s.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    let fetch = |path: &'static str| async move {
+        let mut c = TcpStream::connect(listen).await.unwrap();
+        c.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut page = String::new();
+        c.read_to_string(&mut page).await.unwrap();
+        page
+    };
+    let page = fetch("/metrics").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    for needle in [
+        "halfpipe_sessions 1",
+        "halfpipe_mode 0",
+        "halfpipe_legs_attached_total{transport=\"tls\"} 2",
+        "# TYPE halfpipe_leg_bytes_total counter",
+    ] {
+        assert!(page.contains(needle), "{needle:?} not in\n{page}");
+    }
+    let up = page
+        .lines()
+        .find(|l| l.starts_with("halfpipe_leg_bytes_total{direction=\"up\",transport=\"tls\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap();
+    assert!(up > 0, "no up bytes counted");
+    assert!(fetch("/other").await.starts_with("HTTP/1.1 404"));
+}
+
+/// Reads one RFC 5425 frame (`LEN SP MSG`) from `s`.
+async fn read_frame<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut len = Vec::new();
+    loop {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        if b[0] == b' ' {
+            break;
+        }
+        assert!(b[0].is_ascii_digit() && len.len() < 8, "bad MSG-LEN");
+        len.push(b[0]);
+    }
+    let n: usize = String::from_utf8(len).unwrap().parse().unwrap();
+    let mut msg = vec![0u8; n];
+    s.read_exact(&mut msg).await.unwrap();
+    String::from_utf8(msg).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_records_are_forwarded_to_a_tls_syslog_collector() {
+    use halfpipe::control::syslog::SyslogSettings;
+    let dir = temp_dir("syslog");
+    let cert = halfpipe::cert::generate_self_signed(&["localhost".into()]).unwrap();
+    let (cert_path, key_path) = (dir.join("collector.pem"), dir.join("collector.key"));
+    halfpipe::cert::write_dev_cert(&cert, &cert_path, &key_path).unwrap();
+    let server_cfg = halfpipe::tls::server_config(&cert_path, &key_path).unwrap();
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = collector.local_addr().unwrap().to_string();
+    let (tx, mut frames) = tokio::sync::mpsc::channel::<String>(1024);
+    tokio::spawn(async move {
+        let (tcp, _) = collector.accept().await.unwrap();
+        let mut tls = halfpipe::tls_stream::accept(server_cfg, tcp).await.unwrap();
+        loop {
+            let f = read_frame(&mut tls).await;
+            if tx.send(f).await.is_err() {
+                return;
+            }
+        }
+    });
+    let tls = halfpipe::tls::client_config(&halfpipe::tls::ServerTrust::CaFile(cert_path)).unwrap();
+    let settings = SyslogSettings {
+        address,
+        server_name: rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+        tls,
+        hostname: "exit-1".into(),
+    };
+    let h = start(Opts {
+        control: Some(Arc::new(move |c: &mut ControlSettings| {
+            c.syslog = Some(settings.clone())
+        })),
+        ..Opts::default()
+    })
+    .await;
+    let target = echo_server().await;
+    let (code, _s) = socks_connect(h.socks, &TargetAddr::Ip(target)).await;
+    assert_eq!(code, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let opened = loop {
+        let f = tokio::time::timeout_at(deadline, frames.recv())
+            .await
+            .expect("no session_opened record reached the collector")
+            .unwrap();
+        assert!(f.starts_with("<109>1 "), "{f}");
+        let parts: Vec<&str> = f.splitn(8, ' ').collect();
+        assert_eq!(parts[2], "exit-1");
+        assert_eq!(parts[3], "halfpipe");
+        seen.push(parts[5].to_string());
+        if parts[5] == "session_opened" {
+            break parts[7].to_string();
+        }
+    };
+    let record: serde_json::Value = serde_json::from_str(&opened).unwrap();
+    assert_eq!(record["fields"]["user"], "alice");
+    assert!(
+        record["hash"].as_str().is_some_and(|h| h.len() == 64),
+        "{record}"
+    );
+    assert!(seen.contains(&"server_started".to_string()), "{seen:?}");
+}
