@@ -275,7 +275,7 @@ async fn verdict_on(
 async fn replayed_handshake_gets_silence_and_old_epoch_is_refused() {
     let h = start(Opts::default()).await;
     let sid = SessionId::random();
-    let (_init, msg1) = message_one(&h, &h.user_keys, sid, 5);
+    let (_init, msg1) = message_one(&h, &h.user_keys, sid, 1);
     let first = send_message_one(&h, &msg1).await;
     assert!(
         first.len() >= SERVER_PREAMBLE_LEN,
@@ -290,12 +290,18 @@ async fn replayed_handshake_gets_silence_and_old_epoch_is_refused() {
     // A fresh handshake for the same leg role with an epoch not above the current one is
     // an out-of-order (older) leg: refused with a verdict, since the peer authenticated.
     assert_eq!(
-        leg_verdict(&h, &h.user_keys, sid, 5).await,
+        leg_verdict(&h, &h.user_keys, sid, 1).await,
         HelloStatus::StaleEpoch
     );
     assert_eq!(
-        leg_verdict(&h, &h.user_keys, sid, 6).await,
+        leg_verdict(&h, &h.user_keys, sid, 2).await,
         HelloStatus::Accepted
+    );
+    // A later leg of a session the exit never held is a resume of a lost session: the
+    // client is told to start afresh rather than handed a session it cannot continue.
+    assert_eq!(
+        leg_verdict(&h, &h.user_keys, SessionId::random(), 3).await,
+        HelloStatus::UnknownSession
     );
 }
 
