@@ -594,3 +594,35 @@ async fn a_ban_and_a_byte_budget_survive_a_restart() {
     stop(server);
     assert!(audit_kinds(&dir).contains(&"ban".to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_socket_is_private_and_a_missing_audit_key_stops_the_server() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, _) = setup("private");
+    let server = start_server(&dir).await;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.join("state/admin")), 0o700);
+    assert_eq!(mode(&dir.join("state/admin/admin.sock")), 0o600);
+    assert_eq!(mode(&dir.join("state/admin.token")), 0o600);
+    assert_eq!(mode(&dir.join("state/keys/audit.key")), 0o600);
+    stop(server);
+    // Without its signing key the server refuses to run rather than log unsigned.
+    std::fs::rename(dir.join("state/keys/audit.key"), dir.join("audit.key.moved")).unwrap();
+    let out = Command::new(bin())
+        .args(["server", "--config"])
+        .arg(dir.join("server.toml"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("audit.key") && err.contains("server init"), "{err}");
+    // A second init refuses to overwrite the state.
+    let out = Command::new(bin())
+        .args(["server", "init", "--config"])
+        .arg(dir.join("server.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already initialized"));
+}
