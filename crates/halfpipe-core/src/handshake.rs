@@ -27,6 +27,8 @@ const PROTOCOL_VERSION: u8 = 1;
 const PROLOGUE: &[u8] = b"halfpipe leg v1";
 const CLIENT_HELLO_LEN: usize = 1 + 1 + 16 + 4 + 8 + 8;
 const SERVER_HELLO_LEN: usize = 1 + 8 + 8;
+/// Extension tag: the server's next static key follows (32 bytes).
+const EXT_NEXT_KEY: u8 = 1;
 
 /// A 128-bit random session identifier.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -105,6 +107,9 @@ pub enum HelloStatus {
     /// The server's control plane refuses new sessions for this user now (RESTRICTED or
     /// LOCKDOWN mode, a disabled user, or a rate limit); retrying later may succeed.
     Refused = 5,
+    /// The server key the client used was retired after its overlap window: the client
+    /// must get a new link (or the new key) from the operator.
+    ServerKeyRetired = 6,
 }
 
 impl HelloStatus {
@@ -116,6 +121,7 @@ impl HelloStatus {
             3 => Self::UnknownSession,
             4 => Self::StaleEpoch,
             5 => Self::Refused,
+            6 => Self::ServerKeyRetired,
             _ => return None,
         })
     }
@@ -131,6 +137,9 @@ impl HelloStatus {
             Self::Refused => {
                 "the server refuses new sessions for this user now (restricted or lockdown mode, disabled user, or rate limit)"
             }
+            Self::ServerKeyRetired => {
+                "server key changed; get a new link (or the new server_public_key) from the operator"
+            }
         }
     }
 }
@@ -144,6 +153,11 @@ pub struct ServerHello {
     pub recv_next: u64,
     /// Server wall clock, Unix milliseconds (for the client's skew diagnostics).
     pub server_time_ms: u64,
+    /// During a key rotation's overlap window: the server's new static public key. It rides
+    /// in message 2, which only the holder of the key the client dialled can produce (IK's
+    /// `es` and `ss`), so the old key vouches for the new one; the client should persist
+    /// it and dial with it from now on.
+    pub next_key: Option<[u8; 32]>,
 }
 
 /// A handshake that failed. The server answers none of these on the wire.
@@ -401,6 +415,24 @@ impl Responder {
         ))
     }
 
+    /// Like [`Responder::accept`] with the first of `keys` that opens message 1 (a server
+    /// during a key rotation holds its new key and the retiring ones); also returns which.
+    /// Each candidate costs one failed DH-and-decrypt, so keep the list short.
+    pub fn accept_any(
+        keys: &[&HandshakeKeys],
+        suite: CipherSuite,
+        msg1: &[u8],
+    ) -> Result<(Self, AcceptedHello, usize), HandshakeError> {
+        let mut last = HandshakeError::Hello("no server key configured");
+        for (i, k) in keys.iter().enumerate() {
+            match Self::accept(k, suite, msg1) {
+                Ok((r, a)) => return Ok((r, a, i)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     /// Writes message 2 (with preamble) carrying `hello` and returns the keys.
     pub fn reply(mut self, hello: &ServerHello) -> Result<(Vec<u8>, LegKeys), HandshakeError> {
         let payload = encode_server_hello(hello);
@@ -456,22 +488,33 @@ fn decode_client_hello(b: &[u8]) -> Result<ClientHello, HandshakeError> {
     })
 }
 
-fn encode_server_hello(h: &ServerHello) -> [u8; SERVER_HELLO_LEN] {
-    let mut out = [0u8; SERVER_HELLO_LEN];
-    out[0] = h.status as u8;
-    out[1..9].copy_from_slice(&h.recv_next.to_be_bytes());
-    out[9..17].copy_from_slice(&h.server_time_ms.to_be_bytes());
+fn encode_server_hello(h: &ServerHello) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SERVER_HELLO_LEN + 33);
+    out.push(h.status as u8);
+    out.extend_from_slice(&h.recv_next.to_be_bytes());
+    out.extend_from_slice(&h.server_time_ms.to_be_bytes());
+    if let Some(k) = &h.next_key {
+        out.push(EXT_NEXT_KEY);
+        out.extend_from_slice(k);
+    }
     out
 }
 
 fn decode_server_hello(b: &[u8]) -> Result<ServerHello, HandshakeError> {
-    if b.len() != SERVER_HELLO_LEN {
-        return Err(HandshakeError::Hello("server hello has the wrong length"));
-    }
+    let next_key = match b.len() {
+        SERVER_HELLO_LEN => None,
+        n if n == SERVER_HELLO_LEN + 33 && b[SERVER_HELLO_LEN] == EXT_NEXT_KEY => {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(&b[SERVER_HELLO_LEN + 1..]);
+            Some(k)
+        }
+        _ => return Err(HandshakeError::Hello("server hello has the wrong length")),
+    };
     Ok(ServerHello {
         status: HelloStatus::from_u8(b[0]).ok_or(HandshakeError::Hello("unknown status"))?,
         recv_next: be_u64(&b[1..9]),
         server_time_ms: be_u64(&b[9..17]),
+        next_key,
     })
 }
 
@@ -525,6 +568,7 @@ mod tests {
                     status: HelloStatus::Accepted,
                     recv_next: 7,
                     server_time_ms: 9,
+                    next_key: psk.map(|_| [8u8; 32]),
                 };
                 let (m2, skeys) = resp.reply(&sh).unwrap();
                 let len = server_preamble_len([m2[0], m2[1]]).unwrap();
@@ -545,6 +589,44 @@ mod tests {
                 assert_eq!(public_key_of(&ck.private_key).unwrap(), cpub);
             }
         }
+    }
+
+    #[test]
+    fn a_rotating_server_opens_with_whichever_key_the_client_dialled() {
+        let (ck, _) = keys(CipherSuite::Aes256Gcm, None);
+        let (old, old_pub) = keys(CipherSuite::Aes256Gcm, None);
+        let (new, new_pub) = keys(CipherSuite::Aes256Gcm, None);
+        let (stranger, _) = keys(CipherSuite::Aes256Gcm, None);
+        for (dialled, want) in [(old_pub, 1), (new_pub, 0)] {
+            let (init, m1) = Initiator::start(&ck, &dialled, &hello(LegRole::Up)).unwrap();
+            let (s, body) = split_client(&m1);
+            let (resp, _, which) = Responder::accept_any(&[&new, &old], s, body).unwrap();
+            assert_eq!(which, want);
+            // The old key announces the new one in message 2.
+            let sh = ServerHello {
+                status: HelloStatus::Accepted,
+                recv_next: 0,
+                server_time_ms: 0,
+                next_key: (which == 1).then_some(new_pub),
+            };
+            let (m2, _) = resp.reply(&sh).unwrap();
+            let (got, _) = init.finish(&m2[2..]).unwrap();
+            assert_eq!(got.next_key, (want == 1).then_some(new_pub));
+        }
+        let (_, m1) = Initiator::start(&ck, &old_pub, &hello(LegRole::Up)).unwrap();
+        let (s, body) = split_client(&m1);
+        assert!(Responder::accept_any(&[&stranger], s, body).is_err());
+        assert!(Responder::accept_any(&[], s, body).is_err());
+        // A server hello with a malformed extension is refused.
+        let mut bad = encode_server_hello(&ServerHello {
+            status: HelloStatus::Accepted,
+            recv_next: 0,
+            server_time_ms: 0,
+            next_key: Some([1; 32]),
+        });
+        bad[SERVER_HELLO_LEN] = 9;
+        assert!(decode_server_hello(&bad).is_err());
+        assert!(decode_server_hello(&bad[..SERVER_HELLO_LEN + 5]).is_err());
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub struct ExitSettings {
     pub keys: HandshakeKeys,
     /// The exit's static public key.
     pub server_public: [u8; 32],
+    /// Where a key the exit announces during a rotation is saved (and read back at the
+    /// next start), so a client that was connected during the overlap window follows the
+    /// rotation without a new link.
+    pub learned_key_file: Option<std::path::PathBuf>,
     /// Timeout for dial plus TLS plus Noise handshake of one leg.
     pub dial_timeout: Duration,
     /// Timeout for the exit's connect to a target.
@@ -44,7 +48,16 @@ pub struct ExitSettings {
     pub backoff_max: Duration,
     /// Session tunables.
     pub session: SessionConfig,
+    /// Each leg gets a fresh handshake (new ephemeral keys) after this long...
+    pub rekey_after: Duration,
+    /// ...or after this many bytes through it, whichever comes first.
+    pub rekey_after_bytes: u64,
 }
+
+/// Default leg age before a fresh handshake.
+pub const DEFAULT_REKEY_AFTER: Duration = Duration::from_secs(3600);
+/// Default bytes through a leg before a fresh handshake.
+pub const DEFAULT_REKEY_AFTER_BYTES: u64 = 64 << 30;
 
 /// Why the client could not reach the exit.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +116,8 @@ struct Current {
 /// The connection to the exit: one live session at a time, re-established on demand.
 pub struct Exit {
     settings: ExitSettings,
+    /// The exit key to dial with: the configured one, or the one it announced since.
+    server_key: std::sync::Mutex<[u8; 32]>,
     current: AsyncMutex<Option<Current>>,
     /// Per leg role (up, down): which URL carries it and when each URL last failed.
     choices: [std::sync::Mutex<UrlChoice>; 2],
@@ -140,11 +155,42 @@ impl UrlChoice {
 impl Exit {
     /// A connection that dials lazily, on the first stream.
     pub fn new(settings: ExitSettings) -> Arc<Self> {
+        let key = settings
+            .learned_key_file
+            .as_deref()
+            .and_then(read_learned_key)
+            .unwrap_or(settings.server_public);
         Arc::new(Self {
+            server_key: std::sync::Mutex::new(key),
             settings,
             current: AsyncMutex::new(None),
             choices: Default::default(),
         })
+    }
+
+    /// The exit key the client dials with now.
+    pub fn server_key(&self) -> [u8; 32] {
+        *self.server_key.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adopts the exit's announced new key (it arrived in a handshake only the key we
+    /// dialled could produce) and saves it for the next start.
+    fn learn_key(&self, next: [u8; 32]) {
+        *self.server_key.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        let shown = crate::keyfile::encode_key(&next);
+        match &self.settings.learned_key_file {
+            Some(path) => match crate::keyfile::write_public_key(path, &next) {
+                Ok(()) => {
+                    tracing::warn!(key = %shown, file = %path.display(), "the exit rotated its key; learned and saved the new one")
+                }
+                Err(e) => {
+                    tracing::error!(key = %shown, error = %e, "the exit rotated its key; learned it, but cannot save it (set it as server_public_key)")
+                }
+            },
+            None => {
+                tracing::warn!(key = %shown, "the exit rotated its key; using the new one for this run (nowhere to save it)")
+            }
+        }
     }
 
     /// The live tunnel, establishing a session when there is none.
@@ -273,14 +319,17 @@ impl Exit {
             timestamp_ms: unix_ms(),
             recv_next: tunnel.recv_next(),
         };
-        let (reply, keys) =
-            client_handshake(&mut io, &s.keys, &s.server_public, &hello, s.dial_timeout)
-                .await
-                .map_err(|source| ClientError::Handshake {
-                    leg,
-                    url: url.to_string(),
-                    source,
-                })?;
+        let server_key = self.server_key();
+        let (reply, keys) = client_handshake(&mut io, &s.keys, &server_key, &hello, s.dial_timeout)
+            .await
+            .map_err(|source| ClientError::Handshake {
+                leg,
+                url: url.to_string(),
+                source,
+            })?;
+        if let Some(next) = reply.next_key.filter(|k| *k != server_key) {
+            self.learn_key(next);
+        }
         if reply.status != HelloStatus::Accepted {
             return Err(ClientError::Refused {
                 leg,
@@ -305,10 +354,33 @@ impl Exit {
         epochs: Arc<[AtomicU32; 2]>,
         mut control: mpsc::Receiver<Control>,
     ) {
-        while let Some(c) = control.recv().await {
+        let mut rekey = RekeyBudget::new(&tunnel);
+        let mut check = tokio::time::interval(REKEY_CHECK.min(self.settings.rekey_after));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let c = tokio::select! {
+                c = control.recv() => c,
+                _ = check.tick() => {
+                    for role in rekey.due(&self.settings, &tunnel) {
+                        // Make before break: the new leg is dialled while the old one
+                        // still carries traffic, and replaces it when it attaches; the
+                        // session layer resends what the old leg had not delivered.
+                        let (this, tunnel, epochs) = (self.clone(), tunnel.clone(), epochs.clone());
+                        tokio::spawn(async move {
+                            match this.dial_leg(id, &tunnel, &epochs, role).await {
+                                Ok(()) => tracing::debug!(session = %id, leg = role.name(), "leg re-keyed (fresh handshake)"),
+                                Err(e) => tracing::warn!(session = %id, leg = role.name(), error = %e, "re-key dial failed; the current leg stays"),
+                            }
+                        });
+                    }
+                    continue;
+                }
+            };
+            let Some(c) = c else { break };
             match c {
                 Control::LegDown { role, error } => {
                     tracing::info!(session = %id, leg = role.name(), error, "leg down; redialling");
+                    rekey.restart(role, &tunnel);
                     let this = self.clone();
                     let tunnel = tunnel.clone();
                     let epochs = epochs.clone();
@@ -380,6 +452,62 @@ impl Exit {
             }
         }
     }
+}
+
+/// How often the re-key budgets are looked at.
+const REKEY_CHECK: Duration = Duration::from_secs(5);
+
+/// When each leg of a session is due for a fresh handshake (forward secrecy inside long
+/// sessions): after `rekey_after` of leg age or `rekey_after_bytes` through it.
+struct RekeyBudget {
+    /// Per role (up, down): when the leg was (re)keyed and the byte counter then.
+    since: [(Instant, u64); 2],
+}
+
+impl RekeyBudget {
+    fn new(tunnel: &Tunnel) -> Self {
+        let now = Instant::now();
+        Self {
+            since: [
+                (now, Self::bytes(tunnel, LegRole::Up)),
+                (now, Self::bytes(tunnel, LegRole::Down)),
+            ],
+        }
+    }
+
+    /// Bytes through the client's leg of `role` so far.
+    fn bytes(tunnel: &Tunnel, role: LegRole) -> u64 {
+        let st = &tunnel.stats;
+        match role {
+            LegRole::Up => st.bytes_sent.load(Ordering::Relaxed),
+            LegRole::Down => st.bytes_received.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A leg was replaced for another reason: its budget starts again.
+    fn restart(&mut self, role: LegRole, tunnel: &Tunnel) {
+        self.since[role_index(role)] = (Instant::now(), Self::bytes(tunnel, role));
+    }
+
+    /// The roles whose budget ran out (their budgets restart).
+    fn due(&mut self, s: &ExitSettings, tunnel: &Tunnel) -> Vec<LegRole> {
+        let mut out = Vec::new();
+        for role in [LegRole::Up, LegRole::Down] {
+            let (at, bytes) = self.since[role_index(role)];
+            let used = Self::bytes(tunnel, role).saturating_sub(bytes);
+            if at.elapsed() >= s.rekey_after || used >= s.rekey_after_bytes {
+                out.push(role);
+                self.restart(role, tunnel);
+            }
+        }
+        out
+    }
+}
+
+/// A saved learned key, if the file holds one (a missing or unreadable file: none).
+fn read_learned_key(path: &std::path::Path) -> Option<[u8; 32]> {
+    let text = std::fs::read_to_string(path).ok()?;
+    crate::keyfile::decode_public(text.trim(), "learned server key").ok()
 }
 
 /// Which local inbound a listener serves.

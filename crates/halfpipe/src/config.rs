@@ -668,6 +668,8 @@ pub fn server_from_str(
 #[serde(deny_unknown_fields)]
 struct ClientFile {
     server_public_key: String,
+    /// Where a key the exit announces during a rotation is saved and read back.
+    learned_key_file: Option<String>,
     private_key_file: Option<String>,
     psk_file: Option<String>,
     cipher: Option<String>,
@@ -721,6 +723,10 @@ struct ForwardFile {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ClientLimitsFile {
+    /// Fresh handshake per leg after this long (forward secrecy in long sessions).
+    rekey_after: Option<String>,
+    /// ... or after this many bytes through the leg.
+    rekey_after_bytes: Option<u64>,
     connect_timeout: Option<String>,
     handshake_timeout: Option<String>,
     idle_timeout: Option<String>,
@@ -925,6 +931,22 @@ pub fn client_from_str(
     if backoff_min > backoff_max {
         c.err("limits.backoff_min", "must not exceed limits.backoff_max");
     }
+    let rekey_after = c.duration(
+        "limits.rekey_after",
+        &f.limits.rekey_after,
+        crate::client::DEFAULT_REKEY_AFTER,
+    );
+    let rekey_after_bytes = match f.limits.rekey_after_bytes {
+        Some(n) if n < 1 << 20 => {
+            c.err(
+                "limits.rekey_after_bytes",
+                "must be at least 1048576 (1 MiB)",
+            );
+            crate::client::DEFAULT_REKEY_AFTER_BYTES
+        }
+        Some(n) => n,
+        None => crate::client::DEFAULT_REKEY_AFTER_BYTES,
+    };
     let settings = match (server_public, private_key, uplink, downlink) {
         (Some(server_public), Some(private_key), Some(uplink), Some(downlink)) => {
             Some(ClientSettings {
@@ -939,6 +961,13 @@ pub fn client_from_str(
                         psk,
                     },
                     server_public,
+                    learned_key_file: Some(
+                        c.path(
+                            f.learned_key_file
+                                .as_deref()
+                                .unwrap_or("server-key.learned"),
+                        ),
+                    ),
                     dial_timeout,
                     connect_timeout,
                     backoff_min,
@@ -948,6 +977,8 @@ pub fn client_from_str(
                         resume_window,
                         ..sd
                     },
+                    rekey_after,
+                    rekey_after_bytes,
                 },
                 inbounds,
             })

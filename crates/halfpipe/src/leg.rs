@@ -56,14 +56,14 @@ pub async fn client_handshake(
 /// Server side, step 1: reads and authenticates message 1.
 pub async fn server_read_hello(
     io: &mut BoxedLeg,
-    keys: &HandshakeKeys,
-) -> Result<(Responder, AcceptedHello), LegError> {
+    keys: &[&HandshakeKeys],
+) -> Result<(Responder, AcceptedHello, usize), LegError> {
     let mut pre = [0u8; CLIENT_PREAMBLE_LEN];
     io.read_exact(&mut pre).await?;
     let (suite, len): (CipherSuite, usize) = client_preamble(pre)?;
     let mut msg1 = vec![0u8; len];
     io.read_exact(&mut msg1).await?;
-    Ok(Responder::accept(keys, suite, &msg1)?)
+    Ok(Responder::accept_any(keys, suite, &msg1)?)
 }
 
 /// Server side, step 2: answers with message 2.

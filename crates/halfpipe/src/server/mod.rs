@@ -20,6 +20,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 mod handle;
+pub mod keys;
 
 use crate::control::settings::ControlSettings;
 use crate::control::{ControlError, ControlPlane, Direction};
@@ -129,7 +130,7 @@ struct Reloadable {
 }
 
 struct State {
-    keys: HandshakeKeys,
+    keys: RwLock<Arc<keys::ServerKeys>>,
     /// Users by public key: the config's and the admin API's, minus disabled ones.
     users: RwLock<Arc<HashMap<[u8; 32], String>>>,
     reloadable: RwLock<Arc<Reloadable>>,
@@ -192,8 +193,10 @@ impl Server {
         };
         let control = ControlPlane::start(settings.control)?;
         let limits = settings.limits;
+        let server_keys = keys::ServerKeys::single(settings.keys)
+            .map_err(|e| ServerError::Admin(format!("server key: {e}")))?;
         let state = Arc::new(State {
-            keys: settings.keys,
+            keys: RwLock::new(Arc::new(server_keys)),
             users: RwLock::new(Arc::default()),
             config_file: settings.config_file,
             connect_timeout: settings.connect_timeout,
@@ -378,8 +381,10 @@ async fn handle_leg(
             return security_refusal(&state, peer, "timeout", "transport handshake timed out")
         }
     };
-    let (resp, acc) =
-        match tokio::time::timeout_at(deadline, server_read_hello(&mut io, &state.keys)).await {
+    let server_keys = read(&state.keys);
+    let candidates = server_keys.candidates();
+    let (resp, acc, key_index) =
+        match tokio::time::timeout_at(deadline, server_read_hello(&mut io, &candidates)).await {
             Ok(Ok(x)) => x,
             Ok(Err(LegError::Io(e))) => {
                 return security_refusal(&state, peer, "io", &format!("I/O during handshake: {e}"))
@@ -392,7 +397,23 @@ async fn handle_leg(
             }
             Err(_) => return security_refusal(&state, peer, "timeout", "handshake timed out"),
         };
-    match admit(&state, peer, &acc, scheme) {
+    let key_use = server_keys.classify(key_index, unix_ms());
+    let admission = match key_use {
+        // Only a known user learns that its key is retired; anyone else gets silence.
+        keys::KeyUse::Retired if read(&state.users).contains_key(&acc.client_static) => {
+            Admission::Refuse(HelloStatus::ServerKeyRetired)
+        }
+        keys::KeyUse::Retired => Admission::Silence(
+            "unknown_key",
+            "unknown client key on a retired server key".into(),
+        ),
+        _ => admit(&state, peer, &acc, scheme),
+    };
+    let next_key = match key_use {
+        keys::KeyUse::Overlap(k) => Some(k),
+        _ => None,
+    };
+    match admission {
         Admission::Silence(class, reason) => {
             security_refusal(&state, peer, class, &reason);
             silence(&mut io, deadline).await;
@@ -402,6 +423,7 @@ async fn handle_leg(
                 status,
                 recv_next: 0,
                 server_time_ms: unix_ms(),
+                next_key: None,
             };
             tracing::info!(%peer, session = %acc.hello.session_id, status = status.describe(), "leg refused");
             let _ = tokio::time::timeout_at(deadline, server_reply(&mut io, resp, &hello)).await;
@@ -409,7 +431,7 @@ async fn handle_leg(
         Admission::Attach(tunnel) => {
             state.control.metrics.legs_attached[scheme.index()]
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            attach(peer, io, resp, &acc, tunnel, deadline).await
+            attach(peer, io, resp, &acc, tunnel, deadline, next_key).await
         }
     }
 }
@@ -544,11 +566,13 @@ async fn attach(
     acc: &AcceptedHello,
     tunnel: Arc<Tunnel>,
     deadline: tokio::time::Instant,
+    next_key: Option<[u8; 32]>,
 ) {
     let hello = ServerHello {
         status: HelloStatus::Accepted,
         recv_next: tunnel.recv_next(),
         server_time_ms: unix_ms(),
+        next_key,
     };
     let keys = match tokio::time::timeout_at(deadline, server_reply(&mut io, resp, &hello)).await {
         Ok(Ok(k)) => k,

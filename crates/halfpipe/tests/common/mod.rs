@@ -34,6 +34,8 @@ pub struct Opts {
     pub limits: ServerLimits,
     /// Adjusts the control plane's settings before the exit starts.
     pub control: Option<ControlTweak>,
+    /// The client's leg re-key interval.
+    pub rekey_after: Duration,
 }
 
 impl Default for Opts {
@@ -47,6 +49,7 @@ impl Default for Opts {
                 ..ServerLimits::default()
             },
             control: None,
+            rekey_after: halfpipe::client::DEFAULT_REKEY_AFTER,
         }
     }
 }
@@ -173,11 +176,14 @@ pub async fn start(opts: Opts) -> Harness {
         },
         keys: user_keys.clone(),
         server_public,
+        learned_key_file: None,
         dial_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(5),
         backoff_min: Duration::from_millis(20),
         backoff_max: Duration::from_millis(500),
         session: opts.session.clone(),
+        rekey_after: opts.rekey_after,
+        rekey_after_bytes: halfpipe::client::DEFAULT_REKEY_AFTER_BYTES,
     });
     let socks_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let socks = socks_l.local_addr().unwrap();
@@ -369,11 +375,14 @@ pub async fn client_via(
         },
         keys: h.user_keys.clone(),
         server_public: h.server_public,
+        learned_key_file: None,
         dial_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(5),
         backoff_min: Duration::from_millis(20),
         backoff_max: Duration::from_millis(500),
         session: SessionConfig::default(),
+        rekey_after: halfpipe::client::DEFAULT_REKEY_AFTER,
+        rekey_after_bytes: halfpipe::client::DEFAULT_REKEY_AFTER_BYTES,
     });
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let socks = l.local_addr().unwrap();

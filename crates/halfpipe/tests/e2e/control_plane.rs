@@ -609,3 +609,38 @@ async fn audit_records_are_forwarded_to_a_tls_syslog_collector() {
     );
     assert!(seen.contains(&"server_started".to_string()), "{seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legs_rekey_on_their_time_budget_without_disturbing_a_transfer() {
+    let h = start(Opts {
+        rekey_after: Duration::from_millis(300),
+        ..Opts::default()
+    })
+    .await;
+    let target = echo_server().await;
+    let (code, s) = socks_connect(h.socks, &TargetAddr::Ip(target)).await;
+    assert_eq!(code, 0);
+    let session_before = h.exit.session_id().await;
+    let (sent, got, n) = echo_transfer(s, 48 * MIB, 21).await;
+    assert_eq!(n, 48 * MIB);
+    assert_eq!(sent, got, "bytes changed across re-keys");
+    // Fresh handshakes happened on both legs of the same session.
+    let start = std::time::Instant::now();
+    loop {
+        let attached =
+            h.server.control().metrics.legs_attached[1].load(std::sync::atomic::Ordering::Relaxed);
+        if attached >= 6 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "only {attached} legs attached: no re-key"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        h.exit.session_id().await,
+        session_before,
+        "re-keying must not start a new session"
+    );
+}
