@@ -889,6 +889,7 @@ mod tests {
             status: HelloStatus::Accepted,
             recv_next: 0,
             server_time_ms: 0,
+            next_key: None,
         };
         let (m2, server_keys) = resp.reply(&reply).unwrap();
         let (_, client_keys) = init.finish(&m2[2..]).unwrap();

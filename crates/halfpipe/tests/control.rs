@@ -607,7 +607,11 @@ async fn the_admin_socket_is_private_and_a_missing_audit_key_stops_the_server() 
     assert_eq!(mode(&dir.join("state/keys/audit.key")), 0o600);
     stop(server);
     // Without its signing key the server refuses to run rather than log unsigned.
-    std::fs::rename(dir.join("state/keys/audit.key"), dir.join("audit.key.moved")).unwrap();
+    std::fs::rename(
+        dir.join("state/keys/audit.key"),
+        dir.join("audit.key.moved"),
+    )
+    .unwrap();
     let out = Command::new(bin())
         .args(["server", "--config"])
         .arg(dir.join("server.toml"))
@@ -616,7 +620,10 @@ async fn the_admin_socket_is_private_and_a_missing_audit_key_stops_the_server() 
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("audit.key") && err.contains("server init"), "{err}");
+    assert!(
+        err.contains("audit.key") && err.contains("server init"),
+        "{err}"
+    );
     // A second init refuses to overwrite the state.
     let out = Command::new(bin())
         .args(["server", "init", "--config"])
