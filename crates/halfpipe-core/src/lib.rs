@@ -6,12 +6,14 @@
 //! - [`frame`]: the session frames and their codec, with a hard size limit.
 //! - [`record`]: the per-leg record layer (length header + AEAD with counter nonces).
 //! - [`handshake`]: the per-leg Noise IK handshake and its hello payloads.
+//! - [`link`]: share links (`halfpipe://v1/...`): everything a client needs in one string.
 //! - [`replay`]: the bounded replay cache for handshakes.
 //! - [`session`]: streams, sequencing, acks, retransmission and flow control.
 //! - [`target`]: destination addresses and connect outcomes.
 
 pub mod frame;
 pub mod handshake;
+pub mod link;
 pub mod record;
 pub mod replay;
 pub mod session;
