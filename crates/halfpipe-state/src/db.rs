@@ -9,6 +9,14 @@
 //! | `bans` | ban key | `{until_ms, reason}` |
 //! | `tokens` | token id (hex) | name, capabilities, times, revoked, HMAC |
 //! | `users` | user name | public key (hex), disabled, added |
+//! | `disabled_names` | user name (of the configuration file) | empty |
+//! | `user_policies` | user name | a [`UserPolicy`](crate::UserPolicy) |
+//! | `quotas` | user name | `{day, day_used, month, month_used}` ([`Quotas`]) |
+//!
+//! Schema 2 added `user_policies` and `quotas`; a schema 1 file is upgraded when opened
+//! (the tables are created and the schema recorded as 2). A build that knows only schema 1
+//! then refuses the file instead of running without the policies and quotas in it (fail
+//! closed).
 //!
 //! Opening checks redb's page checksums and decodes every stored value; anything that
 //! does not decode refuses the open (fail closed), so a server never runs on state it
@@ -35,12 +43,17 @@ use serde::Serialize;
 use crate::ban::Bans;
 use crate::clock::{Monotonic, ServiceClock, SystemMonotonic};
 use crate::error::{redb_error, StateError};
+use crate::quota::{Quotas, DEFAULT_MAX_QUOTA_KEYS};
 use crate::ratelimit::{Limiter, DEFAULT_MAX_KEYS};
 use crate::token;
 use crate::users::Users;
 
 /// The schema this build reads and writes.
-pub const SCHEMA: u64 = 1;
+pub const SCHEMA: u64 = 2;
+
+/// Older schemas this build upgrades when it opens them: 1 (before `user_policies` and
+/// `quotas`).
+pub const UPGRADES_FROM: &[u64] = &[1];
 
 pub(crate) type Table = TableDefinition<'static, &'static [u8], &'static [u8]>;
 
@@ -53,6 +66,8 @@ pub(crate) const BANS_NAME: &str = "bans";
 pub(crate) const TOKENS_NAME: &str = "tokens";
 pub(crate) const USERS_NAME: &str = "users";
 pub(crate) const DISABLED_NAME: &str = "disabled_names";
+pub(crate) const POLICIES_NAME: &str = "user_policies";
+pub(crate) const QUOTAS_NAME: &str = "quotas";
 
 pub(crate) const META: Table = TableDefinition::new(META_NAME);
 pub(crate) const LIMITS: Table = TableDefinition::new(LIMITS_NAME);
@@ -60,6 +75,8 @@ pub(crate) const BANS: Table = TableDefinition::new(BANS_NAME);
 pub(crate) const TOKENS: Table = TableDefinition::new(TOKENS_NAME);
 pub(crate) const USERS: Table = TableDefinition::new(USERS_NAME);
 pub(crate) const DISABLED: Table = TableDefinition::new(DISABLED_NAME);
+pub(crate) const POLICIES: Table = TableDefinition::new(POLICIES_NAME);
+pub(crate) const QUOTAS: Table = TableDefinition::new(QUOTAS_NAME);
 
 const SCHEMA_KEY: &[u8] = b"schema";
 const SERVED_KEY: &[u8] = b"served_ms";
@@ -163,6 +180,9 @@ fn u64_value(store: &Store, table: &'static str, key: &[u8], v: &[u8]) -> Result
 pub struct StateOptions {
     /// The most keys the [`Limiter`] holds (default [`DEFAULT_MAX_KEYS`]).
     pub max_limiter_keys: usize,
+    /// The most users whose transfer counters [`Quotas`] holds (default
+    /// [`DEFAULT_MAX_QUOTA_KEYS`]).
+    pub max_quota_keys: usize,
     /// The monotonic source of the [`ServiceClock`] (default [`SystemMonotonic`]; tests use
     /// a [`ManualClock`](crate::clock::ManualClock)).
     pub monotonic: Arc<dyn Monotonic>,
@@ -172,6 +192,7 @@ impl Default for StateOptions {
     fn default() -> Self {
         Self {
             max_limiter_keys: DEFAULT_MAX_KEYS,
+            max_quota_keys: DEFAULT_MAX_QUOTA_KEYS,
             monotonic: Arc::new(SystemMonotonic::new()),
         }
     }
@@ -181,6 +202,7 @@ impl std::fmt::Debug for StateOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StateOptions")
             .field("max_limiter_keys", &self.max_limiter_keys)
+            .field("max_quota_keys", &self.max_quota_keys)
             .finish_non_exhaustive()
     }
 }
@@ -191,6 +213,7 @@ struct Inner {
     limiter: Limiter,
     bans: Bans,
     users: Users,
+    quotas: Quotas,
     flush_lock: Mutex<()>,
 }
 
@@ -199,12 +222,13 @@ impl Inner {
         let _one_at_a_time = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
         let now = self.clock.now_ms();
         let changes = self.limiter.take_changes(now);
+        let quota_changes = self.quotas.take_changes();
         let bans_writer = self.bans.writer();
         let expired = self.bans.expired(now);
-        let result = self
-            .store
-            .write("flushing the service clock and rate limits", |txn| {
-                let action = "flushing the service clock and rate limits";
+        let result = self.store.write(
+            "flushing the service clock, rate limits and quotas",
+            |txn| {
+                let action = "flushing the service clock, rate limits and quotas";
                 let mut meta = txn
                     .open_table(META)
                     .map_err(|e| self.store.err(action, e))?;
@@ -230,8 +254,23 @@ impl Inner {
                     bans.remove(key.as_bytes())
                         .map_err(|e| self.store.err(action, e))?;
                 }
+                let mut quotas = txn
+                    .open_table(QUOTAS)
+                    .map_err(|e| self.store.err(action, e))?;
+                for (name, counter) in &quota_changes.upserts {
+                    let value = self.store.encode(counter)?;
+                    quotas
+                        .insert(name.as_bytes(), value.as_slice())
+                        .map_err(|e| self.store.err(action, e))?;
+                }
+                for name in &quota_changes.removes {
+                    quotas
+                        .remove(name.as_bytes())
+                        .map_err(|e| self.store.err(action, e))?;
+                }
                 Ok(())
-            });
+            },
+        );
         match result {
             Ok(()) => {
                 self.bans.forget(&expired);
@@ -241,6 +280,7 @@ impl Inner {
             Err(e) => {
                 drop(bans_writer);
                 self.limiter.restore_changes(changes);
+                self.quotas.restore_changes(quota_changes);
                 Err(e)
             }
         }
@@ -255,7 +295,7 @@ impl Drop for Inner {
 }
 
 /// The exit server's persistent state: one redb database holding the service clock, rate
-/// limits, bans, capability tokens and runtime users.
+/// limits, bans, capability tokens, runtime users, user policies and transfer quotas.
 ///
 /// Cheap to clone (a handle); `Send + Sync`. Every part keeps what the data path needs in
 /// memory behind its own lock, so [`Limiter::check`] and [`Bans::banned`] never touch the
@@ -333,13 +373,18 @@ impl StateDb {
         &self.inner.bans
     }
 
-    /// The runtime-managed users (each change committed at once).
+    /// The runtime-managed users and every user's policy (each change committed at once).
     pub fn users(&self) -> &Users {
         &self.inner.users
     }
 
-    /// Stores the service clock and the rate limits changed since the last flush, and
-    /// deletes expired bans, in one commit. Call every second and at shutdown. On failure
+    /// The transfer counters per user (persisted by [`StateDb::flush`]).
+    pub fn quotas(&self) -> &Quotas {
+        &self.inner.quotas
+    }
+
+    /// Stores the service clock and the rate limits and transfer counters changed since
+    /// the last flush, and deletes expired bans, in one commit. Call every second and at shutdown. On failure
     /// nothing is lost from memory: the next flush writes it.
     pub fn flush(&self) -> Result<(), StateError> {
         self.inner.flush()
@@ -406,7 +451,7 @@ fn open_inner(path: &Path, file: fs::File, options: StateOptions) -> Result<Inne
     // Create the tables and check or record the schema.
     store.write("creating the tables", |txn| {
         let action = "creating the tables";
-        for t in [LIMITS, BANS, TOKENS, USERS, DISABLED] {
+        for t in [LIMITS, BANS, TOKENS, USERS, DISABLED, POLICIES, QUOTAS] {
             txn.open_table(t).map_err(|e| store.err(action, e))?;
         }
         let mut meta = txn.open_table(META).map_err(|e| store.err(action, e))?;
@@ -417,6 +462,12 @@ fn open_inner(path: &Path, file: fs::File, options: StateOptions) -> Result<Inne
             .transpose()?;
         match found {
             Some(SCHEMA) => Ok(()),
+            Some(old) if UPGRADES_FROM.contains(&old) => {
+                // The new tables were just created, empty: record the upgrade.
+                meta.insert(SCHEMA_KEY, SCHEMA.to_le_bytes().as_slice())
+                    .map_err(|e| store.err(action, e))?;
+                Ok(())
+            }
             Some(found) => Err(StateError::Schema {
                 path: store.path.clone(),
                 found,
@@ -431,7 +482,7 @@ fn open_inner(path: &Path, file: fs::File, options: StateOptions) -> Result<Inne
     })?;
 
     // Load (and so validate) everything.
-    let (served, limits, bans, users) = store.read("loading the state", |txn| {
+    let (served, limits, bans, users, quotas) = store.read("loading the state", |txn| {
         let action = "loading the state";
         let mut served = 0;
         for (k, v) in store.rows(txn, META, action)? {
@@ -449,9 +500,11 @@ fn open_inner(path: &Path, file: fs::File, options: StateOptions) -> Result<Inne
             &store,
             store.rows(txn, USERS, action)?,
             store.rows(txn, DISABLED, action)?,
+            store.rows(txn, POLICIES, action)?,
         )?;
         token::validate_rows(&store, store.rows(txn, TOKENS, action)?)?;
-        Ok((served, limits, bans, users))
+        let quotas = Quotas::decode_rows(&store, store.rows(txn, QUOTAS, action)?)?;
+        Ok((served, limits, bans, users, quotas))
     })?;
 
     Ok(Inner {
@@ -459,6 +512,7 @@ fn open_inner(path: &Path, file: fs::File, options: StateOptions) -> Result<Inne
         limiter: Limiter::load(options.max_limiter_keys, limits),
         bans: Bans::new(store.clone(), bans),
         users: Users::new(store.clone(), users),
+        quotas: Quotas::load(options.max_quota_keys, quotas),
         store,
         flush_lock: Mutex::new(()),
     })

@@ -2,7 +2,8 @@
 //!
 //! One redb database ([`StateDb`]) holds everything the exit must remember across
 //! restarts: the service clock, rate-limit budgets, bans, capability tokens (as keyed
-//! hashes) and runtime-managed users. The token pepper lives in its own file.
+//! hashes), runtime-managed users, per-user policies and transfer quotas. The token
+//! pepper lives in its own file.
 //!
 //! | module | job |
 //! | --- | --- |
@@ -11,7 +12,9 @@
 //! | [`ratelimit`] | [`Limiter`]: GCRA per string key, in memory, persisted by flush |
 //! | [`ban`] | [`Bans`]: committed at once, read from memory, only ever extended |
 //! | [`token`] | [`Tokens`], [`Pepper`]: `hpt_<id>_<secret>`, stored as HMAC-SHA256 |
-//! | [`users`] | [`Users`]: runtime users by name and public key |
+//! | [`users`] | [`Users`]: runtime users by name and public key; every user's policy |
+//! | [`policy`] | [`UserPolicy`]: expiry, sessions, speed limits, [`Quota`], destinations ([`Network`]) |
+//! | [`quota`] | [`Quotas`]: bytes per user per UTC day and month (wall clock), persisted by flush |
 //! | [`error`] | [`StateError`]: every error names its file and says what to do |
 //!
 //! Fail closed throughout: a file that does not open, fails its checksums or holds a
@@ -20,7 +23,8 @@
 //! (ban, disable, remove) applies in memory even when its commit fails.
 //!
 //! Handles are `Send + Sync` and cheap: the data path ([`Limiter::check`],
-//! [`Bans::banned`], [`Users::get_by_key`]) takes one lock and never touches the disk.
+//! [`Bans::banned`], [`Users::get_by_key`], [`Users::policy`], [`Quotas::charge`]) takes
+//! one lock and never touches the disk.
 //!
 //! ```no_run
 //! use halfpipe_state::{RateSpec, StateDb};
@@ -43,6 +47,8 @@ pub mod ban;
 pub mod clock;
 pub mod db;
 pub mod error;
+pub mod policy;
+pub mod quota;
 pub mod ratelimit;
 pub mod token;
 pub mod users;
@@ -51,6 +57,8 @@ pub use ban::{Ban, Bans};
 pub use clock::{ManualClock, Monotonic, ServiceClock, SystemMonotonic};
 pub use db::{StateDb, StateOptions};
 pub use error::StateError;
+pub use policy::{Network, Quota, QuotaPeriod, UserPolicy};
+pub use quota::{QuotaExceeded, Quotas, Usage};
 pub use ratelimit::{Limiter, RateSpec, RetryAfter};
 pub use token::{Pepper, SecretToken, TokenError, TokenInfo, Tokens};
 pub use users::{UserRecord, Users};
@@ -66,5 +74,7 @@ mod send_sync {
         assert_send_sync::<crate::StateError>();
         assert_send_sync::<crate::TokenError>();
         assert_send_sync::<crate::SecretToken>();
+        assert_send_sync::<crate::Quotas>();
+        assert_send_sync::<crate::QuotaExceeded>();
     }
 }

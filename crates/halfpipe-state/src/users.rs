@@ -9,14 +9,18 @@
 //!
 //! Users defined elsewhere (the configuration file) can be disabled by name too
 //! ([`Users::set_name_disabled`]); [`Users::disabled_names`] gives both kinds.
+//!
+//! Every user, of either kind, may have a [`UserPolicy`] ([`Users::set_policy`],
+//! [`Users::policy`]), stored by name; see [`policy`](crate::policy).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::db::{Rows, Store, DISABLED, DISABLED_NAME, USERS, USERS_NAME};
+use crate::db::{Rows, Store, DISABLED, DISABLED_NAME, POLICIES, POLICIES_NAME, USERS, USERS_NAME};
 use crate::error::StateError;
+use crate::policy::UserPolicy;
 
 /// Longest user name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -48,6 +52,8 @@ pub(crate) struct Index {
     by_key: HashMap<[u8; 32], String>,
     /// Names disabled that are not runtime users (users of the configuration file).
     disabled_names: BTreeSet<String>,
+    /// Stored policies by name (of either kind of user); never the default policy.
+    policies: HashMap<String, UserPolicy>,
 }
 
 impl Index {
@@ -91,8 +97,20 @@ impl Users {
         store: &Store,
         rows: Rows,
         disabled: Rows,
+        policies: Rows,
     ) -> Result<Index, StateError> {
         let mut index = Index::default();
+        for (k, v) in policies {
+            let name = store.key_str(POLICIES_NAME, &k)?;
+            let policy: UserPolicy = store.decode(POLICIES_NAME, &k, &v)?;
+            // A name or a policy this build would refuse: fail closed.
+            if check_name(&name).is_err() || policy.validate().is_err() {
+                return Err(store.corrupt(POLICIES_NAME, &k));
+            }
+            if !policy.is_unlimited() {
+                index.policies.insert(name, policy);
+            }
+        }
         for (k, _) in disabled {
             let name = store.key_str(DISABLED_NAME, &k)?;
             if check_name(&name).is_err() {
@@ -239,6 +257,66 @@ impl Users {
             .filter(|u| u.disabled)
             .map(|u| u.name.clone())
             .chain(m.disabled_names.iter().cloned())
+            .collect()
+    }
+
+    /// Sets the policy of the user named `name` (a runtime user or one of the
+    /// configuration file; the name need not exist anywhere yet), committed before this
+    /// returns. [`UserPolicy::default`] removes the stored policy. Refuses a policy that
+    /// does not pass [`UserPolicy::validate`] and a name [`check_name`] refuses.
+    ///
+    /// If the commit fails, the error is returned, and the new policy applies in memory
+    /// anyway if it grants nothing ([`UserPolicy::at_least_as_strict_as`] the old one: a
+    /// restriction applies, fail closed); otherwise the old policy stays.
+    pub fn set_policy(&self, name: &str, policy: UserPolicy) -> Result<(), StateError> {
+        check_name(name)?;
+        policy.validate()?;
+        let action = "setting a user's policy";
+        let value = if policy.is_unlimited() {
+            None
+        } else {
+            Some(self.store.encode(&policy)?)
+        };
+        let _w = self.writer();
+        let committed = self.store.write(action, |txn| {
+            let mut t = txn
+                .open_table(POLICIES)
+                .map_err(|e| self.store.err(action, e))?;
+            match &value {
+                Some(v) => t.insert(name.as_bytes(), v.as_slice()),
+                None => t.remove(name.as_bytes()),
+            }
+            .map_err(|e| self.store.err(action, e))?;
+            Ok(())
+        });
+        let apply = committed.is_ok() || {
+            let m = self.read();
+            let old = m.policies.get(name).cloned().unwrap_or_default();
+            policy.at_least_as_strict_as(&old)
+        };
+        if apply {
+            let mut m = self.write();
+            if policy.is_unlimited() {
+                m.policies.remove(name);
+            } else {
+                m.policies.insert(name.to_owned(), policy);
+            }
+        }
+        committed
+    }
+
+    /// The policy of the user named `name`: the one stored, or [`UserPolicy::default`]
+    /// (unlimited). Memory only.
+    pub fn policy(&self, name: &str) -> UserPolicy {
+        self.read().policies.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Every stored policy (those that are not the default), sorted by name.
+    pub fn policies(&self) -> BTreeMap<String, UserPolicy> {
+        self.read()
+            .policies
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
 

@@ -366,7 +366,7 @@ fn another_schema_is_refused() {
         {
             let def: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("meta");
             let mut t = txn.open_table(def).unwrap();
-            t.insert(b"schema".as_slice(), 2u64.to_le_bytes().as_slice())
+            t.insert(b"schema".as_slice(), 99u64.to_le_bytes().as_slice())
                 .unwrap();
         }
         txn.commit().unwrap();
@@ -376,13 +376,55 @@ fn another_schema_is_refused() {
         matches!(
             e,
             StateError::Schema {
-                found: 2,
-                supported: 1,
+                found: 99,
+                supported: halfpipe_state::db::SCHEMA,
                 ..
             }
         ),
         "{e:?}"
     );
+}
+
+/// A schema 1 file (before policies and quotas) is upgraded in place, keeping its
+/// contents; a build that knows only schema 1 would then refuse it.
+#[test]
+fn a_schema_1_file_is_upgraded() {
+    let dir = TempDir::new("upgrade");
+    {
+        let (db, _) = open(&dir.db());
+        db.bans().ban("src:192.0.2.1", 60_000, "kept", 0).unwrap();
+    }
+    let meta: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("meta");
+    let schema = || {
+        let db = redb::Database::open(dir.db()).unwrap();
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(meta).unwrap();
+        let v = t.get(b"schema".as_slice()).unwrap().unwrap();
+        u64::from_le_bytes(v.value().try_into().unwrap())
+    };
+    assert_eq!(schema(), 2);
+    {
+        // Make it look like a schema 1 file: no policy or quota tables, schema 1.
+        let db = redb::Database::open(dir.db()).unwrap();
+        let txn = db.begin_write().unwrap();
+        for name in ["user_policies", "quotas"] {
+            let def: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new(name);
+            assert!(txn.delete_table(def).unwrap());
+        }
+        {
+            let mut t = txn.open_table(meta).unwrap();
+            t.insert(b"schema".as_slice(), 1u64.to_le_bytes().as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    assert_eq!(schema(), 1);
+    {
+        let (db, _) = open(&dir.db());
+        assert_eq!(db.bans().banned("src:192.0.2.1", 0).unwrap().reason, "kept");
+        assert!(db.users().policy("alice").is_unlimited());
+    }
+    assert_eq!(schema(), 2);
 }
 
 /// Many threads charging the same keys while flushes run: exactly the burst passes.

@@ -52,6 +52,7 @@ pub fn open_capped(path: &Path, max_limiter_keys: usize) -> (StateDb, Arc<Manual
         StateOptions {
             max_limiter_keys,
             monotonic: clock.clone(),
+            ..StateOptions::default()
         },
     )
     .unwrap();
