@@ -24,13 +24,15 @@ pub enum Capability {
     LogVerify,
     /// Re-read the configuration.
     Reload,
+    /// List and rotate the key store's keys (never read a secret: nothing can).
+    KeysManage,
     /// Everything.
     Admin,
 }
 
 impl Capability {
     /// Every capability, in a fixed order.
-    pub const ALL: [Capability; 10] = [
+    pub const ALL: [Capability; 11] = [
         Capability::Status,
         Capability::SessionsRead,
         Capability::SessionsKill,
@@ -40,6 +42,7 @@ impl Capability {
         Capability::LogRead,
         Capability::LogVerify,
         Capability::Reload,
+        Capability::KeysManage,
         Capability::Admin,
     ];
 
@@ -55,6 +58,7 @@ impl Capability {
             Capability::LogRead => "log.read",
             Capability::LogVerify => "log.verify",
             Capability::Reload => "reload",
+            Capability::KeysManage => "keys.manage",
             Capability::Admin => "admin",
         }
     }
@@ -68,7 +72,7 @@ impl fmt::Display for Capability {
 
 /// A capability name that is not one of [`Capability::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown capability {0:?} (known: status, sessions.read, sessions.kill, mode.set, users.manage, tokens.manage, log.read, log.verify, reload, admin)")]
+#[error("unknown capability {0:?} (known: status, sessions.read, sessions.kill, mode.set, users.manage, tokens.manage, log.read, log.verify, reload, keys.manage, admin)")]
 pub struct UnknownCapability(pub String);
 
 impl FromStr for Capability {

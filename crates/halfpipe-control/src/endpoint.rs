@@ -20,6 +20,9 @@
 //! | [`Endpoint::LogVerify`] | `POST /v1/log/verify` | `log.verify` |
 //! | [`Endpoint::LogTail`] | `GET /v1/log/tail` | `log.read` |
 //! | [`Endpoint::Reload`] | `POST /v1/reload` | `reload` |
+//! | [`Endpoint::UsersPolicy`] | `POST /v1/users/{name}/policy` | `users.manage` |
+//! | [`Endpoint::KeysList`] | `GET /v1/keys` | `keys.manage` |
+//! | [`Endpoint::KeysRotate`] | `POST /v1/keys/rotate` | `keys.manage` |
 //!
 //! `admin` allows every endpoint. Path parameters are validated by [`route`]: `{id}` is 1 to
 //! 64 hex digits (returned in lower case), `{name}` 1 to 64 of `A-Z a-z 0-9 . _ -` (and not
@@ -73,11 +76,20 @@ pub enum Endpoint {
     LogTail,
     /// `POST /v1/reload`: re-read the configuration.
     Reload,
+    /// `POST /v1/users/{name}/policy`: set a user's limits (expiry, devices, speed, quota,
+    /// destinations).
+    UsersPolicy,
+    /// `GET /v1/keys`: the key store's keys (ids, kinds, states, public halves; never a
+    /// secret).
+    KeysList,
+    /// `POST /v1/keys/rotate`: a new server static key, the old one accepted for an overlap
+    /// window.
+    KeysRotate,
 }
 
 impl Endpoint {
     /// Every endpoint, in a fixed order.
-    pub const ALL: [Endpoint; 17] = [
+    pub const ALL: [Endpoint; 20] = [
         Endpoint::Status,
         Endpoint::SessionsList,
         Endpoint::SessionsKill,
@@ -95,6 +107,9 @@ impl Endpoint {
         Endpoint::LogVerify,
         Endpoint::LogTail,
         Endpoint::Reload,
+        Endpoint::UsersPolicy,
+        Endpoint::KeysList,
+        Endpoint::KeysRotate,
     ];
 
     /// The one capability the endpoint needs (`admin` also allows it).
@@ -120,6 +135,9 @@ impl Endpoint {
             Endpoint::LogVerify => Capability::LogVerify,
             Endpoint::LogTail => Capability::LogRead,
             Endpoint::Reload => Capability::Reload,
+            Endpoint::UsersPolicy => Capability::UsersManage,
+            Endpoint::KeysList => Capability::KeysManage,
+            Endpoint::KeysRotate => Capability::KeysManage,
         }
     }
 
@@ -131,7 +149,8 @@ impl Endpoint {
             | Endpoint::ModeGet
             | Endpoint::TokensList
             | Endpoint::UsersList
-            | Endpoint::LogTail => "GET",
+            | Endpoint::LogTail
+            | Endpoint::KeysList => "GET",
             Endpoint::SessionsKill
             | Endpoint::ModeSet
             | Endpoint::ModeUnfreeze
@@ -140,7 +159,9 @@ impl Endpoint {
             | Endpoint::UsersDisable
             | Endpoint::UsersEnable
             | Endpoint::LogVerify
-            | Endpoint::Reload => "POST",
+            | Endpoint::Reload
+            | Endpoint::UsersPolicy
+            | Endpoint::KeysRotate => "POST",
             Endpoint::TokensRevoke | Endpoint::UsersRemove => "DELETE",
         }
     }
@@ -162,6 +183,9 @@ impl Endpoint {
             Endpoint::LogVerify => "/v1/log/verify",
             Endpoint::LogTail => "/v1/log/tail",
             Endpoint::Reload => "/v1/reload",
+            Endpoint::UsersPolicy => "/v1/users/{name}/policy",
+            Endpoint::KeysList => "/v1/keys",
+            Endpoint::KeysRotate => "/v1/keys/rotate",
         }
     }
 
@@ -185,6 +209,9 @@ impl Endpoint {
             Endpoint::LogVerify => "log.verify",
             Endpoint::LogTail => "log.tail",
             Endpoint::Reload => "reload",
+            Endpoint::UsersPolicy => "users.policy",
+            Endpoint::KeysList => "keys.list",
+            Endpoint::KeysRotate => "keys.rotate",
         }
     }
 }
@@ -451,6 +478,13 @@ mod tests {
             (E::LogVerify, C::LogVerify, "POST /v1/log/verify"),
             (E::LogTail, C::LogRead, "GET /v1/log/tail"),
             (E::Reload, C::Reload, "POST /v1/reload"),
+            (
+                E::UsersPolicy,
+                C::UsersManage,
+                "POST /v1/users/{name}/policy",
+            ),
+            (E::KeysList, C::KeysManage, "GET /v1/keys"),
+            (E::KeysRotate, C::KeysManage, "POST /v1/keys/rotate"),
         ];
         assert_eq!(table.len(), Endpoint::ALL.len());
         for ((e, c, line), listed) in table.into_iter().zip(Endpoint::ALL) {

@@ -494,9 +494,14 @@ async fn dispatch(
         Endpoint::UsersList => json!({ "users": server.users_info() }),
         Endpoint::UsersAdd => {
             let name = field(body, "name")?;
-            let key = field(body, "public_key")?;
-            server.add_user(name, key).map_err(conflict)?;
-            json!({ "added": name })
+            match body.get("public_key").and_then(Value::as_str) {
+                Some(key) => {
+                    server.add_user(name, key).map_err(conflict)?;
+                    json!({ "added": name })
+                }
+                // No key given: the exit makes the pair and hands out a link, once.
+                None => server.add_user_with_link(name).map_err(conflict)?,
+            }
         }
         Endpoint::UsersRemove => {
             let name = param(p)?;
@@ -526,6 +531,21 @@ async fn dispatch(
                 .map_err(|e| Fail(StatusCode::INTERNAL_SERVER_ERROR, e))?
         }
         Endpoint::Reload => server.reload().map_err(Fail::bad)?,
+        Endpoint::KeysList => server.keys_info().map_err(conflict)?,
+        Endpoint::KeysRotate => {
+            let overlap = match body.get("overlap").and_then(Value::as_str) {
+                None => None,
+                Some(s) => Some(
+                    humantime::parse_duration(s)
+                        .map_err(|e| Fail::bad(format!("overlap {s:?}: {e}")))?,
+                ),
+            };
+            server.rotate_keys(overlap).map_err(conflict)?
+        }
+        Endpoint::UsersPolicy => {
+            let name = param(p)?;
+            server.set_user_policy(name, body).map_err(conflict)?
+        }
     })
 }
 

@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 use crate::client::{ExitSettings, Inbound};
 use crate::egress::EgressPolicy;
-use crate::keyfile::{decode_key, decode_public, read_private_key};
+use crate::keyfile::{decode_key, decode_public, encode_key, read_private_key};
 use crate::leg_url::LegUrl;
 use crate::server::{ServerLimits, ServerSettings, User};
 use crate::socks5::Socks5Auth;
@@ -390,6 +390,28 @@ struct ServerFile {
     limits: ServerLimitsFile,
     #[serde(default)]
     control: control::ControlFile,
+    keystore: Option<KeystoreFile>,
+    links: Option<LinksFile>,
+}
+
+/// `[links]`: what share links for new users carry (the exit's public side).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinksFile {
+    uplink: OneOrMany,
+    downlink: OneOrMany,
+    server_name: Option<String>,
+    pin: Option<String>,
+}
+
+/// `[keystore]`: the exit's static keys in a sealed store (rotation needs it).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeystoreFile {
+    file: String,
+    sealer: String,
+    rotation_overlap: Option<String>,
+    rotate_every: Option<String>,
 }
 
 /// A leg URL, or several in order of preference.
@@ -509,7 +531,41 @@ pub fn server_from_str(
         .filter_map(|(i, s)| c.leg_url(&format!("listen[{i}]"), s))
         .collect();
     let suite = c.cipher(&f.cipher);
-    let private_key = c.private_key("private_key_file", &f.private_key_file, ENV_SERVER_KEY);
+    let keystore = f.keystore.as_ref().map(|k| {
+        if f.private_key_file.is_some() {
+            c.err(
+                "private_key_file",
+                "with a [keystore] the server's keys live in the store: remove private_key_file",
+            );
+        }
+        // Relative key-file paths in the sealer are relative to the config, like the rest.
+        let sealer = match k.sealer.strip_prefix("keyfile:") {
+            Some(p) => format!("keyfile:{}", c.path(p).display()),
+            None => k.sealer.clone(),
+        };
+        if let Err(e) = halfpipe_keystore::Sealer::from_spec(&sealer) {
+            c.err("keystore.sealer", e.to_string());
+        }
+        crate::server::keys::KeystoreSettings {
+            file: c.path(&k.file),
+            sealer,
+            suite: CipherSuite::default(),
+            psk: None,
+            overlap: c.duration(
+                "keystore.rotation_overlap",
+                &k.rotation_overlap,
+                Duration::from_secs(7 * 24 * 3600),
+            ),
+            rotate_every: k
+                .rotate_every
+                .as_ref()
+                .map(|_| c.duration("keystore.rotate_every", &k.rotate_every, Duration::ZERO)),
+        }
+    });
+    let private_key = match keystore {
+        Some(_) => None,
+        None => c.private_key("private_key_file", &f.private_key_file, ENV_SERVER_KEY),
+    };
     let psk = c.psk(&f.psk_file);
     let needs_tls = listen.iter().any(|u| u.scheme.uses_tls());
     let quic = c.quic(&f.quic, true);
@@ -638,9 +694,24 @@ pub fn server_from_str(
         }
     };
     let control = control::control(&mut c, &f.control);
-    let settings = private_key.map(|private_key| ServerSettings {
+    let links = links_template(&mut c, &f, &listen, suite);
+    let keys = match (keystore, private_key) {
+        (Some(mut ks), _) => {
+            ks.suite = suite;
+            ks.psk = psk.clone();
+            Some(crate::server::keys::KeySource::Store(ks))
+        }
+        (None, Some(private_key)) => Some(crate::server::keys::KeySource::File(HandshakeKeys {
+            suite,
+            private_key,
+            psk,
+        })),
+        (None, None) => None,
+    };
+    let settings = keys.map(|keys| ServerSettings {
         control,
         config_file: Some(path.to_owned()),
+        links,
         listen,
         transport: ListenSettings {
             tls,
@@ -648,11 +719,7 @@ pub fn server_from_str(
             ws,
             decoy,
         },
-        keys: HandshakeKeys {
-            suite,
-            private_key,
-            psk,
-        },
+        keys,
         users,
         egress,
         connect_timeout,
@@ -660,6 +727,102 @@ pub fn server_from_str(
         session,
     });
     c.finish(settings)
+}
+
+/// A client's settings from a share link alone: the link's legs, TLS name and pin, keys
+/// and cipher, a SOCKS5 inbound on `socks`, and `state_dir` for what the client learns
+/// (a rotated server key). The link's secrets reach the key parser in memory, as the
+/// environment overrides would: nothing is written unsealed.
+pub fn client_from_link(
+    link: &halfpipe_core::link::ShareLink,
+    socks: &str,
+    state_dir: &Path,
+) -> Result<ClientSettings, ConfigErrors> {
+    let quoted = |v: &[String]| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut text = format!(
+        "server_public_key = {:?}\ncipher = {:?}\nuplink = [{}]\ndownlink = [{}]\n",
+        encode_key(&link.server_public),
+        link.cipher.name(),
+        quoted(&link.uplinks),
+        quoted(&link.downlinks),
+    );
+    let uses_tls = link
+        .uplinks
+        .iter()
+        .chain(&link.downlinks)
+        .any(|u| !u.starts_with("tcp://") && !u.starts_with("ws://"));
+    if uses_tls {
+        text.push_str("\n[tls]\n");
+        if let Some(n) = &link.server_name {
+            text.push_str(&format!("server_name = {n:?}\n"));
+        }
+        if let Some(p) = &link.pin {
+            text.push_str(&format!("pin = {p:?}\n"));
+        }
+    }
+    text.push_str(&format!("\n[socks5]\nlisten = {socks:?}\n"));
+    let secret = Zeroizing::new(encode_key(&link.user_secret));
+    let psk = link.psk.as_ref().map(|p| Zeroizing::new(encode_key(p)));
+    let env = move |name: &str| match name {
+        ENV_CLIENT_KEY => Some(secret.to_string()),
+        ENV_PSK => psk.as_ref().map(|p| p.to_string()),
+        _ => None,
+    };
+    client_from_str(&state_dir.join("link.toml"), &text, &env)
+}
+
+/// The share-link template: `[links]`, else the listen URLs when their host is reachable
+/// (not 0.0.0.0 / ::); the pin defaults to the TLS certificate's.
+fn links_template(
+    c: &mut Check,
+    f: &ServerFile,
+    listen: &[LegUrl],
+    cipher: CipherSuite,
+) -> crate::links::LinkTemplate {
+    let default_pin = f
+        .tls
+        .as_ref()
+        .and_then(|t| crate::tls::pin_of_cert_file(&c.path(&t.cert_file)).ok());
+    match &f.links {
+        Some(l) => {
+            for (key, urls) in [("links.uplink", &l.uplink), ("links.downlink", &l.downlink)] {
+                for u in urls.as_slice() {
+                    c.leg_url(key, u);
+                }
+            }
+            crate::links::LinkTemplate {
+                uplinks: l.uplink.as_slice().to_vec(),
+                downlinks: l.downlink.as_slice().to_vec(),
+                server_name: l.server_name.clone(),
+                pin: l.pin.clone().or(default_pin),
+                cipher,
+            }
+        }
+        None => {
+            let reachable: Vec<String> = listen
+                .iter()
+                .filter(|u| !u.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified()))
+                .map(ToString::to_string)
+                .collect();
+            crate::links::LinkTemplate {
+                uplinks: reachable.first().cloned().into_iter().collect(),
+                downlinks: reachable
+                    .get(1)
+                    .or(reachable.first())
+                    .cloned()
+                    .into_iter()
+                    .collect(),
+                server_name: None,
+                pin: default_pin,
+                cipher,
+            }
+        }
+    }
 }
 
 // ---- client --------------------------------------------------------------------------

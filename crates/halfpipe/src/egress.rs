@@ -51,7 +51,9 @@ impl fmt::Display for DeniedRange {
             Self::Reserved => "reserved range",
             Self::Documentation => "documentation/benchmark range",
             Self::OwnAddress => "the exit's own address",
-            Self::NotOnRestrictedList => "ranges outside the RESTRICTED mode's destination list",
+            Self::NotOnRestrictedList => {
+                "ranges outside the allowed destinations (RESTRICTED mode's or this user's)"
+            }
         })
     }
 }
@@ -71,8 +73,9 @@ pub struct Denied {
 pub struct EgressPolicy {
     allow: Vec<IpNet>,
     own: Vec<IpAddr>,
-    /// When set (RESTRICTED mode), only these ranges, on top of everything else.
-    only: Option<Vec<IpNet>>,
+    /// Lists an address must be on, each (RESTRICTED mode, a user's allowed
+    /// destinations), on top of everything else.
+    only: Vec<Vec<IpNet>>,
 }
 
 impl EgressPolicy {
@@ -81,17 +84,16 @@ impl EgressPolicy {
         Self {
             allow,
             own,
-            only: None,
+            only: Vec::new(),
         }
     }
 
-    /// The same policy narrowed to `only` (RESTRICTED mode's destination list): an address
-    /// must be on it *and* pass every other check.
+    /// The same policy narrowed to `only` (RESTRICTED mode's destination list, a user's
+    /// allowed destinations): an address must be on it *and* pass every other check.
     pub fn restricted_to(&self, only: &[IpNet]) -> Self {
-        Self {
-            only: Some(only.to_vec()),
-            ..self.clone()
-        }
+        let mut p = self.clone();
+        p.only.push(only.to_vec());
+        p
     }
 
     /// Adds the addresses of this machine's network interfaces to the denied own addresses
@@ -109,13 +111,15 @@ impl EgressPolicy {
     /// Judges one address.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), Denied> {
         let ip = canonical(ip);
-        if let Some(only) = &self.only {
-            if !only.iter().any(|n| n.contains(&ip)) {
-                return Err(Denied {
-                    ip,
-                    range: DeniedRange::NotOnRestrictedList,
-                });
-            }
+        if self
+            .only
+            .iter()
+            .any(|list| !list.iter().any(|n| n.contains(&ip)))
+        {
+            return Err(Denied {
+                ip,
+                range: DeniedRange::NotOnRestrictedList,
+            });
         }
         if self.allow.iter().any(|n| n.contains(&ip)) {
             return Ok(());
@@ -280,6 +284,12 @@ mod tests {
         // On the list, but denied by the base policy: still denied.
         let r = EgressPolicy::default().restricted_to(&["10.0.0.0/8".parse().unwrap()]);
         assert_eq!(deny(&r, "10.1.2.3"), DeniedRange::Private);
+        // Two narrowings (RESTRICTED and a user's list): an address must be on both.
+        let both = p
+            .restricted_to(&["8.8.0.0/16".parse().unwrap()])
+            .restricted_to(&["8.8.8.0/24".parse().unwrap()]);
+        assert!(both.check_ip("8.8.8.8".parse().unwrap()).is_ok());
+        assert_eq!(deny(&both, "8.8.4.4"), DeniedRange::NotOnRestrictedList);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! | [`egress`], [`outbound`] | the exit's egress policy and connector |
 //! | [`socks5`], [`http_connect`] | inbound protocol parsers |
 //! | [`config`], [`keyfile`], [`tls`], [`cert`], [`leg_url`] | configuration and key material |
+//! | [`links`] | share links for new users (and their QR codes) |
 //! | [`quickstart`] | the zero-config local demo |
 //! | [`bench`] | the loopback benchmark |
 
@@ -31,6 +32,7 @@ pub mod http_connect;
 pub mod keyfile;
 pub mod leg;
 pub mod leg_url;
+pub mod links;
 pub mod outbound;
 pub mod quickstart;
 

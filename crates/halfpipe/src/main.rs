@@ -41,17 +41,26 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Talk to a running server's admin API (over its Unix socket).
-    Ctl(CtlArgs),
+    Ctl(Box<CtlArgs>),
     /// The audit log.
     Log {
         #[command(subcommand)]
         command: LogCommand,
     },
-    /// Run the client (SOCKS5, HTTP CONNECT and forwards).
+    /// Run the client (SOCKS5, HTTP CONNECT and forwards) from a config file or a link.
     Client {
         /// Client configuration file.
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long, short, conflicts_with = "link")]
+        config: Option<PathBuf>,
+        /// A share link from 'halfpipe ctl users add' (quote it; or set HALFPIPE_LINK).
+        #[arg(long, env = "HALFPIPE_LINK", hide_env_values = true)]
+        link: Option<String>,
+        /// With --link: the SOCKS5 address to offer.
+        #[arg(long, default_value = "127.0.0.1:1080")]
+        socks: String,
+        /// With --link: where the client keeps what it learns (a rotated server key).
+        #[arg(long, default_value = "halfpipe-client")]
+        state_dir: PathBuf,
     },
     /// Check a configuration file and explain every problem.
     CheckConfig {
@@ -178,6 +187,24 @@ enum CtlCommand {
     },
     /// Re-read the configuration file (as SIGHUP does).
     Reload,
+    /// The server's keys in its key store.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCtlCommand {
+    /// List the keys (ids, states, public halves; never a secret).
+    List,
+    /// A new server static key; the old one is still accepted for the overlap window,
+    /// during which connected clients learn the new one.
+    Rotate {
+        /// How long the old key is still accepted (default: keystore.rotation_overlap).
+        #[arg(long)]
+        overlap: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -238,13 +265,14 @@ enum TokensCommand {
 enum UsersCommand {
     /// List users.
     List,
-    /// Add a user with a public key from 'halfpipe keys gen'.
+    /// Add a user: with --public-key (from 'halfpipe keys gen'), or without, to have the
+    /// exit make the key pair and print a share link and QR code, once.
     Add {
         /// Name.
         name: String,
         /// The user's public key.
         #[arg(long)]
-        public_key: String,
+        public_key: Option<String>,
     },
     /// Remove an API-added user (closes their sessions).
     Remove {
@@ -260,6 +288,32 @@ enum UsersCommand {
     Enable {
         /// Name.
         name: String,
+    },
+    /// Set a user's limits (replaces the previous policy; omitted limits are off).
+    Policy {
+        /// Name.
+        name: String,
+        /// Access ends after this long (e.g. 30d).
+        #[arg(long)]
+        expires_in: Option<String>,
+        /// Most sessions (devices) at once.
+        #[arg(long)]
+        max_sessions: Option<u32>,
+        /// Upload speed limit, bytes per second.
+        #[arg(long)]
+        up_bytes_per_sec: Option<u64>,
+        /// Download speed limit, bytes per second.
+        #[arg(long)]
+        down_bytes_per_sec: Option<u64>,
+        /// Transfer quota in bytes per --quota-period.
+        #[arg(long)]
+        quota_bytes: Option<u64>,
+        /// day or month (UTC).
+        #[arg(long, default_value = "month")]
+        quota_period: String,
+        /// Destinations allowed (CIDR or address), repeatable.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
     },
 }
 
@@ -352,7 +406,7 @@ async fn run(command: Command) -> Result<()> {
                 None => run_server(&config).await,
             }
         }
-        Command::Ctl(args) => run_ctl(args).await,
+        Command::Ctl(args) => run_ctl(*args).await,
         Command::Log {
             command:
                 LogCommand::Verify {
@@ -362,7 +416,29 @@ async fn run(command: Command) -> Result<()> {
                     json,
                 },
         } => log_verify(&file, key.as_deref(), head.as_deref(), json),
-        Command::Client { config } => run_client(&config).await,
+        Command::Client {
+            config,
+            link,
+            socks,
+            state_dir,
+        } => {
+            let settings = match (config, link) {
+                (Some(path), _) => {
+                    config::load_client(&path, &config::process_env).map_err(load_errors)?
+                }
+                (None, Some(link)) => {
+                    let link = halfpipe_core::link::ShareLink::parse(&link)
+                        .context("the --link is not a valid halfpipe link (ask for a new one)")?;
+                    std::fs::create_dir_all(&state_dir)
+                        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+                    config::client_from_link(&link, &socks, &state_dir).map_err(load_errors)?
+                }
+                (None, None) => bail!(
+                    "'halfpipe client' needs --config FILE or --link LINK (from 'halfpipe ctl users add')"
+                ),
+            };
+            run_client(settings).await
+        }
         Command::CheckConfig { file } => check_config(&file),
         Command::Keys {
             command: KeysCommand::Gen { out },
@@ -443,6 +519,16 @@ fn server_init(path: &Path) -> Result<()> {
     let settings = config::load_server(path, &config::process_env).map_err(load_errors)?;
     let done = halfpipe::control::init::init(&settings.control)
         .with_context(|| format!("initializing the state directory of {}", path.display()))?;
+    if let halfpipe::server::keys::KeySource::Store(ks) = &settings.keys {
+        let public = ks
+            .create(halfpipe::control::wall_ms())
+            .with_context(|| format!("creating the key store {}", ks.file.display()))?;
+        println!(
+            "key store:           {} (sealed; server public key {} — give it to clients as server_public_key, or use 'halfpipe ctl users add' links)",
+            ks.file.display(),
+            halfpipe::keyfile::encode_key(&public)
+        );
+    }
     let p = &settings.control.paths;
     println!("state directory:     {} (0700)", p.dir.display());
     println!(
@@ -515,7 +601,7 @@ fn log_verify(file: &Path, key: Option<&str>, head: Option<&Path>, json: bool) -
 
 async fn run_ctl(args: CtlArgs) -> Result<()> {
     use halfpipe::ctl::{read_token, render_status, render_table, AdminAddr, CtlClient, CtlError};
-    use serde_json::json;
+    use serde_json::{json, Value};
     let paths = match &args.config {
         Some(c) => Some(
             config::load_server(c, &config::process_env)
@@ -577,7 +663,10 @@ async fn run_ctl(args: CtlArgs) -> Result<()> {
             CtlCommand::Users { command: UsersCommand::Add { name, public_key } } => (
                 "POST",
                 "/v1/users".into(),
-                Some(json!({ "name": name, "public_key": public_key })),
+                Some(match public_key {
+                    Some(k) => json!({ "name": name, "public_key": k }),
+                    None => json!({ "name": name }),
+                }),
             ),
             CtlCommand::Users { command: UsersCommand::Remove { name } } => ("DELETE", format!("/v1/users/{name}"), None),
             CtlCommand::Users { command: UsersCommand::Disable { name } } => ("POST", format!("/v1/users/{name}/disable"), None),
@@ -585,6 +674,51 @@ async fn run_ctl(args: CtlArgs) -> Result<()> {
             CtlCommand::Log { command: CtlLogCommand::Verify } => ("POST", "/v1/log/verify".into(), None),
             CtlCommand::Log { command: CtlLogCommand::Tail { n } } => ("GET", format!("/v1/log/tail?n={n}"), None),
             CtlCommand::Reload => ("POST", "/v1/reload".into(), None),
+            CtlCommand::Keys { command: KeysCtlCommand::List } => ("GET", "/v1/keys".into(), None),
+            CtlCommand::Keys { command: KeysCtlCommand::Rotate { overlap } } => (
+                "POST",
+                "/v1/keys/rotate".into(),
+                Some(json!({ "overlap": overlap })),
+            ),
+            CtlCommand::Users {
+                command:
+                    UsersCommand::Policy {
+                        name,
+                        expires_in,
+                        max_sessions,
+                        up_bytes_per_sec,
+                        down_bytes_per_sec,
+                        quota_bytes,
+                        quota_period,
+                        allow,
+                    },
+            } => {
+                let expires_at_ms = match expires_in {
+                    Some(d) => Some(
+                        halfpipe::control::wall_ms()
+                            + humantime::parse_duration(d)
+                                .map_err(|e| CtlError::Protocol(format!("--expires-in {d:?}: {e}")))?
+                                .as_millis() as u64,
+                    ),
+                    None => None,
+                };
+                let mut policy = json!({ "allowed_destinations": allow });
+                for (k, v) in [
+                    ("expires_at_ms", expires_at_ms.map(Value::from)),
+                    ("max_sessions", max_sessions.map(Value::from)),
+                    ("up_bytes_per_sec", up_bytes_per_sec.map(Value::from)),
+                    ("down_bytes_per_sec", down_bytes_per_sec.map(Value::from)),
+                    (
+                        "quota",
+                        quota_bytes.map(|b| json!({ "bytes": b, "period": quota_period })),
+                    ),
+                ] {
+                    if let Some(v) = v {
+                        policy[k] = v;
+                    }
+                }
+                ("POST", format!("/v1/users/{name}/policy"), Some(policy))
+            }
         };
         let v = client.call(method, &path, body).await?;
         let text = if args.json {
@@ -608,8 +742,19 @@ async fn run_ctl(args: CtlArgs) -> Result<()> {
                     v["id"].as_str().unwrap_or("?"),
                     v["token"].as_str().unwrap_or("?")
                 ),
+                CtlCommand::Users { command: UsersCommand::Add { .. } } if v["link"].is_string() => {
+                    let link = v["link"].as_str().unwrap_or_default();
+                    format!(
+                        "user {} added. Their link, shown this once (it holds their private key; send it privately):\n\n{link}\n\n{}\nthey run: halfpipe client --link '<the link>'\n",
+                        v["added"].as_str().unwrap_or("?"),
+                        halfpipe::links::qr(link).unwrap_or_default()
+                    )
+                }
                 CtlCommand::Users { command: UsersCommand::List } => {
-                    render_table(&v, "users", &["name", "source", "disabled", "sessions", "public_key"])
+                    render_table(&v, "users", &["name", "source", "disabled", "sessions", "quota_used", "quota_limit", "public_key"])
+                }
+                CtlCommand::Keys { command: KeysCtlCommand::List } => {
+                    render_table(&v, "keys", &["id", "kind", "state", "public", "created_ms"])
                 }
                 CtlCommand::Log { command: CtlLogCommand::Verify } => halfpipe::render_audit_json(&v),
                 CtlCommand::Log { command: CtlLogCommand::Tail { .. } } => v["records"]
@@ -649,17 +794,13 @@ async fn run_ctl(args: CtlArgs) -> Result<()> {
     }
 }
 
-async fn run_client(path: &Path) -> Result<()> {
-    let settings = config::load_client(path, &config::process_env).map_err(load_errors)?;
+async fn run_client(settings: config::ClientSettings) -> Result<()> {
     let exit = Exit::new(settings.exit);
     let mut tasks = Vec::new();
     for (addr, inbound) in settings.inbounds {
-        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-            format!(
-                "cannot listen on {addr} (in use? change it in {})",
-                path.display()
-            )
-        })?;
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (in use? choose another address)"))?;
         tracing::info!(%addr, "inbound listening");
         tasks.push(tokio::spawn(serve_inbound(l, inbound, exit.clone())));
     }

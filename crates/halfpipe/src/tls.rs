@@ -196,6 +196,12 @@ pub fn client_config_with(
     Ok(Arc::new(cfg))
 }
 
+/// The public-key pin (`sha256/<base64>`) of the first certificate in a PEM file.
+pub fn pin_of_cert_file(path: &Path) -> Result<String, TlsError> {
+    let certs = read_certs(path)?;
+    spki_pin(&certs[0])
+}
+
 /// Decodes `sha256/<base64>` into the 32-byte digest.
 pub fn parse_pin(pin: &str) -> Result<[u8; 32], TlsError> {
     let b64 = pin

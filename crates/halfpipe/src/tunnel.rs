@@ -30,14 +30,23 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// Bytes read from an application socket at once.
 const APP_READ: usize = 128 * 1024;
 
-/// Paces a stream's bytes (the exit's per-user byte rates): each call charges `n` bytes
-/// and answers zero, or refuses (charging nothing) and says how long to wait before asking
-/// again.
+/// A throttle's answer for a batch of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// Charged: move them.
+    Go,
+    /// Not charged: ask again after this long.
+    Wait(Duration),
+    /// A limit ends the stream (a transfer quota): it is reset with `LimitReached`.
+    Stop,
+}
+
+/// Paces a stream's bytes (the exit's per-user byte rates and quotas).
 pub trait Throttle: Send + Sync {
     /// `n` bytes were read from the socket and are about to enter the session.
-    fn read_from_socket(&self, n: usize) -> Duration;
+    fn read_from_socket(&self, n: usize) -> Pace;
     /// `n` bytes left the session and are about to be written to the socket.
-    fn write_to_socket(&self, n: usize) -> Duration;
+    fn write_to_socket(&self, n: usize) -> Pace;
 }
 
 /// What the side owning the tunnel must act on.
@@ -725,7 +734,10 @@ impl Tunnel {
                 }
                 Ok(n) => {
                     if let Some(t) = &throttle {
-                        pace(|| t.read_from_socket(n)).await;
+                        if !pace(|| t.read_from_socket(n)).await {
+                            self.with_session(|s| s.reset(stream, ResetCode::LimitReached).ok());
+                            return;
+                        }
                     }
                     pending = buf.split().freeze()
                 }
@@ -761,7 +773,10 @@ impl Tunnel {
             });
             if let (Some(t), false) = (&throttle, chunks.is_empty()) {
                 let n = chunks.iter().map(Bytes::len).sum();
-                pace(|| t.write_to_socket(n)).await;
+                if !pace(|| t.write_to_socket(n)).await {
+                    self.with_session(|s| s.reset(stream, ResetCode::LimitReached).ok());
+                    return;
+                }
             }
             if !chunks.is_empty() && write_all_chunks(&mut wr, &mut chunks).await.is_err() {
                 self.with_session(|s| s.reset(stream, ResetCode::Cancelled).ok());
@@ -780,15 +795,15 @@ impl Tunnel {
     }
 }
 
-/// Asks the throttle until it lets the bytes pass (a refusal charges nothing, so the
-/// bytes are charged by the call that finally says zero).
-async fn pace(mut ask: impl FnMut() -> Duration) {
+/// Asks the throttle until it lets the bytes pass (a wait charges nothing, so the bytes
+/// are charged by the call that says go); false when it stops the stream.
+async fn pace(mut ask: impl FnMut() -> Pace) -> bool {
     loop {
-        let wait = ask();
-        if wait.is_zero() {
-            return;
+        match ask() {
+            Pace::Go => return true,
+            Pace::Stop => return false,
+            Pace::Wait(d) => tokio::time::sleep(d).await,
         }
-        tokio::time::sleep(wait).await;
     }
 }
 

@@ -3,6 +3,8 @@
 mod common;
 #[path = "e2e/control_plane.rs"]
 mod control_plane;
+#[path = "e2e/users_keys.rs"]
+mod users_keys;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -153,7 +153,10 @@ fn environment_overrides_the_key_file_and_permissions_are_enforced() {
     let env: HashMap<&str, String> = [(ENV_SERVER_KEY, encode_key(&k))].into();
     let lookup = |n: &str| env.get(n).cloned();
     let s = server_from_str(&f.dir.join("server.toml"), &server_text(&f), &lookup).unwrap();
-    assert_eq!(*s.keys.private_key, *k);
+    match &s.keys {
+        crate::server::keys::KeySource::File(keys) => assert_eq!(*keys.private_key, *k),
+        crate::server::keys::KeySource::Store(_) => panic!("no [keystore] was configured"),
+    }
     let bad: HashMap<&str, String> = [(ENV_SERVER_KEY, "xx".to_string())].into();
     let lookup = |n: &str| bad.get(n).cloned();
     let e = server_from_str(&f.dir.join("server.toml"), &server_text(&f), &lookup)
@@ -236,4 +239,39 @@ fn transport_sections_are_checked() {
             .unwrap(),
     );
     assert!(keys.iter().any(|k| k == "quic.retry_above"), "{keys:?}");
+}
+
+#[test]
+fn a_keystore_replaces_the_key_file_and_its_sealer_is_checked() {
+    let f = fixture();
+    let text = server_text(&f).replace(
+        "private_key_file = \"server.key\"",
+        "[keystore]\nfile = \"keys.hpks\"\nsealer = \"keyfile:store.key\"\nrotation_overlap = \"2d\"\n",
+    );
+    // The [keystore] table must come after the top-level keys: move it to the end.
+    let (head, rest) = text.split_once("[keystore]").unwrap();
+    let (ks, tail) = rest.split_once("\n\n").unwrap_or((rest, ""));
+    let text = format!("{head}{tail}\n[keystore]{ks}\n");
+    let s = server_from_str(&f.dir.join("server.toml"), &text, &no_env).unwrap();
+    match &s.keys {
+        crate::server::keys::KeySource::Store(k) => {
+            assert_eq!(k.file, f.dir.join("keys.hpks"));
+            assert_eq!(
+                k.sealer,
+                format!("keyfile:{}", f.dir.join("store.key").display())
+            );
+            assert_eq!(k.overlap, std::time::Duration::from_secs(2 * 24 * 3600));
+        }
+        crate::server::keys::KeySource::File(_) => panic!("the key store was ignored"),
+    }
+    let bad = text.replace("keyfile:store.key", "magic:store.key");
+    let e = server_from_str(&f.dir.join("server.toml"), &bad, &no_env)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("keystore.sealer"), "{e}");
+    let both = format!("private_key_file = \"server.key\"\n{text}");
+    let e = server_from_str(&f.dir.join("server.toml"), &both, &no_env)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("remove private_key_file"), "{e}");
 }

@@ -183,23 +183,27 @@ impl ServerHandle {
             .config_users
             .iter()
             .map(|u| {
-                json!({
+                let mut v = json!({
                     "name": u.name,
                     "public_key": encode_key(&u.public_key),
                     "source": "config",
                     "disabled": disabled.contains(&u.name),
                     "sessions": live(&u.name),
-                })
+                });
+                v["usage"] = self.user_usage(&u.name);
+                v
             })
             .collect();
         for u in &runtime {
-            out.push(json!({
+            let mut v = json!({
                 "name": u.name,
                 "public_key": encode_key(&u.public_key),
                 "source": "api",
                 "disabled": u.disabled,
                 "sessions": live(&u.name),
-            }));
+            });
+            v["usage"] = self.user_usage(&u.name);
+            out.push(v);
         }
         out
     }
@@ -238,6 +242,29 @@ impl ServerHandle {
             .control
             .audit("user_added", vec![("user".into(), name.into())]);
         Ok(())
+    }
+
+    /// Adds a user with a fresh key pair and returns their share link, shown this once:
+    /// the exit keeps only the public key.
+    pub fn add_user_with_link(&self, name: &str) -> Result<Value, String> {
+        let (secret, public) =
+            halfpipe_core::handshake::generate_keypair().map_err(|e| e.to_string())?;
+        let keys = read(&self.state.keys);
+        let link = self
+            .state
+            .links
+            .issue(keys.active_public, name, secret, keys.active.psk.clone())
+            .map_err(|e| {
+                format!(
+                    "cannot make a link: {e} (set [links] uplink/downlink in the server config)"
+                )
+            })?;
+        self.add_user(name, &encode_key(&public))?;
+        Ok(json!({
+            "added": name,
+            "public_key": encode_key(&public),
+            "link": link.encode().as_str(),
+        }))
     }
 
     /// Removes an API-added user and closes their sessions.
@@ -372,5 +399,188 @@ impl ServerHandle {
     /// Clean shutdown of the control plane (final audit checkpoint, state flushed).
     pub fn shutdown(&self) {
         self.state.control.shutdown();
+    }
+}
+
+impl ServerHandle {
+    /// The key store's keys: ids, kinds, states, public halves (never a secret).
+    pub fn keys_info(&self) -> Result<Value, String> {
+        let Some((store, _)) = &self.state.store else {
+            return Err(NO_STORE.into());
+        };
+        let store = lock(store);
+        let list: Vec<Value> = store
+            .list()
+            .into_iter()
+            .map(|k| {
+                json!({
+                    "id": k.id.as_str(),
+                    "kind": k.kind.as_str(),
+                    "state": k.state,
+                    "label": k.label,
+                    "public": k.public.map(|p| encode_key(&p)),
+                    "created_ms": k.created_ms,
+                })
+            })
+            .collect();
+        Ok(json!({ "keys": list }))
+    }
+
+    /// Rotates the server's static key: a new key becomes active, the old one is accepted
+    /// for `overlap` (default: the configured window) while clients learn the new one.
+    pub fn rotate_keys(&self, overlap: Option<std::time::Duration>) -> Result<Value, String> {
+        let Some((store, ks)) = &self.state.store else {
+            return Err(NO_STORE.into());
+        };
+        let overlap = overlap.unwrap_or(ks.overlap);
+        let now = wall_ms();
+        let mut s = lock(store);
+        let (old, new) = s
+            .rotate(
+                halfpipe_keystore::KeyKind::ServerStatic,
+                overlap.as_millis() as u64,
+                now,
+            )
+            .map_err(|e| e.to_string())?;
+        self.audit_key_events(&mut s);
+        let keys = super::keys::ServerKeys::from_store(&s, ks.suite, ks.psk.clone(), now)
+            .map_err(|e| e.to_string())?;
+        drop(s);
+        *self.state.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+        let public = new.public.map(|p| encode_key(&p));
+        tracing::warn!(target: "security", old = old.id.as_str(), new = new.id.as_str(), ?public, overlap_s = overlap.as_secs(), "server key rotated");
+        Ok(json!({
+            "old": old.id.as_str(),
+            "new": new.id.as_str(),
+            "public": public,
+            "old_accepted_until_ms": now + overlap.as_millis() as u64,
+        }))
+    }
+
+    /// Key upkeep (called periodically): a scheduled rotation when the active key is older
+    /// than `rotate_every`, a rebuild when an overlap window ended, and wiping keys retired
+    /// longer than [`super::keys::RETIRED_KEPT`].
+    pub fn maintain_keys(&self) {
+        let Some((store, ks)) = &self.state.store else {
+            return;
+        };
+        let now = wall_ms();
+        let due = {
+            let s = lock(store);
+            let active = s.active(halfpipe_keystore::KeyKind::ServerStatic);
+            ks.rotate_every.is_some_and(|every| {
+                active.is_some_and(|a| now >= a.created_ms.saturating_add(every.as_millis() as u64))
+            })
+        };
+        if due {
+            match self.rotate_keys(None) {
+                Ok(v) => tracing::info!(%v, "scheduled key rotation"),
+                Err(e) => tracing::error!(error = %e, "scheduled key rotation failed"),
+            }
+        }
+        let mut s = lock(store);
+        let kept = super::keys::RETIRED_KEPT.as_millis() as u64;
+        if let Err(e) = s.expire_retired(now.saturating_sub(kept)) {
+            tracing::error!(target: "security", error = %e, "cannot expire retired keys");
+            self.state.control.observe(
+                halfpipe_control::tripwire::TripwireKind::KeyStoreFailure,
+                None,
+            );
+        }
+        self.audit_key_events(&mut s);
+        // A window that just ended moves a key from retiring to retired.
+        let current = read(&self.state.keys);
+        let ended = current.retiring.iter().any(|(_, until)| now >= *until);
+        if ended {
+            if let Ok(k) = super::keys::ServerKeys::from_store(&s, ks.suite, ks.psk.clone(), now) {
+                *self.state.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(k);
+            }
+        }
+    }
+
+    fn audit_key_events(&self, store: &mut halfpipe_keystore::KeyStore) {
+        for ev in store.take_events() {
+            self.state.control.audit(
+                "key_event",
+                vec![
+                    ("event".into(), format!("{:?}", ev.action).to_lowercase()),
+                    ("key".into(), ev.id.as_str().into()),
+                    ("kind".into(), ev.kind.as_str().into()),
+                    (
+                        "replaces".into(),
+                        ev.replaces
+                            .map(|r| r.as_str().to_string())
+                            .unwrap_or_default(),
+                    ),
+                    (
+                        "until_ms".into(),
+                        ev.until_ms.map(|u| u.to_string()).unwrap_or_default(),
+                    ),
+                ],
+            );
+        }
+    }
+}
+
+const NO_STORE: &str =
+    "this exit has no key store: configure [keystore] (see docs/CONTROL.md) to rotate keys";
+
+impl ServerHandle {
+    /// Sets a user's policy (expiry, devices, speed limits, transfer quota, allowed
+    /// destinations) from the admin API's JSON; an expired user's sessions close at once.
+    /// New limits apply to sessions and streams opened from now on.
+    pub fn set_user_policy(&self, name: &str, body: &Value) -> Result<Value, String> {
+        let known =
+            self.is_config_user(name) || self.state.control.db().users().get(name).is_some();
+        if !known {
+            return Err(format!("no user {name} (see 'halfpipe ctl users list')"));
+        }
+        let policy: halfpipe_state::policy::UserPolicy = serde_json::from_value(body.clone())
+            .map_err(|e| format!("policy: {e} (fields: expires_at_ms, max_sessions, up_bytes_per_sec, down_bytes_per_sec, quota {{bytes, period: day|month}}, allowed_destinations)"))?;
+        self.state
+            .control
+            .db()
+            .users()
+            .set_policy(name, policy.clone())
+            .map_err(|e| e.to_string())?;
+        let shown = serde_json::to_value(&policy).unwrap_or_default();
+        self.state.control.audit(
+            "user_policy",
+            vec![
+                ("user".into(), name.into()),
+                ("policy".into(), shown.to_string()),
+            ],
+        );
+        self.enforce_policies();
+        Ok(json!({ "user": name, "policy": shown }))
+    }
+
+    /// Closes the sessions of users whose access expired (called every second).
+    pub fn enforce_policies(&self) {
+        let users = self.state.control.db().users();
+        let now = wall_ms();
+        let expired: BTreeSet<String> = lock(&self.state.sessions)
+            .values()
+            .map(|e| e.user.clone())
+            .filter(|u| users.policy(u).expired(now))
+            .collect();
+        if !expired.is_empty() {
+            close_sessions(&self.state, |u| expired.contains(u), "user access expired");
+        }
+    }
+
+    /// A user's policy and quota usage, for `ctl users`.
+    fn user_usage(&self, name: &str) -> Value {
+        let db = self.state.control.db();
+        let policy = db.users().policy(name);
+        let usage = policy
+            .quota
+            .map(|q| db.quotas().usage(name, wall_ms(), Some(q)));
+        json!({
+            "policy": policy,
+            "quota_used": usage.as_ref().map(|u| u.used),
+            "quota_limit": usage.as_ref().and_then(|u| u.limit),
+            "quota_resets_at_ms": usage.as_ref().map(|u| u.resets_at_ms),
+        })
     }
 }

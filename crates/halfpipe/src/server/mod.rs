@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use halfpipe_core::handshake::{
-    AcceptedHello, HandshakeKeys, HelloStatus, LegRole, Responder, ServerHello, SessionId,
+    AcceptedHello, HelloStatus, LegRole, Responder, ServerHello, SessionId,
 };
 use halfpipe_core::replay::ReplayCache;
 use halfpipe_core::session::{SessionConfig, Side};
@@ -28,7 +28,7 @@ use crate::egress::EgressPolicy;
 use crate::leg::{server_read_hello, server_reply, unix_ms, LegError};
 use crate::leg_url::{LegUrl, Scheme};
 use crate::transport::{BoxedLeg, Counted, LegListener, ListenSettings, TransportError, Upgrade};
-use crate::tunnel::{Control, Throttle, Tunnel};
+use crate::tunnel::{Control, Pace, Throttle, Tunnel};
 use halfpipe_control::mode::Mode;
 
 /// A user allowed to connect.
@@ -79,12 +79,14 @@ pub struct ServerSettings {
     pub control: ControlSettings,
     /// The configuration file, re-read by `reload` (`None`: nothing to reload from).
     pub config_file: Option<PathBuf>,
+    /// What share links for new users carry (public URLs, TLS name and pin).
+    pub links: crate::links::LinkTemplate,
     /// Leg listeners (any listener accepts either leg role).
     pub listen: Vec<LegUrl>,
     /// Certificates and QUIC tuning for the listeners.
     pub transport: ListenSettings,
-    /// The server's static key and cipher.
-    pub keys: HandshakeKeys,
+    /// The server's static key(s) and cipher: a key file, or the sealed key store.
+    pub keys: keys::KeySource,
     /// Users allowed.
     pub users: Vec<User>,
     /// Where streams may go.
@@ -109,6 +111,9 @@ pub enum ServerError {
     /// The admin socket or metrics listener could not be set up.
     #[error("{0}")]
     Admin(String),
+    /// The key store could not be opened or holds no usable key.
+    #[error("key store: {0}")]
+    Keys(#[from] keys::StoreKeysError),
 }
 
 struct SessionEntry {
@@ -131,10 +136,13 @@ struct Reloadable {
 
 struct State {
     keys: RwLock<Arc<keys::ServerKeys>>,
+    /// The sealed key store and its settings, when the keys come from one.
+    store: Option<(Mutex<halfpipe_keystore::KeyStore>, keys::KeystoreSettings)>,
     /// Users by public key: the config's and the admin API's, minus disabled ones.
     users: RwLock<Arc<HashMap<[u8; 32], String>>>,
     reloadable: RwLock<Arc<Reloadable>>,
     config_file: Option<PathBuf>,
+    links: crate::links::LinkTemplate,
     connect_timeout: Duration,
     session: SessionConfig,
     replay: Mutex<ReplayCache>,
@@ -193,12 +201,38 @@ impl Server {
         };
         let control = ControlPlane::start(settings.control)?;
         let limits = settings.limits;
-        let server_keys = keys::ServerKeys::single(settings.keys)
-            .map_err(|e| ServerError::Admin(format!("server key: {e}")))?;
+        let (server_keys, store) = match settings.keys {
+            keys::KeySource::File(k) => (
+                keys::ServerKeys::single(k)
+                    .map_err(|e| ServerError::Keys(keys::StoreKeysError::Handshake(e)))?,
+                None,
+            ),
+            keys::KeySource::Store(ks) => match open_store(&ks) {
+                Ok((k, store)) => (k, Some((Mutex::new(store), ks))),
+                Err(e) => {
+                    let code = match &e {
+                        keys::StoreKeysError::Store(s) => s.code(),
+                        _ => "no_active_key",
+                    };
+                    tracing::error!(target: "security", error = %e, "key store unseal failed");
+                    control.audit(
+                        "key_event",
+                        vec![
+                            ("event".into(), "unseal_failure".into()),
+                            ("code".into(), code.into()),
+                        ],
+                    );
+                    control.shutdown();
+                    return Err(e.into());
+                }
+            },
+        };
         let state = Arc::new(State {
             keys: RwLock::new(Arc::new(server_keys)),
+            store,
             users: RwLock::new(Arc::default()),
             config_file: settings.config_file,
+            links: settings.links,
             connect_timeout: settings.connect_timeout,
             replay: Mutex::new(ReplayCache::new(
                 limits.max_clock_skew.as_millis() as u64,
@@ -502,6 +536,24 @@ fn admit(state: &Arc<State>, peer: SocketAddr, acc: &AcceptedHello, scheme: Sche
         tracing::warn!(%peer, user, reason = r.describe(), "new session refused by the control plane");
         return Admission::Refuse(HelloStatus::Refused);
     }
+    let policy = state.control.db().users().policy(user);
+    let now = unix_ms();
+    if policy.expired(now) {
+        tracing::warn!(%peer, user, "new session refused: the user's access expired");
+        return Admission::Refuse(HelloStatus::Refused);
+    }
+    if let Some(q) = policy.quota {
+        if state
+            .control
+            .db()
+            .quotas()
+            .usage(user, now, Some(q))
+            .exhausted()
+        {
+            tracing::warn!(%peer, user, "new session refused: transfer quota exhausted");
+            return Admission::Refuse(HelloStatus::Refused);
+        }
+    }
     let limits = read(&state.reloadable).limits.clone();
     if sessions.len() >= limits.max_sessions {
         state.control.metrics.limit_hit("sessions");
@@ -512,9 +564,12 @@ fn admit(state: &Arc<State>, peer: SocketAddr, acc: &AcceptedHello, scheme: Sche
         .values()
         .filter(|e| e.user_key == acc.client_static)
         .count();
-    if per_user >= limits.max_sessions_per_user {
+    let per_user_limit = policy
+        .max_sessions
+        .map_or(limits.max_sessions_per_user, |m| m as usize);
+    if per_user >= per_user_limit {
         state.control.metrics.limit_hit("sessions_per_user");
-        tracing::warn!(%peer, user, limit = limits.max_sessions_per_user, "per-user session limit hit");
+        tracing::warn!(%peer, user, limit = per_user_limit, "per-user session (device) limit hit");
         return Admission::Refuse(HelloStatus::UserSessionLimit);
     }
     let (tunnel, control) = Tunnel::new(Side::Server, state.session.clone());
@@ -591,30 +646,88 @@ async fn attach(
     }
 }
 
-/// Paces one user's streams by the control plane's byte rates.
+/// Paces one user's streams: the user's speed limits (their policy's, else the server's
+/// per-user byte rates) and their transfer quota. Set when the stream opens.
 struct UserThrottle {
     control: Arc<ControlPlane>,
     user: String,
+    up: Option<halfpipe_state::RateSpec>,
+    down: Option<halfpipe_state::RateSpec>,
+    quota: Option<halfpipe_state::policy::Quota>,
 }
 
 impl UserThrottle {
-    fn charge(&self, dir: Direction, n: usize) -> Duration {
-        match self.control.byte_rate(dir) {
-            Some(spec) => self.control.charge_bytes(&self.user, dir, spec, n as u64),
-            None => Duration::ZERO,
+    /// The throttle a stream of `user` needs under `policy`, if any.
+    fn for_user(
+        control: &Arc<ControlPlane>,
+        user: &str,
+        policy: &halfpipe_state::policy::UserPolicy,
+    ) -> Option<Arc<dyn Throttle>> {
+        // A user's own speed limit: bursts of a tenth of a second (at least one read).
+        let spec = |rate: Option<u64>, dir| {
+            rate.map(|r| halfpipe_state::RateSpec {
+                per_second: r,
+                burst: (r / 10).max(64 * 1024),
+            })
+            .or_else(|| control.byte_rate(dir))
+        };
+        let t = UserThrottle {
+            control: control.clone(),
+            user: user.to_string(),
+            up: spec(policy.up_bytes_per_sec, Direction::Up),
+            down: spec(policy.down_bytes_per_sec, Direction::Down),
+            quota: policy.quota,
+        };
+        (t.up.is_some() || t.down.is_some() || t.quota.is_some())
+            .then(|| Arc::new(t) as Arc<dyn Throttle>)
+    }
+
+    fn charge(&self, dir: Direction, n: usize) -> Pace {
+        let spec = match dir {
+            Direction::Up => self.up,
+            Direction::Down => self.down,
+        };
+        if let Some(spec) = spec {
+            let wait = self.control.charge_bytes(&self.user, dir, spec, n as u64);
+            if !wait.is_zero() {
+                return Pace::Wait(wait);
+            }
         }
+        if let Some(q) = self.quota {
+            let quotas = self.control.db().quotas();
+            if let Err(e) = quotas.charge(&self.user, n as u64, unix_ms(), Some(q)) {
+                self.control.metrics.limit_hit("transfer_quota");
+                tracing::warn!(user = %self.user, reason = %e, "transfer quota reached: stream reset");
+                return Pace::Stop;
+            }
+        }
+        Pace::Go
     }
 }
 
 impl Throttle for UserThrottle {
     // At the exit the socket is the target: what it sends goes down to the client.
-    fn read_from_socket(&self, n: usize) -> Duration {
+    fn read_from_socket(&self, n: usize) -> Pace {
         self.charge(Direction::Down, n)
     }
 
-    fn write_to_socket(&self, n: usize) -> Duration {
+    fn write_to_socket(&self, n: usize) -> Pace {
         self.charge(Direction::Up, n)
     }
+}
+
+/// The networks a user's policy allows; fail closed: one that does not parse allows none.
+fn allowed_networks(policy: &halfpipe_state::policy::UserPolicy) -> Vec<ipnet::IpNet> {
+    let parsed: Option<Vec<ipnet::IpNet>> = policy
+        .allowed_destinations
+        .iter()
+        .map(|d| {
+            d.parse::<ipnet::IpNet>()
+                .ok()
+                .or_else(|| d.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+        })
+        .collect();
+    parsed.unwrap_or_default()
 }
 
 async fn connect_stream(
@@ -630,22 +743,28 @@ async fn connect_stream(
         let _ = tunnel.open_result(stream, halfpipe_core::ConnectStatus::NotAllowed);
         return;
     }
+    let policy = cp.db().users().policy(&user);
+    if let Some(q) = policy.quota {
+        let usage = cp.db().quotas().usage(&user, unix_ms(), Some(q));
+        if usage.exhausted() {
+            cp.metrics.limit_hit("transfer_quota");
+            tracing::info!(user, %target, used = usage.used, limit = q.bytes, "stream refused: transfer quota exhausted until the period resets");
+            let _ = tunnel.open_result(stream, halfpipe_core::ConnectStatus::NotAllowed);
+            return;
+        }
+    }
     let base = read(&state.reloadable).egress.clone();
-    let policy = cp.egress(&base).unwrap_or(base);
-    match crate::outbound::connect(&policy, &target, state.connect_timeout).await {
+    let mut egress = cp.egress(&base).unwrap_or(base);
+    if !policy.allowed_destinations.is_empty() {
+        egress = egress.restricted_to(&allowed_networks(&policy));
+    }
+    match crate::outbound::connect(&egress, &target, state.connect_timeout).await {
         Ok(socket) => {
             if tunnel
                 .open_result(stream, halfpipe_core::ConnectStatus::Succeeded)
                 .is_ok()
             {
-                let throttle = (cp.byte_rate(Direction::Up).is_some()
-                    || cp.byte_rate(Direction::Down).is_some())
-                .then(|| {
-                    Arc::new(UserThrottle {
-                        control: cp.clone(),
-                        user: user.clone(),
-                    }) as Arc<dyn Throttle>
-                });
+                let throttle = UserThrottle::for_user(cp, &user, &policy);
                 tunnel
                     .pump(stream, socket, bytes::Bytes::new(), throttle)
                     .await;
@@ -713,15 +832,31 @@ async fn run_session(
     lock(&state.sessions).remove(&id);
 }
 
+/// Unseals the key store and builds the handshake keys from it.
+fn open_store(
+    ks: &keys::KeystoreSettings,
+) -> Result<(keys::ServerKeys, halfpipe_keystore::KeyStore), keys::StoreKeysError> {
+    let store = ks.open()?;
+    let k = keys::ServerKeys::from_store(&store, ks.suite, ks.psk.clone(), unix_ms())?;
+    Ok((k, store))
+}
+
 /// Once a second: the control plane's clock check and state flush.
 async fn tick_loop(state: Arc<State>) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let cp = state.control.clone();
-        // The flush touches the disk: keep it off the async workers.
-        let _ = tokio::task::spawn_blocking(move || cp.tick()).await;
+        let handle = ServerHandle {
+            state: state.clone(),
+        };
+        // The flush and the key store touch the disk: keep them off the async workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            handle.state.control.tick();
+            handle.maintain_keys();
+            handle.enforce_policies();
+        })
+        .await;
     }
 }
 

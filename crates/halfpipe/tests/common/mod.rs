@@ -36,6 +36,8 @@ pub struct Opts {
     pub control: Option<ControlTweak>,
     /// The client's leg re-key interval.
     pub rekey_after: Duration,
+    /// Keep the exit's keys in a sealed key store (rotation) instead of a key file.
+    pub keystore: bool,
 }
 
 impl Default for Opts {
@@ -50,6 +52,7 @@ impl Default for Opts {
             },
             control: None,
             rekey_after: halfpipe::client::DEFAULT_REKEY_AFTER,
+            keystore: false,
         }
     }
 }
@@ -100,7 +103,21 @@ pub async fn start(opts: Opts) -> Harness {
         halfpipe::cert::generate_self_signed(&["localhost".into(), "127.0.0.1".into()]).unwrap();
     let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("cert.key"));
     halfpipe::cert::write_dev_cert(&cert, &cert_path, &key_path).unwrap();
-    let (server_keys, server_public) = keys();
+    let (server_keys, mut server_public) = keys();
+    let key_source = if opts.keystore {
+        let ks = halfpipe::server::keys::KeystoreSettings {
+            file: dir.join("keys.hpks"),
+            sealer: format!("keyfile:{}", dir.join("keystore.key").display()),
+            suite: CipherSuite::Aes256Gcm,
+            psk: None,
+            overlap: Duration::from_secs(60),
+            rotate_every: None,
+        };
+        server_public = ks.create(halfpipe::control::wall_ms()).unwrap();
+        halfpipe::server::keys::KeySource::Store(ks)
+    } else {
+        halfpipe::server::keys::KeySource::File(server_keys)
+    };
     let (user_keys, user_public) = keys();
     let (other_user_keys, other_public) = keys();
     let leg = |scheme: &str| LegUrl {
@@ -135,12 +152,13 @@ pub async fn start(opts: Opts) -> Harness {
     let server = Server::bind(ServerSettings {
         control,
         config_file: None,
+        links: halfpipe::links::LinkTemplate::default(),
         listen,
         transport: ListenSettings {
             tls: Some(halfpipe::tls::server_config(&cert_path, &key_path).unwrap()),
             ..ListenSettings::default()
         },
-        keys: server_keys,
+        keys: key_source,
         users: vec![
             User {
                 name: "alice".into(),
