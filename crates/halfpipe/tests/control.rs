@@ -633,3 +633,94 @@ async fn the_admin_socket_is_private_and_a_missing_audit_key_stops_the_server() 
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already initialized"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_link_is_all_a_new_user_needs_and_a_bad_one_is_named() {
+    let (dir, _) = setup("link");
+    let target = echo_server().await;
+    let server = start_server(&dir).await;
+    // Human output: the link once, and a QR code.
+    let (code, out, err) = ctl(&dir, &["users", "add", "carol"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("shown this once") && out.contains('█'),
+        "{out}"
+    );
+    let link = out
+        .lines()
+        .find(|l| l.starts_with("halfpipe://"))
+        .expect("no link printed")
+        .to_string();
+    let parsed = halfpipe_core::link::ShareLink::parse(&link).unwrap();
+    assert_eq!(parsed.user, "carol");
+    assert!(
+        parsed.pin.is_some(),
+        "the dev certificate's pin belongs in the link"
+    );
+    // The exit kept only the public key.
+    let users = ctl_json(&dir, &["users", "list"]);
+    assert!(users["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|u| u["name"] == "carol"));
+    let secret_b64 = halfpipe::keyfile::encode_key(&parsed.user_secret);
+    for f in ["state/state.redb", "state/audit/audit.log", "server.log"] {
+        let bytes = std::fs::read(dir.join(f)).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(&secret_b64),
+            "{f} holds the user's private key"
+        );
+    }
+    // `halfpipe client --link` and nothing else.
+    let socks = Ports::pick([0, 0, 0, 0]).unwrap().socks;
+    let state = dir.join("carol-state");
+    let socks_arg = format!("127.0.0.1:{socks}");
+    let child = spawn(
+        &dir,
+        &[
+            "client",
+            "--link",
+            &link,
+            "--socks",
+            &socks_arg,
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+        "carol.log",
+    );
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", socks))
+        .await
+        .is_err()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "link client never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = socks_retry(socks, target).await;
+    let (a, b, n) = echo_transfer(s, 4 << 20, 9).await;
+    assert_eq!((a, n), (b, 4 << 20));
+    assert!(sessions(&dir).iter().any(|s| s["user"] == "carol"));
+    drop(child);
+    // A malformed link: a precise error, a failing exit code, no secret echoed.
+    let broken = link.replacen("v1", "v9", 1);
+    let out = Command::new(bin())
+        .args(["client", "--link", &broken])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a valid halfpipe link") && err.contains("v9"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(&link[link.find('#').unwrap() + 1..]),
+        "the secret was echoed"
+    );
+    stop(server);
+}
