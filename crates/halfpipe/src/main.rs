@@ -546,7 +546,15 @@ fn server_init(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// No core dumps and no same-user ptrace: keys live in this process's memory.
+fn harden() {
+    if let Err(e) = halfpipe_keystore::harden_process() {
+        tracing::warn!(error = %e, "cannot switch core dumps off; keys could reach a core file");
+    }
+}
+
 async fn run_server(path: &Path) -> Result<()> {
+    harden();
     let settings = config::load_server(path, &config::process_env).map_err(load_errors)?;
     let server = Server::bind(settings).await?;
     for u in server.urls() {
@@ -795,6 +803,7 @@ async fn run_ctl(args: CtlArgs) -> Result<()> {
 }
 
 async fn run_client(settings: config::ClientSettings) -> Result<()> {
+    harden();
     let exit = Exit::new(settings.exit);
     let mut tasks = Vec::new();
     for (addr, inbound) in settings.inbounds {

@@ -40,7 +40,55 @@ impl ServerHandle {
     /// The Prometheus page.
     pub fn metrics_page(&self) -> String {
         let cp = &self.state.control;
-        cp.metrics.render(&self.gauges())
+        let mut page = cp.metrics.render(&self.gauges());
+        page.push_str(&self.user_metrics());
+        page
+    }
+
+    /// Per-user transfer (this UTC month) and quota, in Prometheus text.
+    fn user_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let db = self.state.control.db();
+        let now = wall_ms();
+        let mut names: BTreeSet<String> = read(&self.state.reloadable)
+            .config_users
+            .iter()
+            .map(|u| u.name.clone())
+            .collect();
+        names.extend(db.users().list().into_iter().map(|u| u.name));
+        let label = |n: &str| {
+            n.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n")
+        };
+        let mut out = String::from(
+            "# HELP halfpipe_user_transfer_bytes Bytes a user moved this UTC month (both directions).\n\
+             # TYPE halfpipe_user_transfer_bytes gauge\n\
+             # HELP halfpipe_user_quota_used_bytes Bytes counted against a user's quota this period.\n\
+             # TYPE halfpipe_user_quota_used_bytes gauge\n\
+             # HELP halfpipe_user_quota_bytes A user's transfer quota per period.\n\
+             # TYPE halfpipe_user_quota_bytes gauge\n",
+        );
+        for n in &names {
+            let l = label(n);
+            let month = db.quotas().used(n, now, halfpipe_state::QuotaPeriod::Month);
+            let _ = writeln!(out, "halfpipe_user_transfer_bytes{{user=\"{l}\"}} {month}");
+            if let Some(q) = db.users().policy(n).quota {
+                let u = db.quotas().usage(n, now, Some(q));
+                let p = q.period.as_str();
+                let _ = writeln!(
+                    out,
+                    "halfpipe_user_quota_used_bytes{{user=\"{l}\",period=\"{p}\"}} {}",
+                    u.used
+                );
+                let _ = writeln!(
+                    out,
+                    "halfpipe_user_quota_bytes{{user=\"{l}\",period=\"{p}\"}} {}",
+                    q.bytes
+                );
+            }
+        }
+        out
     }
 
     fn gauges(&self) -> Gauges {

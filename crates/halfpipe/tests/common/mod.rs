@@ -38,6 +38,8 @@ pub struct Opts {
     pub rekey_after: Duration,
     /// Keep the exit's keys in a sealed key store (rotation) instead of a key file.
     pub keystore: bool,
+    /// With `keystore`: rotate by itself when the active key is this old.
+    pub rotate_every: Option<Duration>,
 }
 
 impl Default for Opts {
@@ -53,6 +55,7 @@ impl Default for Opts {
             control: None,
             rekey_after: halfpipe::client::DEFAULT_REKEY_AFTER,
             keystore: false,
+            rotate_every: None,
         }
     }
 }
@@ -111,7 +114,7 @@ pub async fn start(opts: Opts) -> Harness {
             suite: CipherSuite::Aes256Gcm,
             psk: None,
             overlap: Duration::from_secs(60),
-            rotate_every: None,
+            rotate_every: opts.rotate_every,
         };
         server_public = ks.create(halfpipe::control::wall_ms()).unwrap();
         halfpipe::server::keys::KeySource::Store(ks)

@@ -336,3 +336,60 @@ async fn a_client_that_slept_past_the_window_is_told_to_get_a_new_link() {
     let (_, tail) = api(&h, "GET", "/v1/log/tail", "").await;
     assert!(tail.to_string().contains("rotated"), "{tail}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_a_user_closes_their_sessions_within_a_second_and_refuses_them() {
+    let h = start(Opts::default()).await;
+    let target = echo_server().await;
+    let (code, mut live) = socks_connect(h.socks, &TargetAddr::Ip(target)).await;
+    assert_eq!(code, 0);
+    let (st, body) = api(&h, "POST", "/v1/users/alice/disable", "").await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let mut b = [0u8; 1];
+    let ended = tokio::time::timeout(Duration::from_secs(1), live.read(&mut b)).await;
+    assert!(
+        matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
+        "a disabled user's stream outlived a second"
+    );
+    // A disabled key is an unknown key: silence, like any stranger.
+    let (_init, msg1) = message_one(&h, &h.user_keys, SessionId::random(), 1);
+    assert!(send_message_one(&h, &msg1).await.is_empty());
+    let (st, _) = api(&h, "POST", "/v1/users/alice/enable", "").await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(new_session(&h, &h.user_keys).await, HelloStatus::Accepted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_rotation_happens_by_itself() {
+    let h = start(Opts {
+        keystore: true,
+        rotate_every: Some(Duration::from_millis(1500)),
+        ..Opts::default()
+    })
+    .await;
+    let start = Instant::now();
+    loop {
+        let (_, keys) = api(&h, "GET", "/v1/keys", "").await;
+        let n = keys["keys"].as_array().map_or(0, Vec::len);
+        if n >= 2 {
+            let active: Vec<&Value> = keys["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|k| k["state"]["state"] == "active")
+                .collect();
+            assert_eq!(active.len(), 1, "{keys}");
+            assert_ne!(active[0]["id"], "server-static-v1");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no scheduled rotation: {keys}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The harness client still connects: its key is retiring, inside the window.
+    let target = echo_server().await;
+    let (code, _) = socks_connect(h.socks, &TargetAddr::Ip(target)).await;
+    assert_eq!(code, 0);
+}
