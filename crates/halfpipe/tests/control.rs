@@ -104,19 +104,24 @@ async fn start_server(dir: &Path) -> KillOnDrop {
     child
 }
 
-async fn start_client(dir: &Path, config: &str, socks: u16) -> KillOnDrop {
-    let child = spawn(dir, &["client", "--config", config], "client.log");
+/// Waits (bounded) until something listens on 127.0.0.1:`port`.
+async fn wait_listening(port: u16, what: &str) {
     let start = Instant::now();
-    while tokio::net::TcpStream::connect(("127.0.0.1", socks))
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .is_err()
     {
         assert!(
             start.elapsed() < Duration::from_secs(30),
-            "client never listened"
+            "{what} never listened"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn start_client(dir: &Path, config: &str, socks: u16) -> KillOnDrop {
+    let child = spawn(dir, &["client", "--config", config], "client.log");
+    wait_listening(socks, "the client").await;
     child
 }
 
@@ -689,17 +694,7 @@ async fn a_share_link_is_all_a_new_user_needs_and_a_bad_one_is_named() {
         ],
         "carol.log",
     );
-    let start = Instant::now();
-    while tokio::net::TcpStream::connect(("127.0.0.1", socks))
-        .await
-        .is_err()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "link client never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_listening(socks, "the link client").await;
     let s = socks_retry(socks, target).await;
     let (a, b, n) = echo_transfer(s, 4 << 20, 9).await;
     assert_eq!((a, n), (b, 4 << 20));

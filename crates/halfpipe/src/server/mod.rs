@@ -353,26 +353,10 @@ async fn accept_loop(state: Arc<State>, listener: LegListener) {
             tracing::warn!(target: "security", %peer, listener = %url, reason = r.describe(), "connection dropped");
             continue;
         }
-        let Ok(slot) = connections.clone().try_acquire_owned() else {
-            cp.metrics.limit_hit("connections_per_listener");
-            tracing::warn!(
-                target: "security",
-                %peer,
-                listener = %url,
-                limit = limits.max_connections_per_listener,
-                "connection limit hit: connection dropped"
-            );
+        let Some(slot) = take_slot(&connections, cp, "connections_per_listener", peer, &url) else {
             continue;
         };
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            cp.metrics.limit_hit("handshakes_in_flight");
-            tracing::warn!(
-                target: "security",
-                %peer,
-                listener = %url,
-                limit = limits.max_handshakes_in_flight,
-                "handshake limit hit: connection dropped"
-            );
+        let Some(permit) = take_slot(&handshakes, cp, "handshakes_in_flight", peer, &url) else {
             continue;
         };
         let state = state.clone();
@@ -382,6 +366,23 @@ async fn accept_loop(state: Arc<State>, listener: LegListener) {
             drop(permit);
         });
     }
+}
+
+/// A slot of a per-listener cap, or `None` with the hit counted and logged (the
+/// connection is then dropped).
+fn take_slot(
+    cap: &Arc<Semaphore>,
+    cp: &ControlPlane,
+    limit: &'static str,
+    peer: SocketAddr,
+    listener: &str,
+) -> Option<OwnedSemaphorePermit> {
+    let slot = cap.clone().try_acquire_owned().ok();
+    if slot.is_none() {
+        cp.metrics.limit_hit(limit);
+        tracing::warn!(target: "security", %peer, listener, limit, "per-listener limit hit: connection dropped");
+    }
+    slot
 }
 
 /// Why an unauthenticated leg was refused (logged and counted, never sent).
