@@ -111,32 +111,80 @@ fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
     }
 }
 
-/// Serves the admin API on `listener` until the task is dropped.
-pub async fn serve_socket(listener: UnixListener, server: ServerHandle) {
+/// A listener the admin side serves: Unix socket or TCP.
+trait Accept {
+    /// One accepted connection.
+    type Conn: Send + 'static;
+    /// The next connection.
+    fn accept_conn(&self) -> impl std::future::Future<Output = std::io::Result<Self::Conn>> + Send;
+}
+
+impl Accept for UnixListener {
+    type Conn = UnixStream;
+    async fn accept_conn(&self) -> std::io::Result<UnixStream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Accept for TcpListener {
+    type Conn = (tokio::net::TcpStream, std::net::SocketAddr);
+    async fn accept_conn(&self) -> std::io::Result<Self::Conn> {
+        let (s, peer) = self.accept().await?;
+        let _ = s.set_nodelay(true);
+        Ok((s, peer))
+    }
+}
+
+/// Accepts forever: `admit` turns each connection into the future that serves it, or
+/// refuses it (`None`); at most [`MAX_CONNECTIONS`] are served at once, the rest dropped.
+async fn accept_each<L, F, Fut>(listener: L, admit: F)
+where
+    L: Accept,
+    F: Fn(L::Conn) -> Option<Fut>,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok(conn) = listener.accept_conn().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        if let Err(why) = peer_allowed(&stream) {
-            tracing::warn!(target: "security", reason = %why, "admin connection refused");
+        let Some(serve) = admit(conn) else {
             continue;
-        }
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(target: "security", limit = MAX_CONNECTIONS, "admin connection limit hit");
             continue;
         };
-        let server = server.clone();
         tokio::spawn(async move {
-            serve_connection(TokioIo::new(stream), move |req| {
-                let server = server.clone();
-                async move { Ok::<_, Infallible>(http_handle(&server, req).await) }
-            })
-            .await;
+            serve.await;
             drop(slot);
         });
     }
+}
+
+/// Serves the API (JSON over HTTP/1.1) on one connection.
+async fn serve_api<I>(io: I, server: ServerHandle)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    serve_connection(TokioIo::new(io), move |req| {
+        let server = server.clone();
+        async move { Ok::<_, Infallible>(http_handle(&server, req).await) }
+    })
+    .await
+}
+
+/// Serves the admin API on `listener` until the task is dropped.
+pub async fn serve_socket(listener: UnixListener, server: ServerHandle) {
+    accept_each(listener, |stream| match peer_allowed(&stream) {
+        Ok(()) => Some(serve_api(stream, server.clone())),
+        Err(why) => {
+            tracing::warn!(target: "security", reason = %why, "admin connection refused");
+            None
+        }
+    })
+    .await
 }
 
 /// Serves the admin API on a loopback TCP listener with mutual TLS (the client certificate
@@ -146,33 +194,17 @@ pub async fn serve_tls(
     config: Arc<rustls::ServerConfig>,
     server: ServerHandle,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
+    accept_each(listener, |(stream, peer)| {
         if !peer.ip().is_loopback() {
             tracing::warn!(target: "security", %peer, "admin TLS connection from off the machine refused");
-            continue;
+            return None;
         }
-        let _ = stream.set_nodelay(true);
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(target: "security", limit = MAX_CONNECTIONS, "admin connection limit hit");
-            continue;
-        };
         let (server, config) = (server.clone(), config.clone());
-        tokio::spawn(async move {
+        Some(async move {
             match tokio::time::timeout(HEAD_TIMEOUT, crate::tls_stream::accept(config, stream))
                 .await
             {
-                Ok(Ok(tls)) => {
-                    serve_connection(TokioIo::new(tls), move |req| {
-                        let server = server.clone();
-                        async move { Ok::<_, Infallible>(http_handle(&server, req).await) }
-                    })
-                    .await
-                }
+                Ok(Ok(tls)) => serve_api(tls, server).await,
                 Ok(Err(e)) => {
                     tracing::warn!(target: "security", %peer, error = %e, "admin TLS handshake refused")
                 }
@@ -180,44 +212,32 @@ pub async fn serve_tls(
                     tracing::warn!(target: "security", %peer, "admin TLS handshake timed out")
                 }
             }
-            drop(slot);
-        });
-    }
+        })
+    })
+    .await
 }
 
 /// Serves the metrics page on a loopback listener until the task is dropped.
 pub async fn serve_metrics(listener: TcpListener, server: ServerHandle) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
+    accept_each(listener, |(stream, _)| {
         let server = server.clone();
-        tokio::spawn(async move {
-            serve_connection(TokioIo::new(stream), move |req: Request<Incoming>| {
-                let page = server.metrics_page();
-                async move {
-                    let resp = if req.uri().path() == "/metrics" {
-                        Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4")
-                            .body(Full::new(Bytes::from(page)))
-                    } else {
-                        Response::builder()
-                            .status(StatusCode::NOT_FOUND)
-                            .body(Full::new(Bytes::from_static(b"not found\n")))
-                    };
-                    Ok::<_, Infallible>(resp.unwrap_or_default())
-                }
-            })
-            .await;
-            drop(slot);
-        });
-    }
+        Some(serve_connection(
+            TokioIo::new(stream),
+            move |req: Request<Incoming>| {
+                let resp = if req.uri().path() == "/metrics" {
+                    Response::builder()
+                        .header("content-type", "text/plain; version=0.0.4")
+                        .body(Full::new(Bytes::from(server.metrics_page())))
+                } else {
+                    Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(Full::new(Bytes::from_static(b"not found\n")))
+                };
+                std::future::ready(Ok::<_, Infallible>(resp.unwrap_or_default()))
+            },
+        ))
+    })
+    .await
 }
 
 async fn serve_connection<I, F, Fut>(io: I, f: F)

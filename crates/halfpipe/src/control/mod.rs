@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use halfpipe_audit::{AuditError, AuditHandle, AuditKey, AuditLog, AuditWriter, CheckpointPolicy};
-use halfpipe_control::capability::CapabilitySet;
 use halfpipe_control::mode::{
     Authority, Mode, ModeFile, ModeRequest, ModeState, Transition, UnfreezeRequest,
 };
@@ -612,11 +611,6 @@ impl ControlPlane {
         presented: &str,
     ) -> Result<TokenInfo, halfpipe_state::token::TokenError> {
         self.tokens.verify(presented, wall_ms())
-    }
-
-    /// Capabilities of a verified token.
-    pub fn caps(info: &TokenInfo) -> &CapabilitySet {
-        &info.caps
     }
 
     // ---- audit ------------------------------------------------------------------------

@@ -754,10 +754,14 @@ async fn connect_stream(
             return;
         }
     }
-    let base = read(&state.reloadable).egress.clone();
-    let mut egress = cp.egress(&base).unwrap_or(base);
+    // Borrow the configured policy; only a narrowing (RESTRICTED, the user's list) copies.
+    let reloadable = read(&state.reloadable);
+    let mut egress = std::borrow::Cow::Borrowed(&reloadable.egress);
+    if let Some(narrowed) = cp.egress(&egress) {
+        egress = std::borrow::Cow::Owned(narrowed);
+    }
     if !policy.allowed_destinations.is_empty() {
-        egress = egress.restricted_to(&allowed_networks(&policy));
+        egress = std::borrow::Cow::Owned(egress.restricted_to(&allowed_networks(&policy)));
     }
     match crate::outbound::connect(&egress, &target, state.connect_timeout).await {
         Ok(socket) => {

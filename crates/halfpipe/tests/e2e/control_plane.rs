@@ -644,3 +644,25 @@ async fn legs_rekey_on_their_time_budget_without_disturbing_a_transfer() {
         "re-keying must not start a new session"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unix_socket_serves_the_api_and_refuses_oversized_bodies() {
+    use halfpipe::ctl::{AdminAddr, CtlClient, CtlError};
+    let h = start(Opts::default()).await;
+    let socket = h.server.control().settings().paths.admin_socket.clone();
+    let client = CtlClient::new(
+        AdminAddr::Unix(socket),
+        admin_token(&h, &[Capability::Admin]),
+    );
+    let status = client.call("GET", "/v1/status", None).await.unwrap();
+    assert_eq!(status["mode"], "open");
+    let big = serde_json::json!({ "name": "x".repeat(100_000), "caps": "status" });
+    let e = client
+        .call("POST", "/v1/tokens", Some(big))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CtlError::Server { status: 413, .. }), "{e}");
+    assert_eq!(e.exit_code(), 2);
+    let e = client.call("GET", "/v1/nothing", None).await.unwrap_err();
+    assert!(matches!(e, CtlError::Server { status: 404, .. }), "{e}");
+}

@@ -206,9 +206,8 @@ async fn a_rotation_mid_transfer_loses_nothing_and_connected_clients_follow_it()
     let learned = h.dir.join("learned.pub");
     let exit = client(&h, old_public, Some(learned.clone()));
     let target = echo_server().await;
-    let (_, id, st) = exit.open(TargetAddr::Ip(target)).await.unwrap();
+    let (_, _, st) = exit.open(TargetAddr::Ip(target)).await.unwrap();
     assert_eq!(st, halfpipe_core::ConnectStatus::Succeeded);
-    let _ = id;
     // A transfer through the harness client (same user) runs across the rotation.
     let (code, s) = socks_connect(h.socks, &TargetAddr::Ip(target)).await;
     assert_eq!(code, 0);
