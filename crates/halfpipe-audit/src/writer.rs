@@ -1,7 +1,8 @@
 //! The threaded front: a writer thread that owns the [`AuditLog`] and handles that queue
 //! records to it without blocking.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -29,6 +30,17 @@ struct Shared {
     closing: RwLock<bool>,
     thread: Mutex<Option<JoinHandle<Result<(), AuditError>>>>,
     capacity: usize,
+    /// Records queued and not yet taken by the writer: the bound. (A `sync_channel` would
+    /// enforce it too, but allocates and touches every slot up front: megabytes of
+    /// resident memory for a queue that is almost always empty.)
+    queued: AtomicUsize,
+}
+
+impl Shared {
+    /// The writer took a record off the queue.
+    fn taken(&self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Starts the writer thread: see [`AuditWriter::spawn`].
@@ -49,12 +61,13 @@ impl AuditWriter {
     /// returned is already failed (fail closed: every record is refused).
     pub fn spawn(log: AuditLog, capacity: usize, on_failure: FailureHook) -> AuditHandle {
         let capacity = capacity.max(1);
-        let (tx, rx) = mpsc::sync_channel(capacity);
+        let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             failed: OnceLock::new(),
             closing: RwLock::new(false),
             thread: Mutex::new(None),
             capacity,
+            queued: AtomicUsize::new(0),
         });
         let thread_shared = Arc::clone(&shared);
         // The hook is shared with this thread in case the writer thread cannot start.
@@ -86,7 +99,7 @@ fn run(
     shared: &Shared,
     on_failure: &(dyn Fn(&AuditError) + Send + Sync),
 ) -> Result<(), AuditError> {
-    let result = serve(&mut log, &rx);
+    let result = serve(&mut log, &rx, shared);
     let result = match result {
         Ok(()) => log.close(now_ms()),
         Err(e) => Err(e),
@@ -101,7 +114,7 @@ fn run(
 
 /// Serves the queue until it is closed (or every sender is gone); returns an error as soon
 /// as a write fails.
-fn serve(log: &mut AuditLog, rx: &Receiver<Msg>) -> Result<(), AuditError> {
+fn serve(log: &mut AuditLog, rx: &Receiver<Msg>, shared: &Shared) -> Result<(), AuditError> {
     let every = log.policy().every.max(Duration::from_millis(1));
     loop {
         // With nothing unsigned there is nothing to checkpoint: just wake every `every`.
@@ -113,11 +126,15 @@ fn serve(log: &mut AuditLog, rx: &Receiver<Msg>) -> Result<(), AuditError> {
         };
         match rx.recv_timeout(wait) {
             Ok(Msg::Record(first)) => {
+                shared.taken();
                 let mut batch = vec![first];
                 let mut closing = false;
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(Msg::Record(r)) => batch.push(r),
+                        Ok(Msg::Record(r)) => {
+                            shared.taken();
+                            batch.push(r)
+                        }
                         Ok(Msg::Close) => {
                             closing = true;
                             break;
@@ -127,11 +144,11 @@ fn serve(log: &mut AuditLog, rx: &Receiver<Msg>) -> Result<(), AuditError> {
                 }
                 log.append_batch(&batch)?;
                 if closing {
-                    return drain(log, rx);
+                    return drain(log, rx, shared);
                 }
                 log.checkpoint_if_due(Instant::now(), now_ms())?;
             }
-            Ok(Msg::Close) => return drain(log, rx),
+            Ok(Msg::Close) => return drain(log, rx, shared),
             Err(RecvTimeoutError::Timeout) => log.checkpoint_if_due(Instant::now(), now_ms())?,
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }
@@ -139,10 +156,11 @@ fn serve(log: &mut AuditLog, rx: &Receiver<Msg>) -> Result<(), AuditError> {
 }
 
 /// Writes whatever is still queued.
-fn drain(log: &mut AuditLog, rx: &Receiver<Msg>) -> Result<(), AuditError> {
+fn drain(log: &mut AuditLog, rx: &Receiver<Msg>, shared: &Shared) -> Result<(), AuditError> {
     let mut batch = Vec::new();
     while let Ok(msg) = rx.try_recv() {
         if let Msg::Record(r) = msg {
+            shared.taken();
             batch.push(r);
             if batch.len() == MAX_BATCH {
                 log.append_batch(&batch)?;
@@ -156,7 +174,7 @@ fn drain(log: &mut AuditLog, rx: &Receiver<Msg>) -> Result<(), AuditError> {
 /// A cheap, cloneable handle that queues records to the writer thread.
 #[derive(Clone)]
 pub struct AuditHandle {
-    tx: SyncSender<Msg>,
+    tx: Sender<Msg>,
     shared: Arc<Shared>,
 }
 
@@ -192,12 +210,16 @@ impl AuditHandle {
             fields,
             time_ms: now_ms(),
         });
-        match self.tx.try_send(msg) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(AuditError::QueueFull {
+        if self.shared.queued.fetch_add(1, Ordering::AcqRel) >= self.shared.capacity {
+            self.shared.taken();
+            return Err(AuditError::QueueFull {
                 capacity: self.shared.capacity,
-            }),
-            Err(TrySendError::Disconnected(_)) => {
+            });
+        }
+        match self.tx.send(msg) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                self.shared.taken();
                 self.check_failed()?;
                 Err(AuditError::WriterClosed)
             }
@@ -229,7 +251,7 @@ impl AuditHandle {
             Ok(mut c) => *c = true,
             Err(_) => return Err(AuditError::WriterPanicked),
         }
-        // Blocks only until the writer takes one record off the queue; fails if it is gone.
+        // Never blocks; fails only if the writer is gone.
         let _ = self.tx.send(Msg::Close);
         let thread = self
             .shared

@@ -22,25 +22,30 @@ pub enum KeyKind {
     AuditSigning,
     /// The HMAC-SHA256 pepper of capability tokens. At most one active.
     TokenPepper,
+    /// A client's copy of the exit's optional Noise pre-shared key (from a share link).
+    /// At most one active.
+    PreSharedKey,
 }
 
 impl KeyKind {
     /// Every kind.
-    pub const ALL: [KeyKind; 4] = [
+    pub const ALL: [KeyKind; 5] = [
         KeyKind::ServerStatic,
         KeyKind::UserStatic,
         KeyKind::AuditSigning,
         KeyKind::TokenPepper,
+        KeyKind::PreSharedKey,
     ];
 
     /// The name used in key ids and files: `server-static`, `user-static`,
-    /// `audit-signing`, `token-pepper`.
+    /// `audit-signing`, `token-pepper`, `pre-shared-key`.
     pub fn as_str(self) -> &'static str {
         match self {
             KeyKind::ServerStatic => "server-static",
             KeyKind::UserStatic => "user-static",
             KeyKind::AuditSigning => "audit-signing",
             KeyKind::TokenPepper => "token-pepper",
+            KeyKind::PreSharedKey => "pre-shared-key",
         }
     }
 
@@ -72,7 +77,7 @@ impl FromStr for KeyKind {
             .ok_or_else(|| {
                 KeyStoreError::BadKeyId(format!(
                     "unknown key kind {s:?} (server-static, user-static, audit-signing, \
-                     token-pepper)"
+                     token-pepper, pre-shared-key)"
                 ))
             })
     }
@@ -183,7 +188,7 @@ pub struct KeyInfo {
     /// A label, e.g. the user name of a [`KeyKind::UserStatic`] key.
     pub label: Option<String>,
     /// The public key: X25519 for static keys, Ed25519 for the audit signing key,
-    /// `None` for the token pepper (and kept after revocation).
+    /// `None` for the token pepper and the pre-shared key (and kept after revocation).
     #[serde(with = "crate::key::hex32")]
     pub public: Option<[u8; 32]>,
     /// When it was generated (the caller's clock, milliseconds).
@@ -208,6 +213,8 @@ impl KeyInfo {
 pub enum KeyAction {
     /// A key was generated.
     Created,
+    /// A key made elsewhere was sealed into the store (a client's key from a share link).
+    Imported,
     /// A new key replaced an active one, which is now retiring.
     Rotated,
     /// A key was revoked by the operator.
@@ -244,6 +251,7 @@ impl fmt::Display for KeyEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let action = match self.action {
             KeyAction::Created => "created",
+            KeyAction::Imported => "imported",
             KeyAction::Rotated => "rotated",
             KeyAction::Revoked => "revoked",
             KeyAction::Expired => "expired",

@@ -2,7 +2,9 @@
 //!
 //! One file per server (and one per client) holds every long-term secret of that
 //! process: its X25519 static key(s), the user keys it issued, the Ed25519 seed that
-//! signs its audit log, and the pepper of its capability tokens. Keys have versioned ids
+//! signs its audit log (or a [`KeyReference`] to where that key lives, with its public
+//! key), the pepper of its capability tokens, and on a client its own key and the exit's
+//! pre-shared key. Keys have versioned ids
 //! (`server-static-v3`), are rotated with an overlap window, and every change is a
 //! [`KeyEvent`] for the audit log.
 //!
@@ -164,4 +166,4 @@ pub use format::{KdfParams, FORMAT_VERSION, HEADER_LEN, MAGIC};
 pub use harden::{harden_process, HardenError};
 pub use key::{KeyAction, KeyEvent, KeyId, KeyInfo, KeyKind, KeyState};
 pub use sealer::{create_key_file, Sealer};
-pub use store::KeyStore;
+pub use store::{KeyReference, KeyStore};

@@ -98,6 +98,9 @@ struct LastVersions {
     user_static: u32,
     audit_signing: u32,
     token_pepper: u32,
+    /// Absent in stores written before the kind existed.
+    #[serde(default)]
+    pre_shared_key: u32,
 }
 
 impl LastVersions {
@@ -107,6 +110,7 @@ impl LastVersions {
             KeyKind::UserStatic => self.user_static,
             KeyKind::AuditSigning => self.audit_signing,
             KeyKind::TokenPepper => self.token_pepper,
+            KeyKind::PreSharedKey => self.pre_shared_key,
         }
     }
 
@@ -116,6 +120,7 @@ impl LastVersions {
             KeyKind::UserStatic => &mut self.user_static,
             KeyKind::AuditSigning => &mut self.audit_signing,
             KeyKind::TokenPepper => &mut self.token_pepper,
+            KeyKind::PreSharedKey => &mut self.pre_shared_key,
         }
     }
 }
@@ -185,6 +190,20 @@ impl Entry {
     }
 }
 
+/// Where a key kept outside the store lives, and the public key it must have: the store
+/// vouches for it, so a key file swapped behind the operator's back is caught.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyReference {
+    /// Where the key lives (a path, a credential name, …), as the caller names it.
+    pub location: String,
+    /// Its public key, if it has one.
+    #[serde(with = "crate::key::hex32")]
+    pub public: Option<[u8; 32]>,
+    /// When the reference was recorded (the caller's clock, milliseconds).
+    pub set_ms: u64,
+}
+
 /// Everything sealed in the file.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -193,6 +212,9 @@ struct Payload {
     created_ms: u64,
     last_version: LastVersions,
     entries: Vec<Entry>,
+    /// Keys kept elsewhere, by name (absent in stores written before references existed).
+    #[serde(default)]
+    references: std::collections::BTreeMap<String, KeyReference>,
 }
 
 /// The public key of a secret: X25519 for static keys, Ed25519 for the audit signing
@@ -209,7 +231,7 @@ fn public_of(kind: KeyKind, secret: &[u8; 32]) -> Option<[u8; 32]> {
             p.copy_from_slice(kp.public_key().as_ref());
             Some(p)
         }
-        KeyKind::TokenPepper => None,
+        KeyKind::TokenPepper | KeyKind::PreSharedKey => None,
     }
 }
 
@@ -254,14 +276,24 @@ impl Payload {
 
     /// Appends a fresh active key of `kind`, with the next version of that kind.
     fn push_new(&mut self, kind: KeyKind, label: Option<String>, now_ms: u64) -> Result<usize> {
+        self.push(kind, label, Secret::random()?, now_ms)
+    }
+
+    /// Appends `secret` as the active key of `kind`, with the next version of that kind.
+    fn push(
+        &mut self,
+        kind: KeyKind,
+        label: Option<String>,
+        secret: Secret,
+        now_ms: u64,
+    ) -> Result<usize> {
         let version = self
             .last_version
             .get(kind)
             .checked_add(1)
             .ok_or_else(|| KeyStoreError::BadKeyId(format!("no {kind} versions left")))?;
-        let secret = Secret::random()?;
         let public = public_of(kind, secret.bytes());
-        if kind != KeyKind::TokenPepper && public.is_none() {
+        if public.is_none() && !matches!(kind, KeyKind::TokenPepper | KeyKind::PreSharedKey) {
             return Err(KeyStoreError::Random);
         }
         *self.last_version.slot(kind) = version;
@@ -414,6 +446,7 @@ impl KeyStore {
                 created_ms: now_ms,
                 last_version: LastVersions::default(),
                 entries: Vec::new(),
+                references: Default::default(),
             },
             events: Vec::new(),
         };
@@ -534,6 +567,59 @@ impl KeyStore {
             let e = &p.entries[i];
             Ok((e.info(), vec![e.event(KeyAction::Created, now_ms)]))
         })
+    }
+
+    /// Seals `secret`, made elsewhere, as a new active key of `kind` (a client's user key
+    /// and pre-shared key from a share link), with the next version of that kind; saves,
+    /// and records [`KeyAction::Imported`]. The same rules as [`KeyStore::generate`]
+    /// apply to `label` and to an already active key.
+    pub fn import(
+        &mut self,
+        kind: KeyKind,
+        label: Option<&str>,
+        secret: &[u8; 32],
+        now_ms: u64,
+    ) -> Result<KeyInfo> {
+        let label = check_label(kind, label)?;
+        let mut sealed = Secret::zeroed();
+        sealed.0.copy_from_slice(secret);
+        self.commit(|p| {
+            if let Some(i) = p.active_slot(kind, label.as_deref()) {
+                return Err(KeyStoreError::AlreadyActive {
+                    id: p.entries[i].id.clone(),
+                    kind,
+                });
+            }
+            let i = p.push(kind, label, sealed, now_ms)?;
+            let e = &p.entries[i];
+            Ok((e.info(), vec![e.event(KeyAction::Imported, now_ms)]))
+        })
+    }
+
+    /// Records (or replaces) where the key called `name` lives outside the store and its
+    /// public key, and saves. No event is recorded: the caller audits it.
+    pub fn set_reference(
+        &mut self,
+        name: &str,
+        location: &str,
+        public: Option<[u8; 32]>,
+        now_ms: u64,
+    ) -> Result<()> {
+        check_label(KeyKind::UserStatic, Some(name))?;
+        let reference = KeyReference {
+            location: location.to_owned(),
+            public,
+            set_ms: now_ms,
+        };
+        self.commit(|p| {
+            p.references.insert(name.to_owned(), reference);
+            Ok(((), Vec::new()))
+        })
+    }
+
+    /// The reference recorded under `name`, if any.
+    pub fn reference(&self, name: &str) -> Option<&KeyReference> {
+        self.payload.references.get(name)
     }
 
     /// Rotates the active key of a singleton kind (server static, audit signing, token
@@ -759,6 +845,15 @@ mod tests {
     }
 
     #[test]
+    fn a_payload_from_before_references_and_pre_shared_keys_still_decodes() {
+        let old = r#"{"payload_version":1,"created_ms":5,"last_version":{"server_static":0,"user_static":0,"audit_signing":0,"token_pepper":0},"entries":[]}"#;
+        let p: Payload = serde_json::from_str(old).unwrap();
+        assert!(p.check().is_ok());
+        assert!(p.references.is_empty());
+        assert_eq!(p.last_version.get(KeyKind::PreSharedKey), 0);
+    }
+
+    #[test]
     fn inconsistent_payloads_are_refused() {
         let fresh = || {
             let mut p = Payload {
@@ -766,6 +861,7 @@ mod tests {
                 created_ms: 0,
                 last_version: LastVersions::default(),
                 entries: Vec::new(),
+                references: Default::default(),
             };
             p.push_new(KeyKind::ServerStatic, None, 1).unwrap();
             p.push_new(KeyKind::UserStatic, Some("alice".into()), 1)

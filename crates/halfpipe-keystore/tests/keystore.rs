@@ -796,3 +796,67 @@ fn keys_are_used_in_place() {
         Err(KeyStoreError::WrongKind { .. })
     ));
 }
+
+#[test]
+fn an_imported_key_is_sealed_under_the_next_version_and_its_bytes_never_reach_the_file() {
+    let dir = tmp();
+    let path = dir.path().join("client.hpks");
+    let sealer = pass(PASS);
+    let mut s = KeyStore::create(&path, &sealer, tiny(), 1).unwrap();
+    let user = [0x5au8; 32];
+    let psk = [0xc3u8; 32];
+    let u = s
+        .import(KeyKind::UserStatic, Some("self"), &user, 2)
+        .unwrap();
+    let p = s.import(KeyKind::PreSharedKey, None, &psk, 3).unwrap();
+    assert_eq!(u.id.as_str(), "user-static-v1");
+    assert_eq!(p.id.as_str(), "pre-shared-key-v1");
+    assert!(u.public.is_some(), "an X25519 key gets its public key");
+    assert_eq!(p.public, None);
+    let events = s.take_events();
+    assert_eq!(events.len(), 2);
+    assert!(events.iter().all(|e| e.action == KeyAction::Imported));
+    // A second active one of a singleton kind, or of the same label, is refused.
+    assert!(matches!(
+        s.import(KeyKind::PreSharedKey, None, &psk, 4),
+        Err(KeyStoreError::AlreadyActive { .. })
+    ));
+    assert!(matches!(
+        s.import(KeyKind::UserStatic, Some("self"), &user, 4),
+        Err(KeyStoreError::AlreadyActive { .. })
+    ));
+    let raw = std::fs::read(&path).unwrap();
+    for f in forms(&user).into_iter().chain(forms(&psk)) {
+        assert!(!contains(&raw, &f), "an imported secret is in the file");
+    }
+    drop(s);
+    let back = KeyStore::open(&path, &sealer).unwrap();
+    assert_eq!(back.with_secret(&u.id, |b| *b).unwrap(), user);
+    assert_eq!(back.with_secret(&p.id, |b| *b).unwrap(), psk);
+}
+
+#[test]
+fn a_reference_to_a_key_kept_elsewhere_survives_a_reopen_and_can_be_replaced() {
+    let dir = tmp();
+    let path = dir.path().join("s.hpks");
+    let sealer = pass(PASS);
+    let mut s = KeyStore::create(&path, &sealer, tiny(), 1).unwrap();
+    assert!(s.reference("audit-signing").is_none());
+    s.set_reference("audit-signing", "/etc/halfpipe/audit.key", Some([7; 32]), 5)
+        .unwrap();
+    assert!(
+        s.set_reference("bad\nname", "x", None, 5).is_err(),
+        "names are checked like labels"
+    );
+    drop(s);
+    let mut s = KeyStore::open(&path, &sealer).unwrap();
+    let r = s.reference("audit-signing").unwrap();
+    assert_eq!(r.location, "/etc/halfpipe/audit.key");
+    assert_eq!(r.public, Some([7; 32]));
+    assert_eq!(r.set_ms, 5);
+    s.set_reference("audit-signing", "/elsewhere", Some([8; 32]), 6)
+        .unwrap();
+    drop(s);
+    let s = KeyStore::open(&path, &sealer).unwrap();
+    assert_eq!(s.reference("audit-signing").unwrap().public, Some([8; 32]));
+}

@@ -29,7 +29,10 @@ use crate::transport::{
     Decoy, DecoyKind, DialSettings, ListenSettings, QuicOptions, TlsDialer, WsOptions,
 };
 
+mod client_store;
 mod control;
+
+pub use client_store::{open_client_store, save_link, SaveLinkError, SavedLink};
 
 /// Environment variable overriding the server's private key file.
 pub const ENV_SERVER_KEY: &str = "HALFPIPE_SERVER_PRIVATE_KEY";
@@ -198,6 +201,57 @@ impl<'a> Check<'a> {
         read_private_key(&self.path(f))
             .map_err(|e| self.err(key, e.to_string()))
             .ok()
+    }
+
+    /// A `[keystore]` sealer, checked; a relative key-file path is relative to the config,
+    /// like the rest.
+    fn sealer(&mut self, spec: &str) -> String {
+        let sealer = client_store::resolve_sealer(spec, &self.base);
+        if let Err(e) = halfpipe_keystore::Sealer::from_spec(&sealer) {
+            self.err("keystore.sealer", e.to_string());
+        }
+        sealer
+    }
+
+    /// The user key and pre-shared key from a client's sealed store.
+    fn client_store(
+        &mut self,
+        k: &ClientKeystoreFile,
+        f: &ClientFile,
+    ) -> (
+        Option<client_store::Secret32>,
+        Option<client_store::Secret32>,
+    ) {
+        for (key, set) in [
+            ("private_key_file", f.private_key_file.is_some()),
+            ("psk_file", f.psk_file.is_some()),
+        ] {
+            if set {
+                self.err(
+                    key,
+                    "with a [keystore] the client's keys live in the store: remove it",
+                );
+            }
+        }
+        let sealer = self.sealer(&k.sealer);
+        let file = self.path(&k.file);
+        match client_store::open_client_store(&file, &sealer) {
+            Ok((key, psk)) => (Some(key), psk),
+            Err(halfpipe_keystore::KeyStoreError::NoActiveKey { .. }) => {
+                self.err(
+                    "keystore.file",
+                    format!(
+                        "{} holds no client key (make one with 'halfpipe client --link LINK --save client.toml')",
+                        file.display()
+                    ),
+                );
+                (None, None)
+            }
+            Err(e) => {
+                self.err("keystore", e.to_string());
+                (None, None)
+            }
+        }
     }
 
     fn psk(&mut self, file: &Option<String>) -> Option<Zeroizing<[u8; 32]>> {
@@ -414,6 +468,14 @@ struct KeystoreFile {
     rotate_every: Option<String>,
 }
 
+/// A client's `[keystore]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientKeystoreFile {
+    file: String,
+    sealer: String,
+}
+
 /// A leg URL, or several in order of preference.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -538,14 +600,7 @@ pub fn server_from_str(
                 "with a [keystore] the server's keys live in the store: remove private_key_file",
             );
         }
-        // Relative key-file paths in the sealer are relative to the config, like the rest.
-        let sealer = match k.sealer.strip_prefix("keyfile:") {
-            Some(p) => format!("keyfile:{}", c.path(p).display()),
-            None => k.sealer.clone(),
-        };
-        if let Err(e) = halfpipe_keystore::Sealer::from_spec(&sealer) {
-            c.err("keystore.sealer", e.to_string());
-        }
+        let sealer = c.sealer(&k.sealer);
         crate::server::keys::KeystoreSettings {
             file: c.path(&k.file),
             sealer,
@@ -738,6 +793,20 @@ pub fn client_from_link(
     socks: &str,
     state_dir: &Path,
 ) -> Result<ClientSettings, ConfigErrors> {
+    let text = client_link_text(link, socks);
+    let secret = Zeroizing::new(encode_key(&link.user_secret));
+    let psk = link.psk.as_ref().map(|p| Zeroizing::new(encode_key(p)));
+    let env = move |name: &str| match name {
+        ENV_CLIENT_KEY => Some(secret.to_string()),
+        ENV_PSK => psk.as_ref().map(|p| p.to_string()),
+        _ => None,
+    };
+    client_from_str(&state_dir.join("link.toml"), &text, &env)
+}
+
+/// A client config for `link` without its secrets: the exit's key, the legs, the TLS
+/// trust and the SOCKS5 listener.
+fn client_link_text(link: &halfpipe_core::link::ShareLink, socks: &str) -> String {
     let quoted = |v: &[String]| {
         v.iter()
             .map(|s| format!("{s:?}"))
@@ -766,14 +835,7 @@ pub fn client_from_link(
         }
     }
     text.push_str(&format!("\n[socks5]\nlisten = {socks:?}\n"));
-    let secret = Zeroizing::new(encode_key(&link.user_secret));
-    let psk = link.psk.as_ref().map(|p| Zeroizing::new(encode_key(p)));
-    let env = move |name: &str| match name {
-        ENV_CLIENT_KEY => Some(secret.to_string()),
-        ENV_PSK => psk.as_ref().map(|p| p.to_string()),
-        _ => None,
-    };
-    client_from_str(&state_dir.join("link.toml"), &text, &env)
+    text
 }
 
 /// The share-link template: `[links]`, else the listen URLs when their host is reachable
@@ -831,6 +893,8 @@ fn links_template(
 #[serde(deny_unknown_fields)]
 struct ClientFile {
     server_public_key: String,
+    /// The sealed store holding the user key (and pre-shared key) instead of key files.
+    keystore: Option<ClientKeystoreFile>,
     /// Where a key the exit announces during a rotation is saved and read back.
     learned_key_file: Option<String>,
     private_key_file: Option<String>,
@@ -972,8 +1036,13 @@ pub fn client_from_str(
         .map_err(|_| c.err("server_public_key", NOT_A_PUBLIC_KEY))
         .ok();
     let suite = c.cipher(&f.cipher);
-    let private_key = c.private_key("private_key_file", &f.private_key_file, ENV_CLIENT_KEY);
-    let psk = c.psk(&f.psk_file);
+    let (private_key, psk) = match &f.keystore {
+        Some(k) => c.client_store(k, &f),
+        None => (
+            c.private_key("private_key_file", &f.private_key_file, ENV_CLIENT_KEY),
+            c.psk(&f.psk_file),
+        ),
+    };
     let uplink = c.leg_urls("uplink", &f.uplink);
     let downlink = c.leg_urls("downlink", &f.downlink);
     let needs_tls = [&uplink, &downlink]

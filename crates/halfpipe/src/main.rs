@@ -61,6 +61,15 @@ enum Command {
         /// With --link: where the client keeps what it learns (a rotated server key).
         #[arg(long, default_value = "halfpipe-client")]
         state_dir: PathBuf,
+        /// With --link: do not run; write this client config (no secrets in it) and seal
+        /// the link's keys into a key store next to it, then exit.
+        #[arg(long, requires = "link")]
+        save: Option<PathBuf>,
+        /// With --save: how the store is sealed (keyfile:PATH, passphrase-env:VAR,
+        /// passphrase-file:PATH, env:VAR, credential:NAME); default a new key file
+        /// next to the config.
+        #[arg(long, requires = "save")]
+        sealer: Option<String>,
     },
     /// Check a configuration file and explain every problem.
     CheckConfig {
@@ -421,7 +430,12 @@ async fn run(command: Command) -> Result<()> {
             link,
             socks,
             state_dir,
+            save,
+            sealer,
         } => {
+            if let (Some(save), Some(link)) = (&save, &link) {
+                return save_link(link, &socks, save, sealer.as_deref());
+            }
             let settings = match (config, link) {
                 (Some(path), _) => {
                     config::load_client(&path, &config::process_env).map_err(load_errors)?
@@ -515,20 +529,40 @@ fn load_errors(e: config::ConfigErrors) -> anyhow::Error {
     anyhow::anyhow!("{e}\n(run 'halfpipe check-config FILE' after fixing)")
 }
 
+fn save_link(link: &str, socks: &str, save: &Path, sealer: Option<&str>) -> Result<()> {
+    let link = halfpipe_core::link::ShareLink::parse(link)
+        .context("the --link is not a valid halfpipe link (ask for a new one)")?;
+    let saved = config::save_link(&link, socks, save, sealer, halfpipe::control::wall_ms())
+        .context("saving the link")?;
+    println!(
+        "client config: {} (no secrets in it)\nkey store:     {} (sealed with {}; it holds the user key{})\nnext: halfpipe client --config {}",
+        saved.config.display(),
+        saved.store.display(),
+        saved.sealer,
+        if link.psk.is_some() { " and the pre-shared key" } else { "" },
+        saved.config.display()
+    );
+    Ok(())
+}
+
 fn server_init(path: &Path) -> Result<()> {
     let settings = config::load_server(path, &config::process_env).map_err(load_errors)?;
-    let done = halfpipe::control::init::init(&settings.control)
-        .with_context(|| format!("initializing the state directory of {}", path.display()))?;
+    let init_context = || format!("initializing the state directory of {}", path.display());
+    halfpipe::control::init::check_fresh(&settings.control).with_context(init_context)?;
+    let mut store = None;
     if let halfpipe::server::keys::KeySource::Store(ks) = &settings.keys {
-        let public = ks
+        let (s, public) = ks
             .create(halfpipe::control::wall_ms())
             .with_context(|| format!("creating the key store {}", ks.file.display()))?;
         println!(
-            "key store:           {} (sealed; server public key {} — give it to clients as server_public_key, or use 'halfpipe ctl users add' links)",
+            "key store:           {} (sealed; server public key {} — give it to clients as server_public_key, or use 'halfpipe ctl users add' links; it also holds the token pepper and vouches for the audit key)",
             ks.file.display(),
             halfpipe::keyfile::encode_key(&public)
         );
+        store = Some(s);
     }
+    let done = halfpipe::control::init::init(&settings.control, store.as_mut())
+        .with_context(init_context)?;
     let p = &settings.control.paths;
     println!("state directory:     {} (0700)", p.dir.display());
     println!(

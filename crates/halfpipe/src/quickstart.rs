@@ -162,7 +162,7 @@ pub fn prepare_with(dir: &Path, ports: Ports, schemes: [&str; 2]) -> Result<bool
     std::fs::write(state.server_toml(), server).map_err(io_at(&state.server_toml()))?;
     std::fs::write(state.client_toml(), client).map_err(io_at(&state.client_toml()))?;
     let settings = config::load_server(&state.server_toml(), &config::process_env)?;
-    crate::control::init::init(&settings.control)?;
+    crate::control::init::init(&settings.control, None)?;
     Ok(true)
 }
 
@@ -187,7 +187,7 @@ pub async fn start(dir: &Path) -> Result<Running, QuickstartError> {
     let client = config::load_client(&state.client_toml(), &config::process_env)?;
     if !server.control.paths.db.exists() {
         // A directory made before the exit had a control plane: give it one.
-        crate::control::init::init(&server.control)?;
+        crate::control::init::init(&server.control, None)?;
     }
     let server = Server::bind(server).await?;
     let legs = server.urls().iter().map(ToString::to_string).collect();

@@ -719,3 +719,161 @@ async fn a_share_link_is_all_a_new_user_needs_and_a_bad_one_is_named() {
     );
     stop(server);
 }
+
+/// A quickstart directory whose exit keeps its keys in a sealed store, initialized by the
+/// real `halfpipe server init`.
+fn setup_with_keystore(tag: &str) -> (PathBuf, Ports) {
+    let (dir, ports) = setup(tag);
+    std::fs::remove_dir_all(dir.join("state")).unwrap();
+    let config = dir.join("server.toml");
+    edit(&config, "private_key_file = \"server.key\"\n", "");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[keystore]\nfile = \"keys.hpks\"\nsealer = \"keyfile:store.key\"\n");
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(bin())
+        .args(["server", "init", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("key store:"));
+    (dir, ports)
+}
+
+/// The audit records of one kind, as JSON.
+fn audit_records(dir: &Path, kind: &str) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("state/audit/audit.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["kind"] == kind)
+        .collect()
+}
+
+fn server_refuses(dir: &Path) -> String {
+    let out = Command::new(bin())
+        .args(["server", "--config"])
+        .arg(dir.join("server.toml"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the server started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_store_holds_the_pepper_and_issued_keys_and_a_client_seals_its_own() {
+    let (dir, _) = setup_with_keystore("ks");
+    let target = echo_server().await;
+    // The token pepper is in the store, not in a file; init's key events open the log.
+    assert!(!dir.join("state/pepper").exists());
+    let events: Vec<String> = audit_records(&dir, "key_event")
+        .iter()
+        .map(|r| format!("{} {}", r["fields"]["event"], r["fields"]["key"]))
+        .collect();
+    for want in [
+        r#""created" "server-static-v1""#,
+        r#""created" "token-pepper-v1""#,
+        r#""referenced" "audit-signing""#,
+    ] {
+        assert!(events.iter().any(|e| e == want), "{want} not in {events:?}");
+    }
+    let server = start_server(&dir).await; // the bootstrap token verifies under the store's pepper
+                                           // A user the exit issues: their key is sealed in the store, and only there.
+    let (code, out, err) = ctl(&dir, &["users", "add", "dave"]);
+    assert_eq!(code, 0, "{err}");
+    let link = out
+        .lines()
+        .find(|l| l.starts_with("halfpipe://"))
+        .expect("no link printed")
+        .to_string();
+    let parsed = halfpipe_core::link::ShareLink::parse(&link).unwrap();
+    let keys = ctl_json(&dir, &["keys", "list"]);
+    let dave_key = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kind"] == "user-static" && k["label"] == "dave")
+        .unwrap_or_else(|| panic!("no issued key for dave: {keys}"))
+        .clone();
+    assert_eq!(dave_key["state"]["state"], "active");
+    let secret_forms = [
+        halfpipe::keyfile::encode_key(&parsed.user_secret),
+        hex::encode(parsed.user_secret),
+    ];
+    // The client seals the link into its own store; its config holds no secret.
+    let socks = Ports::pick([0, 0, 0, 0]).unwrap().socks;
+    let out = Command::new(bin())
+        .current_dir(&dir)
+        .args(["client", "--link", &link, "--save", "dave.toml", "--socks"])
+        .arg(format!("127.0.0.1:{socks}"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("dave.hpks"), "{said}");
+    for f in [
+        "dave.toml",
+        "dave.hpks",
+        "keys.hpks",
+        "state/audit/audit.log",
+        "server.log",
+    ] {
+        let text = String::from_utf8_lossy(&std::fs::read(dir.join(f)).unwrap()).into_owned();
+        for s in &secret_forms {
+            assert!(!text.contains(s.as_str()), "{f} holds dave's private key");
+        }
+    }
+    assert!(std::fs::read_to_string(dir.join("dave.toml"))
+        .unwrap()
+        .contains("[keystore]"));
+    let client = start_client(&dir, "dave.toml", socks).await;
+    let s = socks_retry(socks, target).await;
+    let (a, b, n) = echo_transfer(s, 1 << 20, 3).await;
+    assert_eq!((a, n), (b, 1 << 20));
+    assert!(sessions(&dir).iter().any(|s| s["user"] == "dave"));
+    drop(client);
+    // Removing dave revokes (wipes) the key the store issued him.
+    let (code, _, err) = ctl(&dir, &["users", "remove", "dave"]);
+    assert_eq!(code, 0, "{err}");
+    let keys = ctl_json(&dir, &["keys", "list"]);
+    let state = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == dave_key["id"])
+        .map(|k| k["state"]["state"].clone());
+    assert_eq!(state, Some(Value::from("revoked")), "{keys}");
+    stop(server);
+    // An audit key swapped behind the store's back stops the start.
+    let audit_key = dir.join("state/keys/audit.key");
+    let original = std::fs::read(&audit_key).unwrap();
+    std::fs::remove_file(&audit_key).unwrap();
+    halfpipe_audit::AuditKey::generate()
+        .write_new(&audit_key)
+        .unwrap();
+    let err = server_refuses(&dir);
+    assert!(err.contains("not the one the key store recorded"), "{err}");
+    std::fs::remove_file(&audit_key).unwrap();
+    std::fs::write(&audit_key, original).unwrap();
+    // A wrong store key: a precise error, and the failure is on the record.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&audit_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let store_key = dir.join("store.key");
+    std::fs::write(&store_key, hex::encode([0x42u8; 32])).unwrap();
+    let err = server_refuses(&dir);
+    assert!(err.contains("keys.hpks"), "{err}");
+    let last = audit_records(&dir, "key_event").pop().unwrap();
+    assert_eq!(last["fields"]["event"], "unseal_failure", "{last}");
+    assert_eq!(last["fields"]["code"], "wrong_key_or_tampered", "{last}");
+}

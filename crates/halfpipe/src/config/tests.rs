@@ -275,3 +275,77 @@ fn a_keystore_replaces_the_key_file_and_its_sealer_is_checked() {
         .unwrap();
     assert!(e.to_string().contains("remove private_key_file"), "{e}");
 }
+
+fn link_for(f: &Fixture, psk: bool) -> halfpipe_core::link::ShareLink {
+    let (secret, _) = halfpipe_core::handshake::generate_keypair().unwrap();
+    let mut server_public = [0u8; 32];
+    server_public.copy_from_slice(&decode_public(&f.server_public, "k").unwrap());
+    halfpipe_core::link::ShareLink {
+        server_public,
+        uplinks: vec!["tcp://127.0.0.1:8443".into()],
+        downlinks: vec!["tcp://127.0.0.1:8444".into()],
+        user: "erin".into(),
+        server_name: None,
+        pin: None,
+        cipher: CipherSuite::default(),
+        user_secret: secret,
+        psk: psk.then(|| Zeroizing::new([9u8; 32])),
+    }
+}
+
+#[test]
+fn a_saved_link_loads_from_its_sealed_store_and_the_config_holds_no_secret() {
+    let f = fixture();
+    let link = link_for(&f, true);
+    let config = f.dir.join("erin.toml");
+    let saved = save_link(&link, "127.0.0.1:1081", &config, None, 1).unwrap();
+    assert_eq!(saved.store, f.dir.join("erin.hpks"));
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(!text.contains(&encode_key(&link.user_secret)), "{text}");
+    assert!(!text.contains(&encode_key(&[9u8; 32])), "{text}");
+    let mode = std::fs::metadata(f.dir.join("erin-store.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "the store key is private");
+    let s = load_client(&config, &no_env).unwrap();
+    assert_eq!(*s.exit.keys.private_key, *link.user_secret);
+    assert_eq!(s.exit.keys.psk.as_deref(), Some(&[9u8; 32]));
+    assert_eq!(s.exit.server_public, link.server_public);
+    // Never over an existing config or store.
+    assert!(matches!(
+        save_link(&link, "127.0.0.1:1081", &config, None, 2),
+        Err(SaveLinkError::Exists(_))
+    ));
+    // Key files beside a [keystore] are refused; so is a store that does not unseal.
+    let both = format!("private_key_file = \"client.key\"\n{text}");
+    let e = client_from_str(&config, &both, &no_env).err().unwrap();
+    assert!(e.to_string().contains("live in the store"), "{e}");
+    std::fs::write(f.dir.join("erin-store.key"), hex::encode([1u8; 32])).unwrap();
+    let e = load_client(&config, &no_env).err().unwrap();
+    assert!(
+        keys_of(e).contains(&"keystore".to_string()),
+        "a wrong store key is named"
+    );
+}
+
+#[test]
+fn a_client_store_without_a_client_key_says_how_to_make_one() {
+    let f = fixture();
+    let key = f.dir.join("k.key");
+    halfpipe_keystore::create_key_file(&key).unwrap();
+    let sealer = format!("keyfile:{}", key.display());
+    halfpipe_keystore::KeyStore::create(
+        f.dir.join("empty.hpks"),
+        &halfpipe_keystore::Sealer::from_spec(&sealer).unwrap(),
+        Default::default(),
+        1,
+    )
+    .unwrap();
+    let text = client_text(&f).replace("private_key_file = \"client.key\"", "")
+        + &format!("\n[keystore]\nfile = \"empty.hpks\"\nsealer = {sealer:?}\n");
+    let e = client_from_str(&f.dir.join("c.toml"), &text, &no_env)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("--save"), "{e}");
+}

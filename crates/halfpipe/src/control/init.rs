@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use halfpipe_audit::{AuditKey, AuditLog, CheckpointPolicy};
 use halfpipe_control::capability::{Capability, CapabilitySet};
 use halfpipe_control::mode::{Mode, ModeFile, ModeState};
+use halfpipe_keystore::{KeyEvent, KeyKind, KeyStore, KeyStoreError};
 use halfpipe_state::token::{Pepper, Tokens};
 use halfpipe_state::StateDb;
 
@@ -24,6 +25,31 @@ pub struct Initialized {
     pub audit_public: String,
 }
 
+fn store_error(e: KeyStoreError) -> ControlError {
+    ControlError::KeyStore(e.to_string())
+}
+
+/// The audit fields of a key store event (one shape for `init` and the running server).
+pub fn key_event_fields(ev: &KeyEvent) -> Vec<(&'static str, String)> {
+    vec![
+        ("event", format!("{:?}", ev.action).to_lowercase()),
+        ("key", ev.id.as_str().into()),
+        ("kind", ev.kind.as_str().into()),
+        ("label", ev.label.clone().unwrap_or_default()),
+        (
+            "replaces",
+            ev.replaces
+                .as_ref()
+                .map(|r| r.as_str().to_string())
+                .unwrap_or_default(),
+        ),
+        (
+            "until_ms",
+            ev.until_ms.map(|u| u.to_string()).unwrap_or_default(),
+        ),
+    ]
+}
+
 fn mkdir(path: &Path) -> Result<(), ControlError> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -36,9 +62,12 @@ fn mkdir(path: &Path) -> Result<(), ControlError> {
         })
 }
 
-/// Creates the state directory: token pepper, database, audit key and log, mode OPEN,
-/// and a bootstrap admin token written to a 0600 file. Refuses an initialized directory.
-pub fn init(settings: &ControlSettings) -> Result<Initialized, ControlError> {
+/// The name under which the key store records where the audit signing key lives.
+pub const AUDIT_KEY_REFERENCE: &str = "audit-signing";
+
+/// Refuses a state directory that was already initialized (checked before anything,
+/// the key store included, is created).
+pub fn check_fresh(settings: &ControlSettings) -> Result<(), ControlError> {
     let p = &settings.paths;
     for existing in [&p.db, &p.mode_file, &p.pepper, &p.audit_key, &p.audit_log] {
         if existing.exists() {
@@ -49,13 +78,48 @@ pub fn init(settings: &ControlSettings) -> Result<Initialized, ControlError> {
             });
         }
     }
+    Ok(())
+}
+
+/// The token pepper held by a key store, if it has one.
+pub fn store_pepper(store: &KeyStore) -> Result<Option<Pepper>, KeyStoreError> {
+    match store.active(KeyKind::TokenPepper) {
+        Some(k) => store.with_secret(&k.id, |s| Some(Pepper::from_bytes(*s))),
+        None => Ok(None),
+    }
+}
+
+/// Creates the state directory: database, audit key and log, mode OPEN, and a
+/// bootstrap admin token written to a 0600 file. Refuses an initialized directory.
+///
+/// The token pepper goes into `store` when there is one (else a 0600 file), and the
+/// store records where the audit key lives and its public key; the store's key events
+/// (the server key and the pepper created) are the log's first records.
+pub fn init(
+    settings: &ControlSettings,
+    mut store: Option<&mut KeyStore>,
+) -> Result<Initialized, ControlError> {
+    let p = &settings.paths;
+    check_fresh(settings)?;
     mkdir(&p.dir)?;
     for f in [&p.audit_log, &p.audit_key, &p.admin_socket] {
         if let Some(parent) = f.parent() {
             mkdir(parent)?;
         }
     }
-    let pepper = Pepper::create(&p.pepper)?;
+    let pepper = match store.as_deref_mut() {
+        Some(s) => {
+            s.generate(KeyKind::TokenPepper, None, wall_ms())
+                .map_err(store_error)?;
+            store_pepper(s).map_err(store_error)?.ok_or_else(|| {
+                store_error(KeyStoreError::NoActiveKey {
+                    kind: KeyKind::TokenPepper,
+                    label: None,
+                })
+            })?
+        }
+        None => Pepper::create(&p.pepper)?,
+    };
     let db = StateDb::open(&p.db)?;
     let tokens = Tokens::new(&db, pepper);
     let (info, secret) = tokens.create(
@@ -84,6 +148,17 @@ pub fn init(settings: &ControlSettings) -> Result<Initialized, ControlError> {
     let key = AuditKey::generate();
     key.write_new(&p.audit_key)?;
     let audit_public = key.public_hex();
+    let mut key_events = Vec::new();
+    if let Some(s) = store.as_deref_mut() {
+        s.set_reference(
+            AUDIT_KEY_REFERENCE,
+            &p.audit_key.display().to_string(),
+            Some(key.public_bytes()),
+            wall_ms(),
+        )
+        .map_err(store_error)?;
+        key_events = s.take_events();
+    }
     let policy = CheckpointPolicy {
         every_records: settings.checkpoint_every_records,
         every: settings.checkpoint_every,
@@ -94,6 +169,21 @@ pub fn init(settings: &ControlSettings) -> Result<Initialized, ControlError> {
         &[("bootstrap_token", info.id.clone())],
         wall_ms(),
     )?;
+    for ev in &key_events {
+        log.append("key_event", &key_event_fields(ev), wall_ms())?;
+    }
+    if store.is_some() {
+        log.append(
+            "key_event",
+            &[
+                ("event", "referenced".into()),
+                ("key", AUDIT_KEY_REFERENCE.into()),
+                ("location", p.audit_key.display().to_string()),
+                ("public", audit_public.clone()),
+            ],
+            wall_ms(),
+        )?;
+    }
     log.close(wall_ms())?;
     ModeFile::store(
         &p.mode_file,

@@ -78,6 +78,49 @@ pub enum ControlError {
     /// De-escalation while the audit trail is broken.
     #[error("the audit log is failing ({0}): the exit does not serve without an audit trail; fix it and restart the server")]
     AuditBroken(String),
+    /// The key store failed while initializing.
+    #[error("key store: {0}")]
+    KeyStore(String),
+    /// The audit key file is not the key the key store vouches for.
+    #[error("the audit signing key {path} (public {found}) is not the one the key store recorded (public {expected}): the file was replaced; restore it from backup, or, if the change was yours, record the new key with 'halfpipe server init' on a fresh state directory")]
+    AuditKeyMismatch {
+        /// The key file.
+        path: String,
+        /// The public key the store recorded (hex).
+        expected: String,
+        /// The key file's public key (hex).
+        found: String,
+    },
+}
+
+/// The control plane's secrets as a key store holds or vouches for them (`[keystore]`);
+/// the default reads everything from the state directory's files.
+#[derive(Default)]
+pub struct StoreSecrets {
+    /// The token pepper from the store; `None` reads the state directory's pepper file.
+    pub pepper: Option<Pepper>,
+    /// The audit signing key's public half as the store recorded it: the key file must
+    /// have it, or the server refuses to start.
+    pub audit_public: Option<[u8; 32]>,
+}
+
+/// Appends one record to the audit log before the control plane runs (a key store that
+/// does not unseal stops the start, and that must be on the record).
+pub fn audit_before_start(
+    settings: &ControlSettings,
+    event: &str,
+    fields: &[(&str, String)],
+) -> Result<(), ControlError> {
+    let p = &settings.paths;
+    let key = AuditKey::load(&p.audit_key)?;
+    let policy = CheckpointPolicy {
+        every_records: settings.checkpoint_every_records,
+        every: settings.checkpoint_every,
+    };
+    let mut log = AuditLog::open(&p.audit_log, &p.audit_head, key, policy)?;
+    log.append(event, fields, wall_ms())?;
+    log.close(wall_ms())?;
+    Ok(())
 }
 
 /// Why the control plane refused something (logged; the wire gets silence or a status).
@@ -167,16 +210,36 @@ fn require(path: &std::path::Path, dir: &std::path::Path) -> Result<(), ControlE
 impl ControlPlane {
     /// Opens the state, the audit log and the mode, and starts the audit writer.
     /// Refuses to start when the state was never initialized, the database is corrupt,
-    /// or the audit key is missing (the server never logs unsigned).
-    pub fn start(settings: ControlSettings) -> Result<Arc<Self>, ControlError> {
+    /// the audit key is missing (the server never logs unsigned) or is not the one the
+    /// key store recorded.
+    pub fn start(
+        settings: ControlSettings,
+        secrets: StoreSecrets,
+    ) -> Result<Arc<Self>, ControlError> {
         let p = &settings.paths;
-        for f in [&p.db, &p.pepper, &p.audit_key] {
-            require(f, &p.dir)?;
-        }
+        require(&p.db, &p.dir)?;
+        require(&p.audit_key, &p.dir)?;
+        let pepper = match secrets.pepper {
+            Some(pepper) => pepper,
+            None => {
+                require(&p.pepper, &p.dir)?;
+                Pepper::load(&p.pepper)?
+            }
+        };
         let db = StateDb::open(&p.db)?;
-        let pepper = Pepper::load(&p.pepper)?;
         let tokens = Tokens::new(&db, pepper);
         let key = AuditKey::load(&p.audit_key)?;
+        if let Some(expected) = secrets.audit_public {
+            if expected != key.public_bytes() {
+                let e = ControlError::AuditKeyMismatch {
+                    path: p.audit_key.display().to_string(),
+                    expected: hex::encode(expected),
+                    found: key.public_hex(),
+                };
+                tracing::error!(target: "security", error = %e, "refusing to start");
+                return Err(e);
+            }
+        }
         let audit_public = key.public_hex();
         let policy = CheckpointPolicy {
             every_records: settings.checkpoint_every_records,

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
+use zeroize::Zeroizing;
 
 use super::{close_sessions, lock, read, Reloadable, ServerHandle, State};
 use crate::control::metrics::Gauges;
@@ -292,13 +293,13 @@ impl ServerHandle {
         Ok(())
     }
 
-    /// Adds a user with a fresh key pair and returns their share link, shown this once:
-    /// the exit keeps only the public key.
+    /// Adds a user with a fresh key pair and returns their share link, shown this once.
+    /// With a key store the user's key is issued by the store and stays sealed in it
+    /// (revoked when the user is removed); without one the exit keeps only the public key.
     pub fn add_user_with_link(&self, name: &str) -> Result<Value, String> {
-        let (secret, public) =
-            halfpipe_core::handshake::generate_keypair().map_err(|e| e.to_string())?;
+        let (secret, public) = self.issue_user_key(name)?;
         let keys = read(&self.state.keys);
-        let link = self
+        let issued = self
             .state
             .links
             .issue(keys.active_public, name, secret, keys.active.psk.clone())
@@ -306,13 +307,59 @@ impl ServerHandle {
                 format!(
                     "cannot make a link: {e} (set [links] uplink/downlink in the server config)"
                 )
-            })?;
-        self.add_user(name, &encode_key(&public))?;
+            })
+            .and_then(|link| {
+                self.add_user(name, &encode_key(&public))?;
+                Ok(link)
+            });
+        let link = match issued {
+            Ok(link) => link,
+            Err(e) => {
+                self.revoke_user_key(name);
+                return Err(e);
+            }
+        };
         Ok(json!({
             "added": name,
             "public_key": encode_key(&public),
             "link": link.encode().as_str(),
         }))
+    }
+
+    /// A fresh key pair for `name`: from the key store when there is one (sealed there,
+    /// with a "created" audit event), else from the system RNG.
+    fn issue_user_key(&self, name: &str) -> Result<(Zeroizing<[u8; 32]>, [u8; 32]), String> {
+        let Some((store, _)) = &self.state.store else {
+            return halfpipe_core::handshake::generate_keypair().map_err(|e| e.to_string());
+        };
+        let mut s = lock(store);
+        let kind = halfpipe_keystore::KeyKind::UserStatic;
+        let info = s
+            .generate(kind, Some(name), wall_ms())
+            .map_err(|e| e.to_string())?;
+        let secret = s
+            .with_secret(&info.id, |b| Zeroizing::new(*b))
+            .map_err(|e| e.to_string())?;
+        self.audit_key_events(&mut s);
+        let public = info
+            .public
+            .ok_or("the key store made a key without a public key")?;
+        Ok((secret, public))
+    }
+
+    /// Revokes (wipes) the key the store issued to `name`, if any.
+    fn revoke_user_key(&self, name: &str) {
+        let Some((store, _)) = &self.state.store else {
+            return;
+        };
+        let mut s = lock(store);
+        let kind = halfpipe_keystore::KeyKind::UserStatic;
+        if let Some(k) = s.active_labelled(kind, name) {
+            if let Err(e) = s.revoke(&k.id, wall_ms()) {
+                tracing::error!(target: "security", user = name, error = %e, "cannot revoke the user's key in the key store");
+            }
+        }
+        self.audit_key_events(&mut s);
     }
 
     /// Removes an API-added user and closes their sessions.
@@ -330,6 +377,7 @@ impl ServerHandle {
             .map_err(|e| e.to_string())?;
         rebuild_users(&self.state);
         close_sessions(&self.state, |u| u == name, "user removed");
+        self.revoke_user_key(name);
         self.state
             .control
             .audit("user_removed", vec![("user".into(), name.into())]);
@@ -548,24 +596,11 @@ impl ServerHandle {
 
     fn audit_key_events(&self, store: &mut halfpipe_keystore::KeyStore) {
         for ev in store.take_events() {
-            self.state.control.audit(
-                "key_event",
-                vec![
-                    ("event".into(), format!("{:?}", ev.action).to_lowercase()),
-                    ("key".into(), ev.id.as_str().into()),
-                    ("kind".into(), ev.kind.as_str().into()),
-                    (
-                        "replaces".into(),
-                        ev.replaces
-                            .map(|r| r.as_str().to_string())
-                            .unwrap_or_default(),
-                    ),
-                    (
-                        "until_ms".into(),
-                        ev.until_ms.map(|u| u.to_string()).unwrap_or_default(),
-                    ),
-                ],
-            );
+            let fields = crate::control::init::key_event_fields(&ev)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            self.state.control.audit("key_event", fields);
         }
     }
 }

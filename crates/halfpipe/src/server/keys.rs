@@ -46,9 +46,10 @@ impl KeystoreSettings {
         KeyStore::open(&self.file, &Sealer::from_spec(&self.sealer)?)
     }
 
-    /// Creates the store with a first server key (`server init`); returns its public key.
-    /// A `keyfile:` sealer whose file does not exist yet gets a fresh random key file.
-    pub fn create(&self, now_ms: u64) -> Result<[u8; 32], KeyStoreError> {
+    /// Creates the store with a first server key (`server init`); returns the store and
+    /// the key's public half. A `keyfile:` sealer whose file does not exist yet gets a
+    /// fresh random key file.
+    pub fn create(&self, now_ms: u64) -> Result<(KeyStore, [u8; 32]), KeyStoreError> {
         if let Some(path) = self.sealer.strip_prefix("keyfile:") {
             let path = std::path::Path::new(path);
             if !path.exists() {
@@ -58,10 +59,11 @@ impl KeystoreSettings {
         let sealer = Sealer::from_spec(&self.sealer)?;
         let mut store = KeyStore::create(&self.file, &sealer, Default::default(), now_ms)?;
         let info = store.generate(KeyKind::ServerStatic, None, now_ms)?;
-        info.public.ok_or(KeyStoreError::NoActiveKey {
+        let public = info.public.ok_or(KeyStoreError::NoActiveKey {
             kind: KeyKind::ServerStatic,
             label: None,
-        })
+        })?;
+        Ok((store, public))
     }
 }
 

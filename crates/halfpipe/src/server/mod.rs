@@ -199,8 +199,8 @@ impl Server {
             )),
             None => None,
         };
-        let control = ControlPlane::start(settings.control)?;
-        let limits = settings.limits;
+        // The store first: it holds the token pepper and vouches for the audit key, and
+        // a store that does not unseal is an audit event and stops the start.
         let (server_keys, store) = match settings.keys {
             keys::KeySource::File(k) => (
                 keys::ServerKeys::single(k)
@@ -208,25 +208,37 @@ impl Server {
                 None,
             ),
             keys::KeySource::Store(ks) => match open_store(&ks) {
-                Ok((k, store)) => (k, Some((Mutex::new(store), ks))),
+                Ok((k, store)) => (k, Some((store, ks))),
                 Err(e) => {
                     let code = match &e {
                         keys::StoreKeysError::Store(s) => s.code(),
                         _ => "no_active_key",
                     };
                     tracing::error!(target: "security", error = %e, "key store unseal failed");
-                    control.audit(
+                    if let Err(a) = crate::control::audit_before_start(
+                        &settings.control,
                         "key_event",
-                        vec![
-                            ("event".into(), "unseal_failure".into()),
-                            ("code".into(), code.into()),
-                        ],
-                    );
-                    control.shutdown();
+                        &[("event", "unseal_failure".into()), ("code", code.into())],
+                    ) {
+                        tracing::error!(target: "security", error = %a, "cannot record the unseal failure");
+                    }
                     return Err(e.into());
                 }
             },
         };
+        let secrets = match &store {
+            Some((s, _)) => crate::control::StoreSecrets {
+                pepper: crate::control::init::store_pepper(s)
+                    .map_err(|e| ServerError::Keys(e.into()))?,
+                audit_public: s
+                    .reference(crate::control::init::AUDIT_KEY_REFERENCE)
+                    .and_then(|r| r.public),
+            },
+            None => Default::default(),
+        };
+        let control = ControlPlane::start(settings.control, secrets)?;
+        let store = store.map(|(s, ks)| (Mutex::new(s), ks));
+        let limits = settings.limits;
         let state = Arc::new(State {
             keys: RwLock::new(Arc::new(server_keys)),
             store,

@@ -107,6 +107,7 @@ pub async fn start(opts: Opts) -> Harness {
     let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("cert.key"));
     halfpipe::cert::write_dev_cert(&cert, &cert_path, &key_path).unwrap();
     let (server_keys, mut server_public) = keys();
+    let mut store = None;
     let key_source = if opts.keystore {
         let ks = halfpipe::server::keys::KeystoreSettings {
             file: dir.join("keys.hpks"),
@@ -116,7 +117,9 @@ pub async fn start(opts: Opts) -> Harness {
             overlap: Duration::from_secs(60),
             rotate_every: opts.rotate_every,
         };
-        server_public = ks.create(halfpipe::control::wall_ms()).unwrap();
+        let (created, public) = ks.create(halfpipe::control::wall_ms()).unwrap();
+        server_public = public;
+        store = Some(created);
         halfpipe::server::keys::KeySource::Store(ks)
     } else {
         halfpipe::server::keys::KeySource::File(server_keys)
@@ -151,7 +154,8 @@ pub async fn start(opts: Opts) -> Harness {
     if let Some(f) = &opts.control {
         f(&mut control);
     }
-    halfpipe::control::init::init(&control).unwrap();
+    halfpipe::control::init::init(&control, store.as_mut()).unwrap();
+    drop(store);
     let server = Server::bind(ServerSettings {
         control,
         config_file: None,

@@ -174,7 +174,15 @@ async fn device_limits_expiry_and_allowed_destinations_are_enforced() {
 
 /// A client like the harness's own, with its own view of the exit's key.
 fn client(h: &Harness, server_public: [u8; 32], learned: Option<std::path::PathBuf>) -> Arc<Exit> {
-    Exit::new(halfpipe::client::ExitSettings {
+    Exit::new(client_settings(h, server_public, learned))
+}
+
+fn client_settings(
+    h: &Harness,
+    server_public: [u8; 32],
+    learned: Option<std::path::PathBuf>,
+) -> halfpipe::client::ExitSettings {
+    halfpipe::client::ExitSettings {
         uplink: vec![h.urls[0].clone()],
         downlink: vec![h.urls[1].clone()],
         hold_down: Duration::from_secs(60),
@@ -192,7 +200,84 @@ fn client(h: &Harness, server_public: [u8; 32], learned: Option<std::path::PathB
         session: SessionConfig::default(),
         rekey_after: halfpipe::client::DEFAULT_REKEY_AFTER,
         rekey_after_bytes: halfpipe::client::DEFAULT_REKEY_AFTER_BYTES,
+    }
+}
+
+/// Waits (bounded) until `exit` dials `key`.
+async fn until_key(exit: &Exit, key: [u8; 32], what: &str) {
+    let start = Instant::now();
+    while exit.server_key() != key {
+        assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_connected_during_the_window_reconnects_after_it_with_the_new_key() {
+    let h = start(Opts {
+        keystore: true,
+        ..Opts::default()
     })
+    .await;
+    let old_public = h.server_public;
+    let target = echo_server().await;
+    // Its legs re-key by themselves every 200 ms, as they do every hour by default: a
+    // connected client meets the overlap window at its next re-key without being told.
+    let mut settings = client_settings(&h, old_public, Some(h.dir.join("learned.pub")));
+    settings.rekey_after = Duration::from_millis(200);
+    let connected = Exit::new(settings);
+    let (_, _, st) = connected.open(TargetAddr::Ip(target)).await.unwrap();
+    assert_eq!(st, halfpipe_core::ConnectStatus::Succeeded);
+    let (st, rotated) = api(&h, "POST", "/v1/keys/rotate", r#"{"overlap": "3s"}"#).await;
+    assert_eq!(st, StatusCode::OK, "{rotated}");
+    let new_public =
+        halfpipe::keyfile::decode_public(rotated["public"].as_str().unwrap(), "key").unwrap();
+    let until_ms = rotated["old_accepted_until_ms"].as_u64().unwrap();
+    until_key(
+        &connected,
+        new_public,
+        "the connected client never learned the new key",
+    )
+    .await;
+    // Wait out the window (its end is the exit's own deadline), then past the exit's
+    // once-a-second key upkeep.
+    while now_ms() < until_ms + 1_500 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The window is over: the old key is refused with the verdict...
+    let late = client(&h, old_public, None);
+    assert!(
+        matches!(
+            late.open(TargetAddr::Ip(target)).await,
+            Err(ClientError::Refused {
+                status: HelloStatus::ServerKeyRetired,
+                ..
+            })
+        ),
+        "the old key is still accepted after the window"
+    );
+    // ...and the connected client, its session cut, reconnects with the new key.
+    let old_session = connected.session_id().await.expect("a live session");
+    let (st, killed) = api(&h, "POST", &format!("/v1/sessions/{old_session}/kill"), "").await;
+    assert_eq!(st, StatusCode::OK, "{killed}");
+    let start = Instant::now();
+    loop {
+        match connected.open(TargetAddr::Ip(target)).await {
+            Ok((_, _, halfpipe_core::ConnectStatus::Succeeded)) => break,
+            other => assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no reconnect after the window: {:?}",
+                other.map(|o| o.2)
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(connected.server_key(), new_public);
+    assert_ne!(
+        connected.session_id().await,
+        Some(old_session),
+        "a new session, on the new key"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,11 +454,13 @@ async fn a_scheduled_rotation_happens_by_itself() {
     let start = Instant::now();
     loop {
         let (_, keys) = api(&h, "GET", "/v1/keys", "").await;
-        let n = keys["keys"].as_array().map_or(0, Vec::len);
-        if n >= 2 {
-            let active: Vec<&Value> = keys["keys"]
-                .as_array()
-                .unwrap()
+        // The store also holds the token pepper: count the server's keys only.
+        let server: Vec<&Value> = keys["keys"]
+            .as_array()
+            .map(|a| a.iter().filter(|k| k["kind"] == "server-static").collect())
+            .unwrap_or_default();
+        if server.len() >= 2 {
+            let active: Vec<&&Value> = server
                 .iter()
                 .filter(|k| k["state"]["state"] == "active")
                 .collect();
