@@ -18,7 +18,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 /// Lines held for the collector at most.
-const QUEUE: usize = 16_384;
+pub const QUEUE: usize = 16_384;
 /// Connect and TLS handshake time limit.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A write that takes longer means the collector is stuck.

@@ -666,3 +666,138 @@ async fn the_unix_socket_serves_the_api_and_refuses_oversized_bodies() {
     let e = client.call("GET", "/v1/nothing", None).await.unwrap_err();
     assert!(matches!(e, CtlError::Server { status: 404, .. }), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_socket_serves_at_most_64_connections_and_a_freed_slot_serves_again() {
+    use halfpipe::ctl::{AdminAddr, CtlClient};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+    let h = start(Opts::default()).await;
+    let socket = h.server.control().settings().paths.admin_socket.clone();
+    // 64 connections, each holding a slot with a request head begun and never finished
+    // (the exit would cut them after its 10 s head timeout).
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let mut s = UnixStream::connect(&socket).await.unwrap();
+        s.write_all(b"GET /v1/status HTTP/1.1\r\n").await.unwrap();
+        held.push(s);
+    }
+    // The 65th is accepted after them (the backlog is first in, first out) and dropped.
+    let mut extra = UnixStream::connect(&socket).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /v1/status HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        .await
+        .expect("the connection over the limit was neither served nor dropped");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the 65th connection was served: {read:?}"
+    );
+    // One held connection ends: its slot serves the next client.
+    drop(held.pop());
+    let client = CtlClient::new(
+        AdminAddr::Unix(socket),
+        admin_token(&h, &[Capability::Admin]),
+    );
+    let start = std::time::Instant::now();
+    loop {
+        match client.call("GET", "/v1/status", None).await {
+            Ok(status) => {
+                assert_eq!(status["mode"], "open");
+                break;
+            }
+            Err(e) => assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the freed slot never served: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(held);
+}
+
+/// A collector on loopback TLS: each accepted connection's frames go to the channel with
+/// the connection's number.
+async fn syslog_collector(
+    dir: &std::path::Path,
+) -> (
+    halfpipe::control::syslog::SyslogSettings,
+    tokio::sync::mpsc::Receiver<(usize, String)>,
+    Arc<tokio::sync::Notify>,
+) {
+    use halfpipe::control::syslog::SyslogSettings;
+    let cert = halfpipe::cert::generate_self_signed(&["localhost".into()]).unwrap();
+    let (cert_path, key_path) = (dir.join("collector.pem"), dir.join("collector.key"));
+    halfpipe::cert::write_dev_cert(&cert, &cert_path, &key_path).unwrap();
+    let server_cfg = halfpipe::tls::server_config(&cert_path, &key_path).unwrap();
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = collector.local_addr().unwrap().to_string();
+    let (tx, frames) = tokio::sync::mpsc::channel(64);
+    // Notified: drop the current connection (as a collector restart would).
+    let cut = Arc::new(tokio::sync::Notify::new());
+    let cut_rx = cut.clone();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let (tcp, _) = collector.accept().await.unwrap();
+            let mut tls = halfpipe::tls_stream::accept(server_cfg.clone(), tcp)
+                .await
+                .unwrap();
+            loop {
+                tokio::select! {
+                    f = read_frame(&mut tls) => if tx.send((n, f)).await.is_err() { return },
+                    _ = cut_rx.notified() => break,
+                }
+            }
+        }
+    });
+    let tls = halfpipe::tls::client_config(&halfpipe::tls::ServerTrust::CaFile(cert_path)).unwrap();
+    let settings = SyslogSettings {
+        address,
+        server_name: rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+        tls,
+        hostname: "exit-1".into(),
+    };
+    (settings, frames, cut)
+}
+
+// One thread: the forwarder cannot run while the test fills its queue, so exactly the
+// lines beyond the bound are dropped.
+#[tokio::test(flavor = "current_thread")]
+async fn the_syslog_forwarder_counts_drops_reports_the_gap_and_reconnects() {
+    use halfpipe::control::syslog::{spawn, QUEUE};
+    let dir = temp_dir("syslog-gap");
+    let (settings, mut frames, cut) = syslog_collector(&dir).await;
+    let queue = spawn(settings);
+    for i in 0..QUEUE + 10 {
+        queue.push(&format!(
+            r#"{{"seq":{i},"time_ms":1,"kind":"session_opened"}}"#
+        ));
+    }
+    assert_eq!(queue.dropped(), 10, "exactly the lines over the bound");
+    async fn next(frames: &mut tokio::sync::mpsc::Receiver<(usize, String)>) -> (usize, String) {
+        tokio::time::timeout(Duration::from_secs(20), frames.recv())
+            .await
+            .expect("the collector got nothing")
+            .unwrap()
+    }
+    // The gap comes first, in the stream itself, then the queued lines in order.
+    let (conn, gap) = next(&mut frames).await;
+    assert_eq!(conn, 0);
+    assert!(
+        gap.contains(r#""kind":"forward_gap""#) && gap.contains(r#""dropped":10"#),
+        "{gap}"
+    );
+    let (_, first) = next(&mut frames).await;
+    assert!(first.contains(r#""seq":0,"#), "{first}");
+    // The collector goes away: the forwarder reconnects and goes on.
+    cut.notify_one();
+    loop {
+        let (conn, f) = next(&mut frames).await;
+        if conn == 1 {
+            assert!(f.contains("session_opened"), "{f}");
+            break;
+        }
+    }
+}
