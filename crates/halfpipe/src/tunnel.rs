@@ -27,8 +27,11 @@ use crate::transport::BoxedLeg;
 
 /// Bytes gathered for one write to the send leg.
 const WRITE_BATCH: usize = 64 * 1024;
-/// Bytes read from an application socket at once.
+/// Most bytes read from an application socket at once.
 const APP_READ: usize = 128 * 1024;
+/// What a stream's read buffer starts at: an idle or interactive stream never needs more,
+/// and one that fills its buffer doubles it up to [`APP_READ`].
+const APP_READ_MIN: usize = 16 * 1024;
 
 /// A throttle's answer for a batch of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -717,7 +720,8 @@ impl Tunnel {
         let mut pending = initial;
         // One buffer, refilled in place: `split` hands the filled part to the session and
         // `reserve` reclaims the allocation once the session has released it.
-        let mut buf = BytesMut::with_capacity(APP_READ);
+        let mut want = APP_READ_MIN;
+        let mut buf = BytesMut::with_capacity(want);
         loop {
             while !pending.is_empty() {
                 match self.with_session(|s| s.send(stream, &mut pending)) {
@@ -726,13 +730,14 @@ impl Tunnel {
                     Err(_) => return,
                 }
             }
-            buf.reserve(APP_READ);
+            buf.reserve(want);
             match rd.read_buf(&mut buf).await {
                 Ok(0) => {
                     self.with_session(|s| s.finish(stream).ok());
                     return;
                 }
                 Ok(n) => {
+                    want = next_read_size(want, n);
                     if let Some(t) = &throttle {
                         if !pace(|| t.read_from_socket(n)).await {
                             self.with_session(|s| s.reset(stream, ResetCode::LimitReached).ok());
@@ -792,6 +797,18 @@ impl Tunnel {
                 Drained::Gone => return,
             }
         }
+    }
+}
+
+/// The next read size of a stream after a read of `got` bytes into `want`: doubled after a
+/// full read, halved after one under a quarter, within [`APP_READ_MIN`]..=[`APP_READ`].
+fn next_read_size(want: usize, got: usize) -> usize {
+    if got >= want {
+        (want * 2).min(APP_READ)
+    } else if got < want / 4 {
+        (want / 2).max(APP_READ_MIN)
+    } else {
+        want
     }
 }
 
@@ -873,6 +890,24 @@ fn seal_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_buffers_grow_with_full_reads_and_shrink_with_small_ones() {
+        let mut w = APP_READ_MIN;
+        for _ in 0..10 {
+            w = next_read_size(w, w);
+        }
+        assert_eq!(w, APP_READ, "a bulk stream reaches the largest reads");
+        assert_eq!(next_read_size(APP_READ, APP_READ / 2), APP_READ, "steady");
+        let mut w = APP_READ;
+        for _ in 0..10 {
+            w = next_read_size(w, 1);
+        }
+        assert_eq!(
+            w, APP_READ_MIN,
+            "an interactive stream falls back to the least"
+        );
+    }
     use halfpipe_core::handshake::{
         generate_keypair, ClientHello, HandshakeKeys, HelloStatus, Initiator, Responder,
         ServerHello, SessionId,
