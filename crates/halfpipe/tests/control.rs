@@ -730,19 +730,25 @@ fn setup_with_keystore(tag: &str) -> (PathBuf, Ports) {
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str("\n[keystore]\nfile = \"keys.hpks\"\nsealer = \"keyfile:store.key\"\n");
     std::fs::write(&config, text).unwrap();
+    let said = run_ok(&dir, &["server", "init", "--config", "server.toml"]);
+    assert!(said.contains("key store:"), "{said}");
+    (dir, ports)
+}
+
+/// Runs `halfpipe ARGS` in `dir`, which must succeed; its standard output.
+fn run_ok(dir: &Path, args: &[&str]) -> String {
     let out = Command::new(bin())
-        .args(["server", "init", "--config"])
-        .arg(&config)
+        .current_dir(dir)
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "halfpipe {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("key store:"));
-    (dir, ports)
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The audit records of one kind, as JSON.
@@ -808,19 +814,19 @@ async fn the_key_store_holds_the_pepper_and_issued_keys_and_a_client_seals_its_o
     ];
     // The client seals the link into its own store; its config holds no secret.
     let socks = Ports::pick([0, 0, 0, 0]).unwrap().socks;
-    let out = Command::new(bin())
-        .current_dir(&dir)
-        .args(["client", "--link", &link, "--save", "dave.toml", "--socks"])
-        .arg(format!("127.0.0.1:{socks}"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let socks_arg = format!("127.0.0.1:{socks}");
+    let said = run_ok(
+        &dir,
+        &[
+            "client",
+            "--link",
+            &link,
+            "--save",
+            "dave.toml",
+            "--socks",
+            &socks_arg,
+        ],
     );
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("dave.hpks"), "{said}");
     for f in [
         "dave.toml",

@@ -549,32 +549,8 @@ async fn read_frame<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_records_are_forwarded_to_a_tls_syslog_collector() {
-    use halfpipe::control::syslog::SyslogSettings;
     let dir = temp_dir("syslog");
-    let cert = halfpipe::cert::generate_self_signed(&["localhost".into()]).unwrap();
-    let (cert_path, key_path) = (dir.join("collector.pem"), dir.join("collector.key"));
-    halfpipe::cert::write_dev_cert(&cert, &cert_path, &key_path).unwrap();
-    let server_cfg = halfpipe::tls::server_config(&cert_path, &key_path).unwrap();
-    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = collector.local_addr().unwrap().to_string();
-    let (tx, mut frames) = tokio::sync::mpsc::channel::<String>(1024);
-    tokio::spawn(async move {
-        let (tcp, _) = collector.accept().await.unwrap();
-        let mut tls = halfpipe::tls_stream::accept(server_cfg, tcp).await.unwrap();
-        loop {
-            let f = read_frame(&mut tls).await;
-            if tx.send(f).await.is_err() {
-                return;
-            }
-        }
-    });
-    let tls = halfpipe::tls::client_config(&halfpipe::tls::ServerTrust::CaFile(cert_path)).unwrap();
-    let settings = SyslogSettings {
-        address,
-        server_name: rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-        tls,
-        hostname: "exit-1".into(),
-    };
+    let (settings, mut frames, _cut) = syslog_collector(&dir).await;
     let h = start(Opts {
         control: Some(Arc::new(move |c: &mut ControlSettings| {
             c.syslog = Some(settings.clone())
@@ -588,7 +564,7 @@ async fn audit_records_are_forwarded_to_a_tls_syslog_collector() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut seen = Vec::new();
     let opened = loop {
-        let f = tokio::time::timeout_at(deadline, frames.recv())
+        let (_, f) = tokio::time::timeout_at(deadline, frames.recv())
             .await
             .expect("no session_opened record reached the collector")
             .unwrap();
