@@ -355,11 +355,34 @@ impl Tunnel {
         peer_recv_next: u64,
     ) -> Result<(), SessionError> {
         let (gen, wake) = self.claim_slot(LegEnd::Send);
-        lock(&self.inner).send_generation = gen;
-        self.with_session(|s| {
-            s.detach_send_leg(Instant::now());
-            s.attach_send_leg(Instant::now(), Some(peer_recv_next))
+        self.start_send_leg(gen, wake, io, sealer, peer_recv_next)
+    }
+
+    /// The second half of [`Tunnel::attach_send_leg`], once the slot is claimed as `gen`.
+    fn start_send_leg(
+        self: &Arc<Self>,
+        gen: u64,
+        wake: Arc<Notify>,
+        io: BoxedLeg,
+        sealer: RecordSealer,
+        peer_recv_next: u64,
+    ) -> Result<(), SessionError> {
+        // Generation and attach under one lock, and only forward: of two legs attached at
+        // once (a re-key and a redial of the same role), the one that claimed the slot
+        // last wins, whichever reaches this lock first.
+        let current = self.with_inner(|g| {
+            if gen < g.send_generation {
+                return Ok(false);
+            }
+            g.send_generation = gen;
+            g.session.detach_send_leg(Instant::now());
+            g.session
+                .attach_send_leg(Instant::now(), Some(peer_recv_next))
+                .map(|()| true)
         })?;
+        if !current {
+            return Ok(()); // superseded: this leg is dropped unused
+        }
         let task = tokio::spawn(Arc::clone(self).run_writer(io, sealer, gen, wake));
         self.install_task(LegEnd::Send, gen, task);
         Ok(())
@@ -368,11 +391,18 @@ impl Tunnel {
     /// Attaches a new receive leg (replacing any previous one) and starts its reader task.
     fn attach_recv_leg(self: &Arc<Self>, io: BoxedLeg, opener: RecordOpener) {
         let (gen, _) = self.claim_slot(LegEnd::Recv);
-        lock(&self.inner).recv_generation = gen;
-        self.with_session(|s| {
-            s.detach_recv_leg(Instant::now());
-            s.attach_recv_leg(Instant::now());
+        let current = self.with_inner(|g| {
+            if gen < g.recv_generation {
+                return false;
+            }
+            g.recv_generation = gen;
+            g.session.detach_recv_leg(Instant::now());
+            g.session.attach_recv_leg(Instant::now());
+            true
         });
+        if !current {
+            return; // superseded: this leg is dropped unused
+        }
         let task = tokio::spawn(Arc::clone(self).run_reader(io, opener, gen));
         self.install_task(LegEnd::Recv, gen, task);
         self.timer_wake.notify_one();
@@ -979,5 +1009,50 @@ mod tests {
         let (c, s) = (lock(&client.inner), lock(&server.inner));
         assert!(c.session.send_leg_attached() && !c.session.recv_leg_attached());
         assert!(s.session.recv_leg_attached() && !s.session.send_leg_attached());
+    }
+
+    #[tokio::test]
+    async fn of_two_send_legs_attached_at_once_the_last_claimed_wins_in_any_order() {
+        use tokio::io::AsyncReadExt;
+        let (tunnel, _control) = Tunnel::new(Side::Client, SessionConfig::default());
+        let (keys_a, _) = leg_keys();
+        let (keys_b, _) = leg_keys();
+        let (io_a, mut peer_a) = tokio::io::duplex(64 * 1024);
+        let (io_b, mut peer_b) = tokio::io::duplex(64 * 1024);
+        // A re-key claims the slot, then a redial claims it again, and the redial's
+        // handshake finishes first.
+        let (gen_a, wake_a) = tunnel.claim_slot(LegEnd::Send);
+        let (gen_b, wake_b) = tunnel.claim_slot(LegEnd::Send);
+        tunnel
+            .start_send_leg(
+                gen_b,
+                wake_b,
+                Box::new(io_b),
+                keys_b.client_sealer().unwrap(),
+                0,
+            )
+            .unwrap();
+        tunnel
+            .start_send_leg(
+                gen_a,
+                wake_a,
+                Box::new(io_a),
+                keys_a.client_sealer().unwrap(),
+                0,
+            )
+            .unwrap();
+        assert_eq!(lock(&tunnel.inner).send_generation, gen_b);
+        // The live leg carries the RESUME; the superseded one is closed unused.
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), peer_b.read(&mut buf))
+            .await
+            .expect("the winning leg got no writer")
+            .unwrap();
+        assert!(n > 0);
+        let n = tokio::time::timeout(Duration::from_secs(5), peer_a.read(&mut buf))
+            .await
+            .expect("the superseded leg was neither used nor closed")
+            .unwrap();
+        assert_eq!(n, 0, "the superseded leg carried records");
     }
 }
