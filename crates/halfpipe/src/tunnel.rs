@@ -81,6 +81,31 @@ struct StreamSignals {
     writable: Notify,
     connected: Notify,
     status: Mutex<Option<ConnectStatus>>,
+    /// The stream was reset (by the peer, a limit or the session closing): both pumps stop
+    /// and the application's socket is closed with a TCP reset, never a clean FIN, so a
+    /// cut-short stream cannot pass for a complete one.
+    reset: std::sync::atomic::AtomicBool,
+}
+
+impl StreamSignals {
+    fn mark_reset(&self) {
+        self.reset.store(true, std::sync::atomic::Ordering::Release);
+        self.readable.notify_one();
+        self.writable.notify_one();
+    }
+
+    fn is_reset(&self) -> bool {
+        self.reset.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// How a pump ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PumpEnd {
+    /// Its direction finished (EOF / FIN).
+    Done,
+    /// The stream was reset.
+    Reset,
 }
 
 struct Inner {
@@ -262,8 +287,7 @@ impl Tunnel {
             }
             Event::Reset { .. } => {
                 if let Some(s) = sig {
-                    s.readable.notify_one();
-                    s.writable.notify_one();
+                    s.mark_reset();
                     s.connected.notify_one();
                 }
             }
@@ -735,8 +759,11 @@ impl Tunnel {
             throttle.clone(),
         );
         let down = Arc::clone(&self).pump_session_to_app(stream, sig, wr, throttle);
-        tokio::join!(up, down);
+        let ((rd, up_end), (wr, down_end)) = tokio::join!(up, down);
         lock(&self.inner).signals.remove(&stream);
+        if up_end == PumpEnd::Reset || down_end == PumpEnd::Reset {
+            abort_socket(rd, wr);
+        }
     }
 
     async fn pump_app_to_session(
@@ -746,7 +773,7 @@ impl Tunnel {
         mut rd: tokio::net::tcp::OwnedReadHalf,
         initial: Bytes,
         throttle: Option<Arc<dyn Throttle>>,
-    ) {
+    ) -> (tokio::net::tcp::OwnedReadHalf, PumpEnd) {
         let mut pending = initial;
         // One buffer, refilled in place: `split` hands the filled part to the session and
         // `reserve` reclaims the allocation once the session has released it.
@@ -757,28 +784,39 @@ impl Tunnel {
                 match self.with_session(|s| s.send(stream, &mut pending)) {
                     Ok(_) if pending.is_empty() => {}
                     Ok(_) => sig.writable.notified().await,
-                    Err(_) => return,
+                    Err(_) => return (rd, PumpEnd::Reset),
                 }
             }
+            if sig.is_reset() {
+                return (rd, PumpEnd::Reset);
+            }
             buf.reserve(want);
-            match rd.read_buf(&mut buf).await {
+            // A reset arriving while the application is quiet must not wait for its next
+            // byte (`read_buf` is cancel-safe: nothing read is lost).
+            let read = tokio::select! {
+                r = rd.read_buf(&mut buf) => r,
+                _ = sig.writable.notified() => continue,
+            };
+            match read {
                 Ok(0) => {
                     self.with_session(|s| s.finish(stream).ok());
-                    return;
+                    return (rd, PumpEnd::Done);
                 }
                 Ok(n) => {
                     want = next_read_size(want, n);
                     if let Some(t) = &throttle {
                         if !pace(|| t.read_from_socket(n)).await {
                             self.with_session(|s| s.reset(stream, ResetCode::LimitReached).ok());
-                            return;
+                            sig.mark_reset();
+                            return (rd, PumpEnd::Reset);
                         }
                     }
                     pending = buf.split().freeze()
                 }
                 Err(_) => {
                     self.with_session(|s| s.reset(stream, ResetCode::Cancelled).ok());
-                    return;
+                    sig.mark_reset();
+                    return (rd, PumpEnd::Reset);
                 }
             }
         }
@@ -790,7 +828,7 @@ impl Tunnel {
         sig: Arc<StreamSignals>,
         mut wr: tokio::net::tcp::OwnedWriteHalf,
         throttle: Option<Arc<dyn Throttle>>,
-    ) {
+    ) -> (tokio::net::tcp::OwnedWriteHalf, PumpEnd) {
         let mut chunks: Vec<Bytes> = Vec::with_capacity(MAX_WRITE_CHUNKS);
         loop {
             // Take what is readable (up to a batch) under one lock, then write it with
@@ -810,23 +848,36 @@ impl Tunnel {
                 let n = chunks.iter().map(Bytes::len).sum();
                 if !pace(|| t.write_to_socket(n)).await {
                     self.with_session(|s| s.reset(stream, ResetCode::LimitReached).ok());
-                    return;
+                    sig.mark_reset();
+                    return (wr, PumpEnd::Reset);
                 }
             }
             if !chunks.is_empty() && write_all_chunks(&mut wr, &mut chunks).await.is_err() {
                 self.with_session(|s| s.reset(stream, ResetCode::Cancelled).ok());
-                return;
+                sig.mark_reset();
+                return (wr, PumpEnd::Reset);
             }
             match next {
                 Drained::More => {}
                 Drained::Empty => sig.readable.notified().await,
                 Drained::Fin => {
                     let _ = wr.shutdown().await;
-                    return;
+                    return (wr, PumpEnd::Done);
                 }
-                Drained::Gone => return,
+                Drained::Gone => {
+                    sig.mark_reset(); // the read pump may be waiting on the application
+                    return (wr, PumpEnd::Reset);
+                }
             }
         }
+    }
+}
+
+/// Closes an application socket with a TCP reset (`SO_LINGER` 0), so the application
+/// sees its stream was cut short (`ECONNRESET`) rather than ended.
+fn abort_socket(rd: tokio::net::tcp::OwnedReadHalf, wr: tokio::net::tcp::OwnedWriteHalf) {
+    if let Ok(socket) = rd.reunite(wr) {
+        let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
     }
 }
 

@@ -92,12 +92,20 @@ async fn a_user_at_quota_is_refused_with_the_reason_and_usage_shows() {
     });
     let mut r = r;
     let mut got = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut got)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut got))
+        .await
+        .expect("the stream crossing the quota was not ended");
     let _ = writer.await;
     assert!(
         got.len() < 400_000,
         "the stream went past the quota ({} bytes)",
         got.len()
+    );
+    // Cut short, not finished: the application gets a TCP reset, never a clean EOF.
+    assert_eq!(
+        ended.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "a reset stream ended like a complete one"
     );
     // The next stream is refused with "not allowed" (SOCKS 2) and the reason is logged.
     let (code, _) = socks_connect(h.socks, &TargetAddr::Ip(target)).await;
