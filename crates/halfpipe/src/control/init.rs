@@ -25,10 +25,6 @@ pub struct Initialized {
     pub audit_public: String,
 }
 
-fn store_error(e: KeyStoreError) -> ControlError {
-    ControlError::KeyStore(e.to_string())
-}
-
 /// The audit fields of a key store event (one shape for `init` and the running server).
 pub fn key_event_fields(ev: &KeyEvent) -> Vec<(&'static str, String)> {
     vec![
@@ -109,13 +105,10 @@ pub fn init(
     }
     let pepper = match store.as_deref_mut() {
         Some(s) => {
-            s.generate(KeyKind::TokenPepper, None, wall_ms())
-                .map_err(store_error)?;
-            store_pepper(s).map_err(store_error)?.ok_or_else(|| {
-                store_error(KeyStoreError::NoActiveKey {
-                    kind: KeyKind::TokenPepper,
-                    label: None,
-                })
+            s.generate(KeyKind::TokenPepper, None, wall_ms())?;
+            store_pepper(s)?.ok_or(KeyStoreError::NoActiveKey {
+                kind: KeyKind::TokenPepper,
+                label: None,
             })?
         }
         None => Pepper::create(&p.pepper)?,
@@ -155,8 +148,7 @@ pub fn init(
             &p.audit_key.display().to_string(),
             Some(key.public_bytes()),
             wall_ms(),
-        )
-        .map_err(store_error)?;
+        )?;
         key_events = s.take_events();
     }
     let policy = CheckpointPolicy {

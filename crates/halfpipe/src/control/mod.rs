@@ -80,7 +80,7 @@ pub enum ControlError {
     AuditBroken(String),
     /// The key store failed while initializing.
     #[error("key store: {0}")]
-    KeyStore(String),
+    KeyStore(#[from] halfpipe_keystore::KeyStoreError),
     /// The audit key file is not the key the key store vouches for.
     #[error("the audit signing key {path} (public {found}) is not the one the key store recorded (public {expected}): the file was replaced; restore it from backup, or, if the change was yours, record the new key with 'halfpipe server init' on a fresh state directory")]
     AuditKeyMismatch {
