@@ -766,6 +766,12 @@ impl Tunnel {
         }
     }
 
+    /// Resets `stream` in the session and stops both of its pumps.
+    fn reset_stream(&self, stream: StreamId, sig: &StreamSignals, code: ResetCode) {
+        self.with_session(|s| s.reset(stream, code).ok());
+        sig.mark_reset();
+    }
+
     async fn pump_app_to_session(
         self: Arc<Self>,
         stream: StreamId,
@@ -806,16 +812,14 @@ impl Tunnel {
                     want = next_read_size(want, n);
                     if let Some(t) = &throttle {
                         if !pace(|| t.read_from_socket(n)).await {
-                            self.with_session(|s| s.reset(stream, ResetCode::LimitReached).ok());
-                            sig.mark_reset();
+                            self.reset_stream(stream, &sig, ResetCode::LimitReached);
                             return (rd, PumpEnd::Reset);
                         }
                     }
                     pending = buf.split().freeze()
                 }
                 Err(_) => {
-                    self.with_session(|s| s.reset(stream, ResetCode::Cancelled).ok());
-                    sig.mark_reset();
+                    self.reset_stream(stream, &sig, ResetCode::Cancelled);
                     return (rd, PumpEnd::Reset);
                 }
             }
@@ -847,14 +851,12 @@ impl Tunnel {
             if let (Some(t), false) = (&throttle, chunks.is_empty()) {
                 let n = chunks.iter().map(Bytes::len).sum();
                 if !pace(|| t.write_to_socket(n)).await {
-                    self.with_session(|s| s.reset(stream, ResetCode::LimitReached).ok());
-                    sig.mark_reset();
+                    self.reset_stream(stream, &sig, ResetCode::LimitReached);
                     return (wr, PumpEnd::Reset);
                 }
             }
             if !chunks.is_empty() && write_all_chunks(&mut wr, &mut chunks).await.is_err() {
-                self.with_session(|s| s.reset(stream, ResetCode::Cancelled).ok());
-                sig.mark_reset();
+                self.reset_stream(stream, &sig, ResetCode::Cancelled);
                 return (wr, PumpEnd::Reset);
             }
             match next {

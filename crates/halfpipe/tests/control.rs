@@ -196,6 +196,17 @@ async fn ends_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
     .is_ok()
 }
 
+/// The share link `ctl users add` printed, as text and parsed.
+fn printed_link(out: &str) -> (String, halfpipe_core::link::ShareLink) {
+    let link = out
+        .lines()
+        .find(|l| l.starts_with("halfpipe://"))
+        .expect("no link printed")
+        .to_string();
+    let parsed = halfpipe_core::link::ShareLink::parse(&link).unwrap();
+    (link, parsed)
+}
+
 fn audit_kinds(dir: &Path) -> Vec<String> {
     std::fs::read_to_string(dir.join("state/audit/audit.log"))
         .unwrap_or_default()
@@ -651,12 +662,7 @@ async fn a_share_link_is_all_a_new_user_needs_and_a_bad_one_is_named() {
         out.contains("shown this once") && out.contains('█'),
         "{out}"
     );
-    let link = out
-        .lines()
-        .find(|l| l.starts_with("halfpipe://"))
-        .expect("no link printed")
-        .to_string();
-    let parsed = halfpipe_core::link::ShareLink::parse(&link).unwrap();
+    let (link, parsed) = printed_link(&out);
     assert_eq!(parsed.user, "carol");
     assert!(
         parsed.pin.is_some(),
@@ -793,12 +799,7 @@ async fn the_key_store_holds_the_pepper_and_issued_keys_and_a_client_seals_its_o
                                            // A user the exit issues: their key is sealed in the store, and only there.
     let (code, out, err) = ctl(&dir, &["users", "add", "dave"]);
     assert_eq!(code, 0, "{err}");
-    let link = out
-        .lines()
-        .find(|l| l.starts_with("halfpipe://"))
-        .expect("no link printed")
-        .to_string();
-    let parsed = halfpipe_core::link::ShareLink::parse(&link).unwrap();
+    let (link, parsed) = printed_link(&out);
     let keys = ctl_json(&dir, &["keys", "list"]);
     let dave_key = keys["keys"]
         .as_array()

@@ -4,7 +4,7 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use halfpipe_audit::{AuditKey, AuditLog, CheckpointPolicy};
+use halfpipe_audit::AuditKey;
 use halfpipe_control::capability::{Capability, CapabilitySet};
 use halfpipe_control::mode::{Mode, ModeFile, ModeState};
 use halfpipe_keystore::{KeyEvent, KeyKind, KeyStore, KeyStoreError};
@@ -151,11 +151,7 @@ pub fn init(
         )?;
         key_events = s.take_events();
     }
-    let policy = CheckpointPolicy {
-        every_records: settings.checkpoint_every_records,
-        every: settings.checkpoint_every,
-    };
-    let mut log = AuditLog::open(&p.audit_log, &p.audit_head, key, policy)?;
+    let mut log = settings.open_audit_log(key)?;
     log.append(
         "state_initialized",
         &[("bootstrap_token", info.id.clone())],

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use halfpipe_audit::{AuditError, AuditHandle, AuditKey, AuditLog, AuditWriter, CheckpointPolicy};
+use halfpipe_audit::{AuditError, AuditHandle, AuditKey, AuditWriter};
 use halfpipe_control::mode::{
     Authority, Mode, ModeFile, ModeRequest, ModeState, Transition, UnfreezeRequest,
 };
@@ -113,11 +113,7 @@ pub fn audit_before_start(
 ) -> Result<(), ControlError> {
     let p = &settings.paths;
     let key = AuditKey::load(&p.audit_key)?;
-    let policy = CheckpointPolicy {
-        every_records: settings.checkpoint_every_records,
-        every: settings.checkpoint_every,
-    };
-    let mut log = AuditLog::open(&p.audit_log, &p.audit_head, key, policy)?;
+    let mut log = settings.open_audit_log(key)?;
     log.append(event, fields, wall_ms())?;
     log.close(wall_ms())?;
     Ok(())
@@ -241,11 +237,7 @@ impl ControlPlane {
             }
         }
         let audit_public = key.public_hex();
-        let policy = CheckpointPolicy {
-            every_records: settings.checkpoint_every_records,
-            every: settings.checkpoint_every,
-        };
-        let mut log = AuditLog::open(&p.audit_log, &p.audit_head, key, policy)?;
+        let mut log = settings.open_audit_log(key)?;
         let forward = settings.syslog.clone().map(syslog::spawn);
         if let Some(q) = forward.clone() {
             log.set_sink(Box::new(move |line| q.push(line)));

@@ -149,6 +149,19 @@ pub struct ControlSettings {
 }
 
 impl ControlSettings {
+    /// Opens (or creates) the audit log of these paths, signed by `key`, with these
+    /// checkpoint settings.
+    pub fn open_audit_log(
+        &self,
+        key: halfpipe_audit::AuditKey,
+    ) -> Result<halfpipe_audit::AuditLog, halfpipe_audit::AuditError> {
+        let policy = halfpipe_audit::CheckpointPolicy {
+            every_records: self.checkpoint_every_records,
+            every: self.checkpoint_every,
+        };
+        halfpipe_audit::AuditLog::open(&self.paths.audit_log, &self.paths.audit_head, key, policy)
+    }
+
     /// Defaults for a state directory (used by tests and as the config's defaults).
     pub fn with_state_dir(dir: &Path) -> Self {
         Self {
