@@ -10,6 +10,13 @@
 //!
 //! Wire: client → server `[suite u8][len u16 BE][noise message 1]`,
 //! server → client `[len u16 BE][noise message 2]`.
+//!
+//! When the leg's transport is TLS 1.3, the client offers a [`ChannelBinding`] in its hello;
+//! if the exit's own value for the connection is the same, TLS runs end to end between the
+//! two (no proxy terminates it) and the exit may answer that the leg's records are
+//! *channel-bound*: carried without the Noise AEAD, inside TLS's (see [`crate::record`]).
+//! Both hellos are authenticated by Noise, so no one in the middle can forge the offer or
+//! the answer; a proxy that terminates TLS sees different values on its two sides.
 
 use snow::{Builder, HandshakeState};
 use zeroize::Zeroizing;
@@ -27,8 +34,40 @@ const PROTOCOL_VERSION: u8 = 1;
 const PROLOGUE: &[u8] = b"halfpipe leg v1";
 const CLIENT_HELLO_LEN: usize = 1 + 1 + 16 + 4 + 8 + 8;
 const SERVER_HELLO_LEN: usize = 1 + 8 + 8;
-/// Extension tag: the server's next static key follows (32 bytes).
+/// Server hello extension: the server's next static key follows (32 bytes).
 const EXT_NEXT_KEY: u8 = 1;
+/// Server hello extension: this leg's records are channel-bound (no body).
+const EXT_BOUND_RECORDS: u8 = 2;
+/// Client hello extension: the client's channel binding follows (32 bytes).
+const EXT_CHANNEL_BINDING: u8 = 1;
+
+/// A value both ends of one TLS 1.3 connection derive from its exporter secret and that no
+/// one can make equal on two different connections (the idea of RFC 9266's `tls-exporter`):
+/// when the client's and the exit's agree, their TLS session runs end to end between them.
+#[derive(Clone, Copy)]
+pub struct ChannelBinding(pub [u8; 32]);
+
+impl ChannelBinding {
+    /// Constant-time equality.
+    pub fn matches(&self, other: &ChannelBinding) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl std::fmt::Debug for ChannelBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChannelBinding(..)")
+    }
+}
+
+impl PartialEq for ChannelBinding {
+    fn eq(&self, other: &Self) -> bool {
+        self.matches(other)
+    }
+}
+
+impl Eq for ChannelBinding {}
 
 /// A 128-bit random session identifier.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -88,6 +127,9 @@ pub struct ClientHello {
     pub timestamp_ms: u64,
     /// The next server→client sequence number the client expects (its cumulative ACK).
     pub recv_next: u64,
+    /// The client's value for the leg's TLS connection, offering channel-bound records;
+    /// `None` on transports without TLS, or when the client wants the Noise AEAD always.
+    pub channel_binding: Option<ChannelBinding>,
 }
 
 /// The server's verdict on a leg.
@@ -158,6 +200,10 @@ pub struct ServerHello {
     /// `es` and `ss`), so the old key vouches for the new one; the client should persist
     /// it and dial with it from now on.
     pub next_key: Option<[u8; 32]>,
+    /// The leg's records are channel-bound (no Noise AEAD): only after the client offered
+    /// a binding that matched the exit's own (enforced by [`Responder::reply`] and
+    /// [`Initiator::finish`]).
+    pub bound_records: bool,
 }
 
 /// A handshake that failed. The server answers none of these on the wire.
@@ -272,36 +318,58 @@ pub struct LegKeys {
     suite: CipherSuite,
     initiator_to_responder: Zeroizing<[u8; 32]>,
     responder_to_initiator: Zeroizing<[u8; 32]>,
+    bound: bool,
 }
 
 impl LegKeys {
-    fn from_split(suite: CipherSuite, hs: &mut HandshakeState) -> Self {
+    fn from_split(suite: CipherSuite, hs: &mut HandshakeState, bound: bool) -> Self {
         let (a, b) = hs.dangerously_get_raw_split();
         Self {
             suite,
             initiator_to_responder: Zeroizing::new(a),
             responder_to_initiator: Zeroizing::new(b),
+            bound,
         }
+    }
+
+    /// Whether the leg's records are channel-bound (carried inside TLS without the Noise
+    /// AEAD).
+    pub fn is_bound(&self) -> bool {
+        self.bound
+    }
+
+    fn sealer(&self, key: &[u8; 32]) -> Result<RecordSealer, RecordError> {
+        if self.bound {
+            return Ok(RecordSealer::bound());
+        }
+        RecordSealer::new(self.suite, key)
+    }
+
+    fn opener(&self, key: &[u8; 32]) -> Result<RecordOpener, RecordError> {
+        if self.bound {
+            return Ok(RecordOpener::bound());
+        }
+        RecordOpener::new(self.suite, key)
     }
 
     /// The sealer for the client's sending direction (uplink).
     pub fn client_sealer(&self) -> Result<RecordSealer, RecordError> {
-        RecordSealer::new(self.suite, &self.initiator_to_responder)
+        self.sealer(&self.initiator_to_responder)
     }
 
     /// The opener for the client's receiving direction (downlink).
     pub fn client_opener(&self) -> Result<RecordOpener, RecordError> {
-        RecordOpener::new(self.suite, &self.responder_to_initiator)
+        self.opener(&self.responder_to_initiator)
     }
 
     /// The sealer for the server's sending direction (downlink).
     pub fn server_sealer(&self) -> Result<RecordSealer, RecordError> {
-        RecordSealer::new(self.suite, &self.responder_to_initiator)
+        self.sealer(&self.responder_to_initiator)
     }
 
     /// The opener for the server's receiving direction (uplink).
     pub fn server_opener(&self) -> Result<RecordOpener, RecordError> {
-        RecordOpener::new(self.suite, &self.initiator_to_responder)
+        self.opener(&self.initiator_to_responder)
     }
 }
 
@@ -309,6 +377,7 @@ impl LegKeys {
 pub struct Initiator {
     hs: HandshakeState,
     suite: CipherSuite,
+    offered_binding: bool,
 }
 
 impl Initiator {
@@ -333,6 +402,7 @@ impl Initiator {
             Self {
                 hs,
                 suite: keys.suite,
+                offered_binding: hello.channel_binding.is_some(),
             },
             wire,
         ))
@@ -343,7 +413,13 @@ impl Initiator {
         let mut payload = [0u8; MAX_HANDSHAKE_MESSAGE];
         let n = self.hs.read_message(msg2, &mut payload)?;
         let hello = decode_server_hello(&payload[..n])?;
-        Ok((hello, LegKeys::from_split(self.suite, &mut self.hs)))
+        if hello.bound_records && !self.offered_binding {
+            return Err(HandshakeError::Hello(
+                "server chose channel-bound records that were not offered",
+            ));
+        }
+        let bound = hello.bound_records;
+        Ok((hello, LegKeys::from_split(self.suite, &mut self.hs, bound)))
     }
 }
 
@@ -382,6 +458,8 @@ pub struct AcceptedHello {
 pub struct Responder {
     hs: HandshakeState,
     suite: CipherSuite,
+    offered_binding: Option<ChannelBinding>,
+    binding_matched: bool,
 }
 
 impl Responder {
@@ -406,7 +484,12 @@ impl Responder {
         let mut replay_id = [0u8; 32];
         replay_id.copy_from_slice(&msg1[..32]);
         Ok((
-            Self { hs, suite },
+            Self {
+                hs,
+                suite,
+                offered_binding: hello.channel_binding,
+                binding_matched: false,
+            },
             AcceptedHello {
                 hello,
                 client_static,
@@ -433,20 +516,38 @@ impl Responder {
         Err(last)
     }
 
-    /// Writes message 2 (with preamble) carrying `hello` and returns the keys.
+    /// Compares the client's channel binding with ours for the same connection (`None`:
+    /// this transport has no TLS of ours). True when they match: the leg may then be
+    /// answered with [`ServerHello::bound_records`].
+    pub fn check_binding(&mut self, ours: Option<&ChannelBinding>) -> bool {
+        self.binding_matched = match (&self.offered_binding, ours) {
+            (Some(theirs), Some(ours)) => theirs.matches(ours),
+            _ => false,
+        };
+        self.binding_matched
+    }
+
+    /// Writes message 2 (with preamble) carrying `hello` and returns the keys. Refuses
+    /// `bound_records` unless [`Responder::check_binding`] matched.
     pub fn reply(mut self, hello: &ServerHello) -> Result<(Vec<u8>, LegKeys), HandshakeError> {
+        if hello.bound_records && !self.binding_matched {
+            return Err(HandshakeError::Hello(
+                "channel-bound records need a matching channel binding",
+            ));
+        }
         let payload = encode_server_hello(hello);
         let mut msg = vec![0u8; MAX_HANDSHAKE_MESSAGE];
         let n = self.hs.write_message(&payload, &mut msg)?;
         let mut wire = Vec::with_capacity(SERVER_PREAMBLE_LEN + n);
         wire.extend_from_slice(&(n as u16).to_be_bytes());
         wire.extend_from_slice(&msg[..n]);
-        Ok((wire, LegKeys::from_split(self.suite, &mut self.hs)))
+        let bound = hello.bound_records;
+        Ok((wire, LegKeys::from_split(self.suite, &mut self.hs, bound)))
     }
 }
 
-fn encode_client_hello(h: &ClientHello) -> [u8; CLIENT_HELLO_LEN] {
-    let mut out = [0u8; CLIENT_HELLO_LEN];
+fn encode_client_hello(h: &ClientHello) -> Vec<u8> {
+    let mut out = vec![0u8; CLIENT_HELLO_LEN];
     out[0] = PROTOCOL_VERSION;
     out[1] = match h.role {
         LegRole::Up => 0,
@@ -456,6 +557,10 @@ fn encode_client_hello(h: &ClientHello) -> [u8; CLIENT_HELLO_LEN] {
     out[18..22].copy_from_slice(&h.epoch.to_be_bytes());
     out[22..30].copy_from_slice(&h.timestamp_ms.to_be_bytes());
     out[30..38].copy_from_slice(&h.recv_next.to_be_bytes());
+    if let Some(b) = &h.channel_binding {
+        out.push(EXT_CHANNEL_BINDING);
+        out.extend_from_slice(&b.0);
+    }
     out
 }
 
@@ -466,9 +571,15 @@ fn be_u64(b: &[u8]) -> u64 {
 }
 
 fn decode_client_hello(b: &[u8]) -> Result<ClientHello, HandshakeError> {
-    if b.len() != CLIENT_HELLO_LEN {
-        return Err(HandshakeError::Hello("client hello has the wrong length"));
-    }
+    let channel_binding = match b.len() {
+        CLIENT_HELLO_LEN => None,
+        n if n == CLIENT_HELLO_LEN + 33 && b[CLIENT_HELLO_LEN] == EXT_CHANNEL_BINDING => {
+            let mut v = [0u8; 32];
+            v.copy_from_slice(&b[CLIENT_HELLO_LEN + 1..]);
+            Some(ChannelBinding(v))
+        }
+        _ => return Err(HandshakeError::Hello("client hello has the wrong length")),
+    };
     if b[0] != PROTOCOL_VERSION {
         return Err(HandshakeError::Hello("unsupported protocol version"));
     }
@@ -485,6 +596,7 @@ fn decode_client_hello(b: &[u8]) -> Result<ClientHello, HandshakeError> {
         epoch: u32::from_be_bytes([b[18], b[19], b[20], b[21]]),
         timestamp_ms: be_u64(&b[22..30]),
         recv_next: be_u64(&b[30..38]),
+        channel_binding,
     })
 }
 
@@ -497,24 +609,51 @@ fn encode_server_hello(h: &ServerHello) -> Vec<u8> {
         out.push(EXT_NEXT_KEY);
         out.extend_from_slice(k);
     }
+    if h.bound_records {
+        out.push(EXT_BOUND_RECORDS);
+    }
     out
 }
 
 fn decode_server_hello(b: &[u8]) -> Result<ServerHello, HandshakeError> {
-    let next_key = match b.len() {
-        SERVER_HELLO_LEN => None,
-        n if n == SERVER_HELLO_LEN + 33 && b[SERVER_HELLO_LEN] == EXT_NEXT_KEY => {
-            let mut k = [0u8; 32];
-            k.copy_from_slice(&b[SERVER_HELLO_LEN + 1..]);
-            Some(k)
+    if b.len() < SERVER_HELLO_LEN {
+        return Err(HandshakeError::Hello("server hello has the wrong length"));
+    }
+    // Extensions follow the fixed part, each at most once and in ascending tag order.
+    let (mut next_key, mut bound_records) = (None, false);
+    let mut rest = &b[SERVER_HELLO_LEN..];
+    let mut last_tag = 0u8;
+    while let Some((&tag, body)) = rest.split_first() {
+        if tag <= last_tag {
+            return Err(HandshakeError::Hello(
+                "server hello extensions out of order",
+            ));
         }
-        _ => return Err(HandshakeError::Hello("server hello has the wrong length")),
-    };
+        last_tag = tag;
+        rest = match tag {
+            EXT_NEXT_KEY if body.len() >= 32 => {
+                let mut k = [0u8; 32];
+                k.copy_from_slice(&body[..32]);
+                next_key = Some(k);
+                &body[32..]
+            }
+            EXT_BOUND_RECORDS => {
+                bound_records = true;
+                body
+            }
+            _ => {
+                return Err(HandshakeError::Hello(
+                    "server hello has a malformed extension",
+                ))
+            }
+        };
+    }
     Ok(ServerHello {
         status: HelloStatus::from_u8(b[0]).ok_or(HandshakeError::Hello("unknown status"))?,
         recv_next: be_u64(&b[1..9]),
         server_time_ms: be_u64(&b[9..17]),
         next_key,
+        bound_records,
     })
 }
 
@@ -543,6 +682,7 @@ mod tests {
             epoch: 3,
             timestamp_ms: 1_000_000,
             recv_next: 42,
+            channel_binding: None,
         }
     }
 
@@ -569,6 +709,7 @@ mod tests {
                     recv_next: 7,
                     server_time_ms: 9,
                     next_key: psk.map(|_| [8u8; 32]),
+                    bound_records: false,
                 };
                 let (m2, skeys) = resp.reply(&sh).unwrap();
                 let len = server_preamble_len([m2[0], m2[1]]).unwrap();
@@ -608,6 +749,7 @@ mod tests {
                 recv_next: 0,
                 server_time_ms: 0,
                 next_key: (which == 1).then_some(new_pub),
+                bound_records: false,
             };
             let (m2, _) = resp.reply(&sh).unwrap();
             let (got, _) = init.finish(&m2[2..]).unwrap();
@@ -623,6 +765,7 @@ mod tests {
             recv_next: 0,
             server_time_ms: 0,
             next_key: Some([1; 32]),
+            bound_records: false,
         });
         bad[SERVER_HELLO_LEN] = 9;
         assert!(decode_server_hello(&bad).is_err());
@@ -689,5 +832,155 @@ mod tests {
                 assert_eq!(r, Err(ReplayError::Replayed));
             }
         }
+    }
+
+    /// One handshake where the client offers `offer` and the exit holds `ours` for the
+    /// connection and answers bound when they match; returns both sides' keys.
+    fn bound_handshake(
+        offer: Option<ChannelBinding>,
+        ours: Option<ChannelBinding>,
+    ) -> (ClientHello, LegKeys, LegKeys) {
+        let (ck, _) = keys(CipherSuite::Aes256Gcm, None);
+        let (sk, spub) = keys(CipherSuite::Aes256Gcm, None);
+        let h = ClientHello {
+            channel_binding: offer,
+            ..hello(LegRole::Up)
+        };
+        let (init, m1) = Initiator::start(&ck, &spub, &h).unwrap();
+        let (s, body) = split_client(&m1);
+        let (mut resp, acc) = Responder::accept(&sk, s, body).unwrap();
+        let bound = resp.check_binding(ours.as_ref());
+        let sh = ServerHello {
+            status: HelloStatus::Accepted,
+            recv_next: 0,
+            server_time_ms: 0,
+            next_key: Some([4; 32]),
+            bound_records: bound,
+        };
+        let (m2, skeys) = resp.reply(&sh).unwrap();
+        let (got, ckeys) = init.finish(&m2[2..]).unwrap();
+        assert_eq!(got, sh);
+        (acc.hello, ckeys, skeys)
+    }
+
+    #[test]
+    fn a_matching_channel_binding_makes_both_ends_carry_bound_records() {
+        let b = ChannelBinding([7; 32]);
+        let (seen, ckeys, skeys) = bound_handshake(Some(b), Some(b));
+        assert_eq!(seen.channel_binding, Some(b), "the offer crosses intact");
+        assert!(ckeys.is_bound() && skeys.is_bound());
+        let mut sealer = ckeys.client_sealer().unwrap();
+        assert!(sealer.is_bound() && skeys.server_opener().unwrap().is_bound());
+        // The uplink record is the plaintext behind its length, and the exit reads it.
+        let mut out = Vec::new();
+        let start = RecordSealer::begin(&mut out);
+        out.extend_from_slice(b"up");
+        sealer.seal(&mut out, start).unwrap();
+        assert_eq!(out, b"\0\0\0\x02up");
+        let mut buf = BytesMut::from(&out[..]);
+        let p = skeys.server_opener().unwrap().open_next(&mut buf).unwrap();
+        assert_eq!(p.as_deref(), Some(&b"up"[..]));
+    }
+
+    #[test]
+    fn without_a_matching_binding_the_leg_keeps_its_noise_aead() {
+        let a = ChannelBinding([7; 32]);
+        let mut other = [7; 32];
+        other[31] ^= 1;
+        // A proxy terminating TLS: each side sees its own connection's value.
+        for (offer, ours) in [
+            (Some(a), Some(ChannelBinding(other))),
+            (Some(a), None),
+            (None, Some(a)),
+            (None, None),
+        ] {
+            let (_, ckeys, skeys) = bound_handshake(offer, ours);
+            assert!(!ckeys.is_bound() && !skeys.is_bound(), "{offer:?} {ours:?}");
+            assert!(!ckeys.client_sealer().unwrap().is_bound());
+        }
+    }
+
+    #[test]
+    fn neither_end_accepts_bound_records_that_were_not_agreed() {
+        let (ck, _) = keys(CipherSuite::Aes256Gcm, None);
+        let (sk, spub) = keys(CipherSuite::Aes256Gcm, None);
+        let bound_hello = ServerHello {
+            status: HelloStatus::Accepted,
+            recv_next: 0,
+            server_time_ms: 0,
+            next_key: None,
+            bound_records: true,
+        };
+        // The exit cannot answer bound without a matched binding.
+        let b = ChannelBinding([1; 32]);
+        let h = ClientHello {
+            channel_binding: Some(b),
+            ..hello(LegRole::Down)
+        };
+        let (_, m1) = Initiator::start(&ck, &spub, &h).unwrap();
+        let (s, body) = split_client(&m1);
+        let (mut resp, _) = Responder::accept(&sk, s, body).unwrap();
+        assert!(!resp.check_binding(Some(&ChannelBinding([2; 32]))));
+        assert!(matches!(
+            resp.reply(&bound_hello),
+            Err(HandshakeError::Hello(_))
+        ));
+        // A client that offered nothing refuses a bound answer (here from an exit whose
+        // check was forced, as a broken or hostile one would).
+        let (init, m1) = Initiator::start(&ck, &spub, &hello(LegRole::Down)).unwrap();
+        let (s, body) = split_client(&m1);
+        let (mut resp, _) = Responder::accept(&sk, s, body).unwrap();
+        resp.binding_matched = true;
+        let (m2, _) = resp.reply(&bound_hello).unwrap();
+        assert!(matches!(
+            init.finish(&m2[2..]),
+            Err(HandshakeError::Hello(_))
+        ));
+    }
+
+    #[test]
+    fn hellos_decode_with_and_without_their_extensions_and_refuse_malformed_ones() {
+        let plain = hello(LegRole::Up);
+        let enc = encode_client_hello(&plain);
+        assert_eq!(
+            enc.len(),
+            CLIENT_HELLO_LEN,
+            "no extension: the version-1 layout"
+        );
+        assert_eq!(decode_client_hello(&enc).unwrap(), plain);
+        let with = ClientHello {
+            channel_binding: Some(ChannelBinding([3; 32])),
+            ..plain
+        };
+        let enc = encode_client_hello(&with);
+        assert_eq!(decode_client_hello(&enc).unwrap(), with);
+        let mut bad = enc.clone();
+        bad[CLIENT_HELLO_LEN] = 2;
+        assert!(decode_client_hello(&bad).is_err(), "unknown extension");
+        assert!(
+            decode_client_hello(&enc[..enc.len() - 1]).is_err(),
+            "short binding"
+        );
+        let both = ServerHello {
+            status: HelloStatus::Accepted,
+            recv_next: 1,
+            server_time_ms: 2,
+            next_key: Some([5; 32]),
+            bound_records: true,
+        };
+        let enc = encode_server_hello(&both);
+        assert_eq!(decode_server_hello(&enc).unwrap(), both);
+        // Out of order or repeated extensions are refused.
+        let mut twice = enc.clone();
+        twice.push(EXT_BOUND_RECORDS);
+        assert!(decode_server_hello(&twice).is_err());
+        let mut swapped = encode_server_hello(&ServerHello {
+            next_key: None,
+            ..both
+        });
+        swapped.push(EXT_NEXT_KEY);
+        swapped.extend_from_slice(&[5; 32]);
+        assert!(decode_server_hello(&swapped).is_err());
+        assert!(decode_server_hello(&enc[..SERVER_HELLO_LEN - 1]).is_err());
     }
 }

@@ -4,6 +4,12 @@
 //! handshake. Nonces are an explicit per-key counter (never random, never reused: the
 //! counter is refused past 2^64-1); the 4-byte length header is bound as associated data,
 //! so a record cannot be cut, grown or moved without the tag failing.
+//!
+//! A *channel-bound* leg ([`RecordSealer::bound`]) carries `[length u32 BE][plaintext]`
+//! instead: its transport is TLS 1.3 end to end between client and exit, proven in the
+//! Noise handshake by both ends holding the same TLS exporter value (see
+//! [`crate::handshake::ChannelBinding`]), so TLS's own AEAD already protects every record
+//! and a second pass would only cost CPU.
 
 use bytes::{Bytes, BytesMut};
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
@@ -64,8 +70,9 @@ impl CipherSuite {
 /// A record that could not be opened or sealed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
-    /// The length header exceeds [`MAX_RECORD_BODY`] or is shorter than a tag.
-    #[error("record length {0} is outside 16..={max}", max = MAX_RECORD_BODY)]
+    /// The length header exceeds [`MAX_RECORD_BODY`] or is shorter than a tag (on a
+    /// channel-bound leg: exceeds [`MAX_RECORD_PAYLOAD`]).
+    #[error("record length {0} is outside this leg's bounds (sealed 16..={max}, channel-bound 0..={plain})", max = MAX_RECORD_BODY, plain = MAX_RECORD_PAYLOAD)]
     BadLength(usize),
     /// The tag did not verify: tampering, truncation, or the wrong key.
     #[error("record failed authentication")]
@@ -101,13 +108,49 @@ impl Keyed {
     }
 }
 
+/// How a leg's records are protected.
+enum Protection {
+    /// AEAD under the leg's Noise key (boxed: the expanded AES key is large).
+    Sealed(Box<Keyed>),
+    /// In the clear inside a channel-bound TLS 1.3 transport.
+    Bound,
+}
+
+impl Protection {
+    fn tag_len(&self) -> usize {
+        match self {
+            Protection::Sealed(_) => TAG_LEN,
+            Protection::Bound => 0,
+        }
+    }
+
+    /// The body length a header may announce.
+    fn check_body_len(&self, len: usize) -> Result<usize, RecordError> {
+        let ok = match self {
+            Protection::Sealed(_) => (TAG_LEN..=MAX_RECORD_BODY).contains(&len),
+            Protection::Bound => len <= MAX_RECORD_PAYLOAD,
+        };
+        ok.then_some(len).ok_or(RecordError::BadLength(len))
+    }
+}
+
 /// Seals records for the sending end of a leg.
-pub struct RecordSealer(Keyed);
+pub struct RecordSealer(Protection);
 
 impl RecordSealer {
     /// A sealer with nonce counter 0.
     pub fn new(suite: CipherSuite, key: &[u8; 32]) -> Result<Self, RecordError> {
-        Keyed::new(suite, key).map(Self)
+        Keyed::new(suite, key).map(|k| Self(Protection::Sealed(Box::new(k))))
+    }
+
+    /// A sealer for a channel-bound leg: records carry their plaintext, no tag.
+    pub fn bound() -> Self {
+        Self(Protection::Bound)
+    }
+
+    /// Whether this leg's records travel without their own AEAD (channel-bound).
+    pub fn is_bound(&self) -> bool {
+        matches!(self.0, Protection::Bound)
     }
 
     /// Reserves a header at the end of `out` and returns where this record starts; append
@@ -120,28 +163,29 @@ impl RecordSealer {
 
     /// Encrypts `out[start + HEADER_LEN..]` in place, appends the tag and fills the header.
     pub fn seal(&mut self, out: &mut Vec<u8>, start: usize) -> Result<(), RecordError> {
-        Self::reserve_tag(out);
+        self.reserve_tag(out);
         self.seal_reserved(&mut out[start..])
     }
 
-    /// Appends room for the tag after a record's plaintext, so that the record can be
-    /// sealed later with [`RecordSealer::seal_reserved`] without moving bytes.
-    pub fn reserve_tag(out: &mut Vec<u8>) {
-        out.extend_from_slice(&[0u8; TAG_LEN]);
+    /// Appends room for the tag (none on a channel-bound leg) after a record's plaintext,
+    /// so that the record can be sealed later with [`RecordSealer::seal_reserved`] without
+    /// moving bytes.
+    pub fn reserve_tag(&self, out: &mut Vec<u8>) {
+        out.resize(out.len() + self.0.tag_len(), 0);
     }
 
     /// Seals one record laid out as `[header][plaintext][tag room]`, in place.
     pub fn seal_reserved(&mut self, record: &mut [u8]) -> Result<(), RecordError> {
         let body_len = record.len() - HEADER_LEN;
-        if !(TAG_LEN..=MAX_RECORD_BODY).contains(&body_len) {
-            return Err(RecordError::BadLength(body_len));
-        }
+        self.0.check_body_len(body_len)?;
         let header = (body_len as u32).to_be_bytes();
         record[..HEADER_LEN].copy_from_slice(&header);
-        let nonce = self.0.next_nonce()?;
+        let Protection::Sealed(keyed) = &mut self.0 else {
+            return Ok(());
+        };
+        let nonce = keyed.next_nonce()?;
         let (plain, tag_room) = record[HEADER_LEN..].split_at_mut(body_len - TAG_LEN);
-        let tag = self
-            .0
+        let tag = keyed
             .key
             .seal_in_place_separate_tag(nonce, Aad::from(header), plain)
             .map_err(|_| RecordError::BadKey)?;
@@ -151,12 +195,22 @@ impl RecordSealer {
 }
 
 /// Opens records at the receiving end of a leg.
-pub struct RecordOpener(Keyed);
+pub struct RecordOpener(Protection);
 
 impl RecordOpener {
     /// An opener expecting nonce counter 0 first.
     pub fn new(suite: CipherSuite, key: &[u8; 32]) -> Result<Self, RecordError> {
-        Keyed::new(suite, key).map(Self)
+        Keyed::new(suite, key).map(|k| Self(Protection::Sealed(Box::new(k))))
+    }
+
+    /// An opener for a channel-bound leg: records carry their plaintext, no tag.
+    pub fn bound() -> Self {
+        Self(Protection::Bound)
+    }
+
+    /// Whether this leg's records travel without their own AEAD (channel-bound).
+    pub fn is_bound(&self) -> bool {
+        matches!(self.0, Protection::Bound)
     }
 
     /// If `buf` starts with a whole record, splits it off, decrypts it in place and returns
@@ -165,7 +219,7 @@ impl RecordOpener {
         if buf.len() < HEADER_LEN {
             return Ok(None);
         }
-        let body_len = record_body_len(&buf[..HEADER_LEN])?;
+        let body_len = self.0.check_body_len(header_value(&buf[..HEADER_LEN]))?;
         if buf.len() < HEADER_LEN + body_len {
             buf.reserve(HEADER_LEN + body_len - buf.len());
             return Ok(None);
@@ -173,9 +227,12 @@ impl RecordOpener {
         let mut record = buf.split_to(HEADER_LEN + body_len);
         let mut header = [0u8; HEADER_LEN];
         header.copy_from_slice(&record[..HEADER_LEN]);
-        let nonce = self.0.next_nonce()?;
-        let plain_len = self
-            .0
+        let Protection::Sealed(keyed) = &mut self.0 else {
+            let _ = record.split_to(HEADER_LEN);
+            return Ok(Some(record.freeze()));
+        };
+        let nonce = keyed.next_nonce()?;
+        let plain_len = keyed
             .key
             .open_in_place(nonce, Aad::from(header), &mut record[HEADER_LEN..])
             .map_err(|_| RecordError::BadTag)?
@@ -186,15 +243,11 @@ impl RecordOpener {
     }
 }
 
-/// Reads a record header: the body length, checked against the limits.
-pub fn record_body_len(header: &[u8]) -> Result<usize, RecordError> {
+/// The body length a record header announces, unchecked.
+fn header_value(header: &[u8]) -> usize {
     let mut h = [0u8; HEADER_LEN];
     h.copy_from_slice(&header[..HEADER_LEN]);
-    let len = u32::from_be_bytes(h) as usize;
-    if !(TAG_LEN..=MAX_RECORD_BODY).contains(&len) {
-        return Err(RecordError::BadLength(len));
-    }
-    Ok(len)
+    u32::from_be_bytes(h) as usize
 }
 
 #[cfg(test)]
@@ -271,5 +324,57 @@ mod tests {
         ));
         let mut tiny = BytesMut::from(&3u32.to_be_bytes()[..]);
         assert_eq!(o.open_next(&mut tiny), Err(RecordError::BadLength(3)));
+    }
+
+    #[test]
+    fn bound_records_carry_plaintext_behind_a_length_and_keep_their_bounds() {
+        let mut s = RecordSealer::bound();
+        let mut o = RecordOpener::bound();
+        assert!(s.is_bound() && o.is_bound());
+        let mut wire = Vec::new();
+        seal(&mut s, &mut wire, b"first");
+        seal(&mut s, &mut wire, b"");
+        seal(&mut s, &mut wire, &[9u8; MAX_RECORD_PAYLOAD]);
+        assert_eq!(
+            wire.len(),
+            3 * HEADER_LEN + 5 + MAX_RECORD_PAYLOAD,
+            "no tags"
+        );
+        assert_eq!(&wire[..HEADER_LEN + 5], b"\0\0\0\x05first");
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for b in wire {
+            buf.extend_from_slice(&[b]);
+            while let Some(p) = o.open_next(&mut buf).unwrap() {
+                got.push(p);
+            }
+        }
+        assert_eq!(got.len(), 3);
+        assert_eq!(&got[0][..], b"first");
+        assert!(got[1].is_empty());
+        assert_eq!(got[2].len(), MAX_RECORD_PAYLOAD);
+        // A length past the largest plaintext is refused before any allocation, and a
+        // sealer never writes one.
+        let mut huge = BytesMut::from(&(MAX_RECORD_PAYLOAD as u32 + 1).to_be_bytes()[..]);
+        assert_eq!(
+            o.open_next(&mut huge),
+            Err(RecordError::BadLength(MAX_RECORD_PAYLOAD + 1))
+        );
+        let mut out = Vec::new();
+        let start = RecordSealer::begin(&mut out);
+        out.resize(out.len() + MAX_RECORD_PAYLOAD + 1, 0);
+        assert!(s.seal(&mut out, start).is_err());
+    }
+
+    #[test]
+    fn a_sealed_opener_refuses_a_bound_record() {
+        // The two ends must agree (the handshake decides for both): a bound record read
+        // by a sealed opener fails its tag and ends the leg.
+        let mut bound = RecordSealer::bound();
+        let mut wire = Vec::new();
+        seal(&mut bound, &mut wire, b"0123456789abcdefXYZ");
+        let (_, mut sealed) = pair(CipherSuite::Aes256Gcm);
+        let mut buf = BytesMut::from(&wire[..]);
+        assert_eq!(sealed.open_next(&mut buf), Err(RecordError::BadTag));
     }
 }

@@ -52,6 +52,10 @@ pub struct ExitSettings {
     pub rekey_after: Duration,
     /// ...or after this many bytes through it, whichever comes first.
     pub rekey_after_bytes: u64,
+    /// Keep the Noise AEAD on every leg. By default a leg whose TLS 1.3 runs end to end to
+    /// the exit (proven by a matching channel binding) carries its records inside TLS
+    /// only; legs through a TLS-terminating proxy or CDN always keep both layers.
+    pub double_encrypt: bool,
 }
 
 /// Default leg age before a fresh handshake.
@@ -318,6 +322,11 @@ impl Exit {
             epoch: epochs[idx].fetch_add(1, Ordering::SeqCst) + 1,
             timestamp_ms: unix_ms(),
             recv_next: tunnel.recv_next(),
+            channel_binding: if s.double_encrypt {
+                None
+            } else {
+                io.channel_binding()
+            },
         };
         let server_key = self.server_key();
         let (reply, keys) = client_handshake(&mut io, &s.keys, &server_key, &hello, s.dial_timeout)

@@ -432,6 +432,9 @@ struct ServerFile {
     private_key_file: Option<String>,
     psk_file: Option<String>,
     cipher: Option<String>,
+    /// Keep the Noise AEAD on legs whose TLS is proven end to end.
+    #[serde(default)]
+    double_encrypt: bool,
     tls: Option<ServerTlsFile>,
     quic: Option<QuicFile>,
     ws: Option<WsFile>,
@@ -780,6 +783,7 @@ pub fn server_from_str(
         connect_timeout,
         limits,
         session,
+        double_encrypt: f.double_encrypt,
     });
     c.finish(settings)
 }
@@ -900,6 +904,9 @@ struct ClientFile {
     private_key_file: Option<String>,
     psk_file: Option<String>,
     cipher: Option<String>,
+    /// Keep the Noise AEAD on legs whose TLS is proven end to end.
+    #[serde(default)]
+    double_encrypt: bool,
     uplink: OneOrMany,
     downlink: OneOrMany,
     tls: Option<ClientTlsFile>,
@@ -1211,6 +1218,7 @@ pub fn client_from_str(
                     },
                     rekey_after,
                     rekey_after_bytes,
+                    double_encrypt: f.double_encrypt,
                 },
                 inbounds,
             })
@@ -1253,7 +1261,10 @@ pub fn server_toml(t: &ServerTemplate) -> String {
          listen = [{}]\n\
          # Static Noise key (mode 0600). {ENV_SERVER_KEY} (base64) overrides it.\n\
          private_key_file = \"server.key\"\n\
-         cipher = \"aes-256-gcm\"\n\n\
+         cipher = \"aes-256-gcm\"\n\
+         # A leg whose TLS provably runs end to end to the client (no proxy or CDN\n\
+         # terminating it) skips the Noise record AEAD; true keeps both layers everywhere.\n\
+         double_encrypt = false\n\n\
          [tls]\n\
          cert_file = \"cert.pem\"\n\
          key_file = \"cert.key\"\n\n",
@@ -1339,6 +1350,8 @@ pub fn client_toml(t: &ClientTemplate) -> String {
          # Our static key: the user identity. {ENV_CLIENT_KEY} (base64) overrides it.\n\
          private_key_file = \"client.key\"\n\
          cipher = \"aes-256-gcm\"\n\
+         # true: keep the Noise record AEAD even on legs whose TLS runs end to end to the exit.\n\
+         double_encrypt = false\n\
          # What goes up and what comes down travel on separate legs, each on its own URL:\n\
          # tcp://, tls://, quic://, ws://host:port/path, wss://host:port/path. A list, such as\n\
          # [\"wss://cdn.example.com:443/api\", \"quic://exit.example.com:443\"], is tried in\n\

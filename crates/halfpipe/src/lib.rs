@@ -23,6 +23,7 @@ pub mod admin;
 mod audit_view;
 pub mod bench;
 pub mod cert;
+pub mod channel_binding;
 pub mod client;
 pub mod config;
 pub mod control;

@@ -102,7 +102,8 @@ enum Command {
         #[arg(long)]
         keep: bool,
         /// Leg transports to measure, one tunnel each: tls, tcp, quic, ws, wss, or an
-        /// uplink+downlink pair such as wss+quic.
+        /// uplink+downlink pair such as wss+quic; a `/double` suffix (tls/double) keeps the
+        /// Noise AEAD on channel-bound legs too (`double_encrypt = true`).
         #[arg(long, value_delimiter = ',', default_value = "tls")]
         legs: Vec<String>,
     },
@@ -907,18 +908,33 @@ fn find_program(name: &str) -> Option<PathBuf> {
 }
 
 /// Starts a tunnel whose legs are `legs`: one scheme for both (`quic`) or an
-/// uplink+downlink pair (`quic+tls`).
+/// uplink+downlink pair (`quic+tls`), with `/double` for `double_encrypt = true`.
 async fn start_halfpipe(dir: &Path, legs: &str, target: std::net::SocketAddr) -> Result<System> {
-    let (up, down) = legs.split_once('+').unwrap_or((legs, legs));
+    let (pair, double) = match legs.strip_suffix("/double") {
+        Some(pair) => (pair, true),
+        None => (legs, false),
+    };
+    let (up, down) = pair.split_once('+').unwrap_or((pair, pair));
     for s in [up, down] {
         if !matches!(s, "tls" | "tcp" | "quic" | "ws" | "wss" | "wt") {
             bail!(
-                "--legs takes tls, tcp, quic, ws, wss, wt or a pair such as wss+quic, not {legs:?}"
+                "--legs takes tls, tcp, quic, ws, wss, wt or a pair such as wss+quic (with /double to keep both encryption layers), not {legs:?}"
             );
         }
     }
     let ports = Ports::pick([0, 0, 0, 0])?;
     quickstart::prepare_with(dir, ports, [up, down])?;
+    if double {
+        for file in ["server.toml", "client.toml"] {
+            let path = dir.join(file);
+            let text = std::fs::read_to_string(&path)?;
+            let line = "\ndouble_encrypt = false\n";
+            if !text.contains(line) {
+                bail!("{} has no double_encrypt line to switch", path.display());
+            }
+            std::fs::write(&path, text.replacen(line, "\ndouble_encrypt = true\n", 1))?;
+        }
+    }
     let exe = std::env::current_exe()?;
     let client = bench::spawn(
         &exe,
@@ -940,10 +956,11 @@ async fn start_halfpipe(dir: &Path, legs: &str, target: std::net::SocketAddr) ->
     )?;
     let socks = ([127, 0, 0, 1], ports.socks).into();
     let sys = System {
-        name: if up == down {
-            format!("halfpipe ({up} legs)")
-        } else {
-            format!("halfpipe ({up} up, {down} down)")
+        name: match (up == down, double) {
+            (true, false) => format!("halfpipe ({up} legs)"),
+            (true, true) => format!("halfpipe ({up} legs, double-encrypted)"),
+            (false, false) => format!("halfpipe ({up} up, {down} down)"),
+            (false, true) => format!("halfpipe ({up} up, {down} down, double-encrypted)"),
         },
         socks: Some(socks),
         children: vec![client, server],
@@ -1012,7 +1029,7 @@ async fn run_bench(
     let target = bench::start_target().await?;
     let mut systems = vec![System::direct()];
     for scheme in legs {
-        let dir = base.join(format!("halfpipe-{scheme}"));
+        let dir = base.join(format!("halfpipe-{}", scheme.replace('/', "-")));
         systems.push(start_halfpipe(&dir, scheme, target).await?);
     }
     let tunnels = systems.len();

@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use halfpipe_core::handshake::ChannelBinding;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::pki_types::ServerName;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
@@ -23,6 +24,8 @@ use rustls::unbuffered::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::channel_binding::ExporterSecretLog;
 
 /// Socket bytes read at once (many TLS records per `recv`).
 const READ_WINDOW: usize = 128 * 1024;
@@ -40,6 +43,8 @@ pub trait TlsSide: Send + Unpin + 'static {
         &'c mut self,
         incoming: &'i mut [u8],
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    /// The negotiated cipher suite, once known.
+    fn suite(&self) -> Option<rustls::CipherSuite>;
 }
 
 impl TlsSide for UnbufferedClientConnection {
@@ -50,6 +55,9 @@ impl TlsSide for UnbufferedClientConnection {
     ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
     }
+    fn suite(&self) -> Option<rustls::CipherSuite> {
+        self.negotiated_cipher_suite().map(|s| s.suite())
+    }
 }
 
 impl TlsSide for UnbufferedServerConnection {
@@ -59,6 +67,9 @@ impl TlsSide for UnbufferedServerConnection {
         incoming: &'i mut [u8],
     ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
+    }
+    fn suite(&self) -> Option<rustls::CipherSuite> {
+        self.negotiated_cipher_suite().map(|s| s.suite())
     }
 }
 
@@ -224,6 +235,9 @@ pub struct TlsStream<C: TlsSide> {
     plain: Plain,
     peer_closed: bool,
     handshake_done: bool,
+    /// Receives this connection's exporter secret during the handshake.
+    secret_log: Arc<ExporterSecretLog>,
+    channel_binding: Option<ChannelBinding>,
 }
 
 /// The client side.
@@ -237,8 +251,12 @@ pub async fn connect(
     name: ServerName<'static>,
     io: TcpStream,
 ) -> io::Result<ClientTlsStream> {
-    let conn = UnbufferedClientConnection::new(config, name).map_err(tls_err)?;
-    TlsStream::new(io, conn).handshake().await
+    // A configuration of this connection's own, so that its key log sees only its secret.
+    let log = Arc::new(ExporterSecretLog::default());
+    let mut config = (*config).clone();
+    config.key_log = log.clone();
+    let conn = UnbufferedClientConnection::new(Arc::new(config), name).map_err(tls_err)?;
+    TlsStream::new(io, conn, log).handshake().await
 }
 
 /// Runs a server handshake on an accepted `io`.
@@ -246,12 +264,15 @@ pub async fn accept(
     config: Arc<rustls::ServerConfig>,
     io: TcpStream,
 ) -> io::Result<ServerTlsStream> {
-    let conn = UnbufferedServerConnection::new(config).map_err(tls_err)?;
-    TlsStream::new(io, conn).handshake().await
+    let log = Arc::new(ExporterSecretLog::default());
+    let mut config = (*config).clone();
+    config.key_log = log.clone();
+    let conn = UnbufferedServerConnection::new(Arc::new(config)).map_err(tls_err)?;
+    TlsStream::new(io, conn, log).handshake().await
 }
 
 impl<C: TlsSide> TlsStream<C> {
-    fn new(io: TcpStream, conn: C) -> Self {
+    fn new(io: TcpStream, conn: C, secret_log: Arc<ExporterSecretLog>) -> Self {
         Self {
             io,
             conn,
@@ -260,7 +281,14 @@ impl<C: TlsSide> TlsStream<C> {
             plain: Plain::default(),
             peer_closed: false,
             handshake_done: false,
+            secret_log,
+            channel_binding: None,
         }
+    }
+
+    /// This connection's channel binding (its TLS 1.3 exporter value for halfpipe legs).
+    pub fn channel_binding(&self) -> Option<ChannelBinding> {
+        self.channel_binding
     }
 
     /// The TCP socket underneath.
@@ -338,7 +366,10 @@ impl<C: TlsSide> TlsStream<C> {
 
     async fn handshake(mut self) -> io::Result<Self> {
         match self.drive_handshake().await {
-            Ok(()) => Ok(self),
+            Ok(()) => {
+                self.channel_binding = self.secret_log.take_binding(self.conn.suite());
+                Ok(self)
+            }
             Err(e) => {
                 // Tell the peer why (rustls queues a fatal alert), best effort.
                 while let Ok(Step::Send) = self.step(None) {}
@@ -633,5 +664,73 @@ mod tests {
         let mut buf = [0u8; 64];
         let r = client.read(&mut buf).await;
         assert!(r.is_err(), "a record cut short must be an error: {r:?}");
+    }
+
+    #[tokio::test]
+    async fn both_ends_of_a_connection_share_its_binding_and_no_other_connection_has_it() {
+        let (c1, s1) = pair().await;
+        let (c2, s2) = pair().await;
+        let b1 = c1
+            .channel_binding()
+            .expect("a TLS 1.3 client has a binding");
+        assert_eq!(Some(b1), s1.channel_binding());
+        assert_eq!(c2.channel_binding(), s2.channel_binding());
+        assert_ne!(Some(b1), c2.channel_binding(), "fresh per connection");
+    }
+
+    #[tokio::test]
+    async fn the_binding_is_the_tls_exporter_value_rustls_itself_computes_in_every_suite() {
+        use rustls::crypto::ring::{cipher_suite, default_provider};
+        let certs = crate::cert::TestCerts::new("tls-binding");
+        let (c, k, _) = certs.write("cert");
+        let base = crate::tls::server_config(&c, &k).unwrap();
+        let client_cfg = crate::tls::client_config(&crate::tls::ServerTrust::CaFile(c)).unwrap();
+        for suite in [
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ] {
+            // A buffered rustls server (which has an exporter call) limited to `suite`.
+            let mut provider = default_provider();
+            provider.cipher_suites = vec![suite];
+            let server_cfg = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_no_client_auth()
+                .with_cert_resolver(base.cert_resolver.clone());
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg));
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (s, _) = l.accept().await.unwrap();
+                let tls = acceptor.accept(s).await.unwrap();
+                tls.get_ref()
+                    .1
+                    .export_keying_material(
+                        [0u8; 32],
+                        crate::channel_binding::EXPORTER_LABEL,
+                        Some(b""),
+                    )
+                    .unwrap()
+            });
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from("localhost").unwrap();
+            let client = connect(client_cfg.clone(), name, tcp).await.unwrap();
+            assert_eq!(
+                client
+                    .connection()
+                    .negotiated_cipher_suite()
+                    .map(|s| s.suite()),
+                Some(suite.suite())
+            );
+            let theirs = server.await.unwrap();
+            assert_eq!(
+                client.channel_binding().map(|b| b.0),
+                Some(theirs),
+                "{:?}",
+                suite.suite()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&certs.dir);
     }
 }

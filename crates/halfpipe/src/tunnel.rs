@@ -540,7 +540,7 @@ impl Tunnel {
                         out.truncate(start);
                         break;
                     }
-                    RecordSealer::reserve_tag(&mut out);
+                    sealer.reserve_tag(&mut out);
                     starts.push(start);
                 }
                 g.session.is_closed()
@@ -1015,6 +1015,7 @@ mod tests {
             epoch: 1,
             timestamp_ms: 0,
             recv_next: 0,
+            channel_binding: None,
         };
         let (init, m1) = Initiator::start(&ck, &spub, &hello).unwrap();
         let (resp, _) = Responder::accept(&sk, CipherSuite::Aes256Gcm, &m1[3..]).unwrap();
@@ -1023,6 +1024,7 @@ mod tests {
             recv_next: 0,
             server_time_ms: 0,
             next_key: None,
+            bound_records: false,
         };
         let (m2, server_keys) = resp.reply(&reply).unwrap();
         let (_, client_keys) = init.finish(&m2[2..]).unwrap();

@@ -221,6 +221,7 @@ fn message_one(
         epoch,
         timestamp_ms: now_ms(),
         recv_next: 0,
+        channel_binding: None,
     };
     Initiator::start(keys, &h.server_public, &hello).unwrap()
 }
@@ -776,6 +777,153 @@ http {{
         "SHA-256 through nginx"
     );
     assert_eq!(h.server.session_count(), 1);
+}
+
+/// Legs attached and legs attached channel-bound so far on the exit's `tls://` listeners.
+fn tls_leg_counts(h: &Harness) -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &h.server.control().metrics;
+    let i = halfpipe::leg_url::Scheme::Tls.index();
+    (
+        m.legs_attached[i].load(Relaxed),
+        m.legs_channel_bound[i].load(Relaxed),
+    )
+}
+
+/// A relay that terminates TLS in front of the exit's uplink listener, as a CDN holding
+/// the exit's own certificate would: it decrypts what the client sends, keeps the first
+/// `keep` plaintext bytes it saw, and re-encrypts the rest of the way to the exit.
+async fn tls_terminating_relay(
+    h: &Harness,
+    keep: usize,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let server_cfg =
+        halfpipe::tls::server_config(&h.dir.join("cert.pem"), &h.dir.join("cert.key")).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (h_urls, h_tls) = (h.urls.clone(), h.tls.clone());
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen2.clone());
+            let (url, tls) = (h_urls[0].clone(), h_tls.clone().unwrap());
+            tokio::spawn(async move {
+                let Ok(from_client) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let up = TcpStream::connect((url.host.as_str(), url.port))
+                    .await
+                    .unwrap();
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let Ok(to_exit) = tokio_rustls::TlsConnector::from(tls.config)
+                    .connect(name, up)
+                    .await
+                else {
+                    return;
+                };
+                let (mut cr, mut cw) = tokio::io::split(from_client);
+                let (mut er, mut ew) = tokio::io::split(to_exit);
+                let upward = async {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = cr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        {
+                            let mut s = seen.lock().unwrap();
+                            let room = keep.saturating_sub(s.len()).min(n);
+                            s.extend_from_slice(&buf[..room]);
+                        }
+                        if ew.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = ew.shutdown().await;
+                };
+                let downward = async {
+                    let _ = tokio::io::copy(&mut er, &mut cw).await;
+                };
+                tokio::join!(upward, downward);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A direct `tls://` leg proves by its channel binding that TLS runs end to end, and
+/// carries its records inside TLS only; an uplink through a TLS-terminating relay (holding
+/// the exit's own certificate) cannot match the binding, keeps the Noise AEAD, and the
+/// relay sees none of the application's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_terminating_relay_sees_only_sealed_records_while_direct_legs_go_single_layer() {
+    let h = start(Opts::default()).await;
+    let (relay, seen) = tls_terminating_relay(&h, 4 * MIB).await;
+    let (attached0, bound0) = tls_leg_counts(&h);
+    let uplink: halfpipe::leg_url::LegUrl =
+        format!("tls://127.0.0.1:{}", relay.port()).parse().unwrap();
+    let (_exit, socks) = client_via(
+        &h,
+        vec![uplink],
+        vec![h.urls[1].clone()],
+        Duration::from_secs(60),
+    )
+    .await;
+    let echo = echo_server().await;
+    let (code, s) = socks_connect(socks, &TargetAddr::Ip(echo)).await;
+    assert_eq!(code, 0);
+    let total = 4 * MIB;
+    let (sent, got, n) = echo_transfer(s, total, 99).await;
+    assert_eq!((n, sent), (total, got), "bytes changed through the relay");
+    let (attached, bound) = tls_leg_counts(&h);
+    assert_eq!(
+        attached - attached0,
+        2,
+        "uplink (relayed) and downlink (direct)"
+    );
+    assert_eq!(
+        bound - bound0,
+        1,
+        "only the direct downlink is channel-bound"
+    );
+    // What the relay decrypted is Noise records: no 64-byte run of the application's data.
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.len() > 2 * MIB,
+        "the relay carried the uplink ({})",
+        seen.len()
+    );
+    let data = payload(256 * 1024, 99);
+    for at in [0, 100_000, 200_000] {
+        let needle = &data[at..at + 64];
+        assert!(
+            !seen.windows(64).any(|w| w == needle),
+            "plaintext at {at} visible to the relay"
+        );
+    }
+}
+
+/// `double_encrypt` keeps the Noise AEAD on legs that could go single-layer; the data is
+/// the same either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_encrypt_keeps_both_layers_on_direct_tls_legs() {
+    for double_encrypt in [false, true] {
+        let h = start(Opts {
+            double_encrypt,
+            ..Opts::default()
+        })
+        .await;
+        let echo = echo_server().await;
+        let (code, s) = socks_connect(h.socks, &TargetAddr::Ip(echo)).await;
+        assert_eq!(code, 0);
+        let (sent, got, n) = echo_transfer(s, 8 * MIB, 5).await;
+        assert_eq!((n, sent), (8 * MIB, got));
+        let (attached, bound) = tls_leg_counts(&h);
+        assert!(attached >= 2, "{attached}");
+        let want = if double_encrypt { 0 } else { attached };
+        assert_eq!(bound, want, "double_encrypt = {double_encrypt}");
+    }
 }
 
 /// Several URLs per leg: the client skips a dead preferred URL, says which URL each leg is

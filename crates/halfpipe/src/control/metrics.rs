@@ -28,6 +28,8 @@ pub struct Metrics {
     pub leg_bytes: [LegBytes; 6],
     /// Legs accepted per transport (after authentication).
     pub legs_attached: [AtomicU64; 6],
+    /// Of those, legs whose records ride inside end-to-end TLS only (channel-bound).
+    pub legs_channel_bound: [AtomicU64; 6],
     /// Sessions opened since start.
     pub sessions_opened: AtomicU64,
     /// Streams opened since start.
@@ -126,6 +128,11 @@ impl Metrics {
             "Legs attached by transport.",
         );
         family(
+            "legs_channel_bound_total",
+            "counter",
+            "Legs attached whose records ride inside end-to-end TLS only, by transport.",
+        );
+        family(
             "handshake_failures_total",
             "counter",
             "Refused handshakes by reason.",
@@ -166,6 +173,14 @@ impl Metrics {
                 s,
                 "halfpipe_legs_attached_total{{transport=\"{t}\"}} {}",
                 load(&self.legs_attached[scheme.index()])
+            );
+        }
+        for scheme in Scheme::ALL {
+            let _ = writeln!(
+                s,
+                "halfpipe_legs_channel_bound_total{{transport=\"{}\"}} {}",
+                scheme.name(),
+                load(&self.legs_channel_bound[scheme.index()])
             );
         }
         for (label, map) in [

@@ -97,6 +97,9 @@ pub struct ServerSettings {
     pub limits: ServerLimits,
     /// Per-session tunables (stream limit, windows, timers).
     pub session: SessionConfig,
+    /// Keep the Noise AEAD on every leg, even one whose TLS runs end to end to the client
+    /// (see [`crate::channel_binding`]).
+    pub double_encrypt: bool,
 }
 
 /// The server failed to start.
@@ -145,6 +148,7 @@ struct State {
     links: crate::links::LinkTemplate,
     connect_timeout: Duration,
     session: SessionConfig,
+    double_encrypt: bool,
     replay: Mutex<ReplayCache>,
     sessions: Mutex<HashMap<SessionId, SessionEntry>>,
     control: Arc<ControlPlane>,
@@ -256,6 +260,7 @@ impl Server {
                 limits,
             })),
             session: settings.session,
+            double_encrypt: settings.double_encrypt,
             sessions: Mutex::new(HashMap::new()),
             control,
         });
@@ -471,6 +476,7 @@ async fn handle_leg(
                 recv_next: 0,
                 server_time_ms: unix_ms(),
                 next_key: None,
+                bound_records: false,
             };
             tracing::info!(%peer, session = %acc.hello.session_id, status = status.describe(), "leg refused");
             let _ = tokio::time::timeout_at(deadline, server_reply(&mut io, resp, &hello)).await;
@@ -478,7 +484,11 @@ async fn handle_leg(
         Admission::Attach(tunnel) => {
             state.control.metrics.legs_attached[scheme.index()]
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            attach(peer, io, resp, &acc, tunnel, deadline, next_key).await
+            let may_bind = !state.double_encrypt;
+            if attach(peer, io, resp, &acc, tunnel, deadline, next_key, may_bind).await {
+                state.control.metrics.legs_channel_bound[scheme.index()]
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 }
@@ -627,34 +637,49 @@ fn admit(state: &Arc<State>, peer: SocketAddr, acc: &AcceptedHello, scheme: Sche
     Admission::Attach(tunnel)
 }
 
+/// Answers an admitted leg and attaches it. `may_bind`: the leg's records may skip the
+/// Noise AEAD if the client's channel binding matches this end's. True when the leg
+/// attached channel-bound.
+#[allow(clippy::too_many_arguments)]
 async fn attach(
     peer: SocketAddr,
     mut io: BoxedLeg,
-    resp: Responder,
+    mut resp: Responder,
     acc: &AcceptedHello,
     tunnel: Arc<Tunnel>,
     deadline: tokio::time::Instant,
     next_key: Option<[u8; 32]>,
-) {
+    may_bind: bool,
+) -> bool {
+    let bound_records = may_bind && resp.check_binding(io.channel_binding().as_ref());
     let hello = ServerHello {
         status: HelloStatus::Accepted,
         recv_next: tunnel.recv_next(),
         server_time_ms: unix_ms(),
         next_key,
+        bound_records,
     };
     let keys = match tokio::time::timeout_at(deadline, server_reply(&mut io, resp, &hello)).await {
         Ok(Ok(k)) => k,
-        Ok(Err(e)) => return tracing::info!(%peer, error = %e, "leg lost during handshake reply"),
-        Err(_) => return tracing::info!(%peer, "leg handshake reply timed out"),
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "leg lost during handshake reply");
+            return false;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "leg handshake reply timed out");
+            return false;
+        }
     };
     let role = acc.hello.role;
     let attached = tunnel.attach_leg(role, io, &keys, acc.hello.recv_next);
     match attached {
         Ok(()) => {
-            tracing::debug!(%peer, session = %acc.hello.session_id, leg = role.name(), epoch = acc.hello.epoch, "leg attached")
+            tracing::debug!(%peer, session = %acc.hello.session_id, leg = role.name(), epoch = acc.hello.epoch, channel_bound = bound_records, "leg attached");
+            bound_records
         }
         Err(e) => {
             tracing::warn!(%peer, session = %acc.hello.session_id, error = %e, "leg refused by session; session closed");
+            false
         }
     }
 }

@@ -30,12 +30,30 @@ use tokio::net::TcpStream;
 
 use crate::leg_url::{LegUrl, Scheme};
 pub use decoy::{Decoy, DecoyKind};
+use halfpipe_core::handshake::ChannelBinding;
 pub use quic::{Congestion, QuicOptions};
 pub use ws::WsOptions;
 
 /// Any byte pipe a leg can run over.
-pub trait LegIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> LegIo for T {}
+pub trait LegIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The [`ChannelBinding`] of the TLS 1.3 connection under this pipe, when this process
+    /// terminates that TLS itself (`tls://`, `wss://`, `quic://`, `wt://`); `None` for
+    /// plain pipes. See [`crate::channel_binding`].
+    fn channel_binding(&self) -> Option<ChannelBinding> {
+        None
+    }
+}
+
+impl LegIo for TcpStream {}
+
+/// In-memory pipes, for tests of the layers above the transports.
+impl LegIo for tokio::io::DuplexStream {}
+
+impl<C: crate::tls_stream::TlsSide> LegIo for crate::tls_stream::TlsStream<C> {
+    fn channel_binding(&self) -> Option<ChannelBinding> {
+        crate::tls_stream::TlsStream::channel_binding(self)
+    }
+}
 
 /// A boxed leg pipe.
 pub type BoxedLeg = Box<dyn LegIo>;
@@ -63,6 +81,12 @@ impl Counted {
             metrics,
             scheme,
         }
+    }
+}
+
+impl LegIo for Counted {
+    fn channel_binding(&self) -> Option<ChannelBinding> {
+        self.inner.channel_binding()
     }
 }
 

@@ -321,6 +321,12 @@ impl Drop for QuicLeg {
     }
 }
 
+impl super::LegIo for QuicLeg {
+    fn channel_binding(&self) -> Option<halfpipe_core::handshake::ChannelBinding> {
+        crate::channel_binding::of_quic(&self._conn)
+    }
+}
+
 impl AsyncRead for QuicLeg {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -87,7 +87,7 @@ async fn client_handshake<S>(
     timeout: Duration,
 ) -> Result<BoxedLeg, TransportError>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: super::LegIo,
 {
     let fail = |e: &dyn std::fmt::Display| TransportError::Connect {
         url: url.to_string(),
@@ -238,7 +238,7 @@ async fn server_handshake<S>(
     options: &WsOptions,
 ) -> io::Result<BoxedLeg>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: super::LegIo,
 {
     let head = read_head(&mut stream).await?;
     let Some((key, len)) = upgrade_key(&head, path) else {
@@ -274,6 +274,12 @@ impl<S> WsLeg<S> {
             ws,
             pending: Bytes::new(),
         }
+    }
+}
+
+impl<S: super::LegIo> super::LegIo for WsLeg<S> {
+    fn channel_binding(&self) -> Option<halfpipe_core::handshake::ChannelBinding> {
+        self.ws.get_ref().channel_binding()
     }
 }
 

@@ -157,6 +157,16 @@ struct WtLeg {
     recv: RecvStream,
 }
 
+impl super::LegIo for WtLeg {
+    fn channel_binding(&self) -> Option<halfpipe_core::handshake::ChannelBinding> {
+        let mut out = [0u8; 32];
+        self._conn
+            .export_keying_material(&mut out, crate::channel_binding::EXPORTER_LABEL, b"")
+            .ok()?;
+        Some(halfpipe_core::handshake::ChannelBinding(out))
+    }
+}
+
 impl AsyncRead for WtLeg {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -40,6 +40,8 @@ pub struct Opts {
     pub keystore: bool,
     /// With `keystore`: rotate by itself when the active key is this old.
     pub rotate_every: Option<Duration>,
+    /// Both ends keep the Noise AEAD on channel-bound legs too.
+    pub double_encrypt: bool,
 }
 
 impl Default for Opts {
@@ -56,6 +58,7 @@ impl Default for Opts {
             rekey_after: halfpipe::client::DEFAULT_REKEY_AFTER,
             keystore: false,
             rotate_every: None,
+            double_encrypt: false,
         }
     }
 }
@@ -180,6 +183,7 @@ pub async fn start(opts: Opts) -> Harness {
         connect_timeout: Duration::from_secs(5),
         limits: opts.limits.clone(),
         session: opts.session.clone(),
+        double_encrypt: opts.double_encrypt,
     })
     .await
     .unwrap();
@@ -209,6 +213,7 @@ pub async fn start(opts: Opts) -> Harness {
         session: opts.session.clone(),
         rekey_after: opts.rekey_after,
         rekey_after_bytes: halfpipe::client::DEFAULT_REKEY_AFTER_BYTES,
+        double_encrypt: opts.double_encrypt,
     });
     let socks_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let socks = socks_l.local_addr().unwrap();
@@ -408,6 +413,7 @@ pub async fn client_via(
         session: SessionConfig::default(),
         rekey_after: halfpipe::client::DEFAULT_REKEY_AFTER,
         rekey_after_bytes: halfpipe::client::DEFAULT_REKEY_AFTER_BYTES,
+        double_encrypt: false,
     });
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let socks = l.local_addr().unwrap();

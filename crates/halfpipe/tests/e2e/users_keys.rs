@@ -208,6 +208,7 @@ fn client_settings(
         session: SessionConfig::default(),
         rekey_after: halfpipe::client::DEFAULT_REKEY_AFTER,
         rekey_after_bytes: halfpipe::client::DEFAULT_REKEY_AFTER_BYTES,
+        double_encrypt: false,
     }
 }
 
@@ -418,6 +419,7 @@ async fn a_client_that_slept_past_the_window_is_told_to_get_a_new_link() {
         epoch: 1,
         timestamp_ms: now_ms(),
         recv_next: 0,
+        channel_binding: None,
     };
     let (_init, msg1) = Initiator::start(&stranger, &old_public, &hello).unwrap();
     assert!(
