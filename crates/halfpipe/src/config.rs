@@ -284,12 +284,17 @@ impl<'a> Check<'a> {
         if alpn.is_empty() || alpn.len() > 255 {
             self.err("quic.alpn", "must be 1 to 255 bytes, e.g. \"h3\"");
         }
+        let ack_every = f.ack_every.unwrap_or(d.ack_every);
+        if !(1..=256).contains(&ack_every) {
+            self.err("quic.ack_every", "must be between 1 and 256 packets");
+        }
         QuicOptions {
             congestion,
             alpn,
             retry_above: f.retry_above.unwrap_or(d.retry_above),
             idle_timeout: self.duration("quic.idle_timeout", &f.idle_timeout, d.idle_timeout),
             keepalive: self.duration("quic.keepalive", &f.keepalive, d.keepalive),
+            ack_every,
         }
     }
 
@@ -505,6 +510,7 @@ struct QuicFile {
     retry_above: Option<usize>,
     idle_timeout: Option<String>,
     keepalive: Option<String>,
+    ack_every: Option<u32>,
 }
 
 /// `[ws]`: WebSocket legs (`host` and `headers` are the client's).

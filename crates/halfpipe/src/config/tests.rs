@@ -173,13 +173,27 @@ fn transport_sections_are_checked() {
     let text = server_text(&f)
         .replace("tls://127.0.0.1:8443", "quic://127.0.0.1:8443")
         .replace("tls://127.0.0.1:8444", "wss://127.0.0.1:8444/api")
-        + "\n[quic]\ncongestion = \"bbr\"\nretry_above = 4\n\n[ws]\nmax_message = 131072\n\n[decoy]\nstatus = 403\nbody = \"no\"\n";
+        + "\n[quic]\ncongestion = \"bbr\"\nretry_above = 4\nack_every = 4\n\n[ws]\nmax_message = 131072\n\n[decoy]\nstatus = 403\nbody = \"no\"\n";
     let s = server_from_str(&path, &text, &no_env).unwrap();
     assert_eq!(
         s.transport.quic.congestion,
         crate::transport::Congestion::Bbr
     );
     assert_eq!(s.transport.quic.retry_above, 4);
+    assert_eq!(s.transport.quic.ack_every, 4);
+    assert!(
+        !s.double_encrypt,
+        "one encryption layer where TLS is end to end, by default"
+    );
+    let doubled = format!(
+        "double_encrypt = true\n{}",
+        server_text(&f).replace("double_encrypt = false\n", "")
+    );
+    assert!(
+        server_from_str(&path, &doubled, &no_env)
+            .unwrap()
+            .double_encrypt
+    );
     assert_eq!(s.transport.ws.max_message, 131072);
     assert_eq!(s.listen[1].path, "/api");
     assert!(matches!(
@@ -189,9 +203,9 @@ fn transport_sections_are_checked() {
 
     // Each mistake is named by its key.
     let bad = server_text(&f)
-        + "\n[quic]\ncongestion = \"reno\"\n\n[ws]\nhost = \"cdn\"\n\n[decoy]\ndir = \"/nonexistent-dir\"\nproxy = \"http://127.0.0.1:1\"\n";
+        + "\n[quic]\ncongestion = \"reno\"\nack_every = 0\n\n[ws]\nhost = \"cdn\"\n\n[decoy]\ndir = \"/nonexistent-dir\"\nproxy = \"http://127.0.0.1:1\"\n";
     let keys = keys_of(server_from_str(&path, &bad, &no_env).err().unwrap());
-    for k in ["quic.congestion", "ws.host", "decoy"] {
+    for k in ["quic.congestion", "quic.ack_every", "ws.host", "decoy"] {
         assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
     }
 

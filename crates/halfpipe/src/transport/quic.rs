@@ -68,6 +68,11 @@ pub struct QuicOptions {
     pub idle_timeout: Duration,
     /// Keepalive interval, so NATs keep the mapping (default 10 s).
     pub keepalive: Duration,
+    /// Packets the peer may receive before it must acknowledge (QUIC ACK frequency
+    /// extension; default 10, 1..=256). A leg's data flows one way, so fewer ACKs mean less
+    /// packet work at both ends; the ACK delay bound (the peer's, at most 25 ms or one RTT)
+    /// still applies.
+    pub ack_every: u32,
 }
 
 impl Default for QuicOptions {
@@ -78,6 +83,7 @@ impl Default for QuicOptions {
             retry_above: 32,
             idle_timeout: Duration::from_secs(60),
             keepalive: Duration::from_secs(10),
+            ack_every: 10,
         }
     }
 }
@@ -91,6 +97,9 @@ pub(super) fn transport_config(o: &QuicOptions, server: bool) -> TransportConfig
         .keep_alive_interval(Some(o.keepalive))
         .max_idle_timeout(IdleTimeout::try_from(o.idle_timeout).ok())
         .max_concurrent_uni_streams(VarInt::from_u32(0));
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(VarInt::from_u32(o.ack_every.saturating_sub(1)));
+    t.ack_frequency_config(Some(ack));
     // A leg is one stream: the server lets the client open exactly one.
     t.max_concurrent_bidi_streams(VarInt::from_u32(if server { 1 } else { 0 }));
     match o.congestion {
