@@ -415,6 +415,14 @@ impl Tunnel {
     /// Attaches a new receive leg (replacing any previous one) and starts its reader task.
     fn attach_recv_leg(self: &Arc<Self>, io: BoxedLeg, opener: RecordOpener) {
         let (gen, _) = self.claim_slot(LegEnd::Recv);
+        self.start_recv_leg(gen, io, opener);
+    }
+
+    /// The second half of [`Tunnel::attach_recv_leg`], once the slot is claimed as `gen`:
+    /// as for send legs, the generation check and the attach share one lock, so a leg
+    /// superseded meanwhile never touches the session (attaching it would make the live
+    /// leg's next record look like a new leg's first, which must carry RESUME).
+    fn start_recv_leg(self: &Arc<Self>, gen: u64, io: BoxedLeg, opener: RecordOpener) {
         let current = self.with_inner(|g| {
             if gen < g.recv_generation {
                 return false;
@@ -1109,5 +1117,43 @@ mod tests {
             .expect("the superseded leg was neither used nor closed")
             .unwrap();
         assert_eq!(n, 0, "the superseded leg carried records");
+    }
+
+    #[tokio::test]
+    async fn of_two_receive_legs_attached_at_once_a_superseded_one_leaves_the_live_one_alone() {
+        let (client, _client_control) = Tunnel::new(Side::Client, SessionConfig::default());
+        let (server, mut control) = Tunnel::new(Side::Server, SessionConfig::default());
+        let (client_keys, server_keys) = leg_keys();
+        let (_, stale_keys) = leg_keys();
+        let (io_a, _peer_a) = tokio::io::duplex(64 * 1024);
+        let (io_b, peer_b) = tokio::io::duplex(64 * 1024);
+        // A re-key and a redial of the uplink both claim the exit's receive slot; the
+        // redial (B) finishes first and carries the client's records.
+        let (gen_a, _) = server.claim_slot(LegEnd::Recv);
+        let (gen_b, _) = server.claim_slot(LegEnd::Recv);
+        server.start_recv_leg(gen_b, Box::new(io_b), server_keys.server_opener().unwrap());
+        client
+            .attach_leg(LegRole::Up, Box::new(peer_b), &client_keys, 0)
+            .unwrap();
+        let target = TargetAddr::Domain("example.test".into(), 80);
+        async fn opened(control: &mut mpsc::Receiver<Control>) -> StreamId {
+            match tokio::time::timeout(Duration::from_secs(5), control.recv()).await {
+                Ok(Some(Control::StreamOpened { stream, .. })) => stream,
+                other => panic!("expected a stream to open, got {other:?}"),
+            }
+        }
+        let (c1, c2) = (client.clone(), client.clone());
+        let t1 = target.clone();
+        tokio::spawn(async move { c1.open_stream(t1, Duration::from_secs(30)).await });
+        let first = opened(&mut control).await;
+        // The superseded leg's handshake finishes late: it must not re-attach the session.
+        server.start_recv_leg(gen_a, Box::new(io_a), stale_keys.server_opener().unwrap());
+        assert_eq!(lock(&server.inner).recv_generation, gen_b);
+        // The live leg's next record is read as a continuation, not refused for lacking
+        // RESUME: the session stays open and the second stream arrives.
+        tokio::spawn(async move { c2.open_stream(target, Duration::from_secs(30)).await });
+        let second = opened(&mut control).await;
+        assert_ne!(first, second);
+        assert!(!server.is_closed() && !client.is_closed());
     }
 }
