@@ -262,6 +262,19 @@ mod tests {
         )
     }
 
+    /// Feeds `wire` one byte at a time: records must come out whole and in order.
+    fn open_bytewise(o: &mut RecordOpener, wire: Vec<u8>) -> Vec<Bytes> {
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for b in wire {
+            buf.extend_from_slice(&[b]);
+            while let Some(p) = o.open_next(&mut buf).unwrap() {
+                got.push(p);
+            }
+        }
+        got
+    }
+
     fn seal(s: &mut RecordSealer, out: &mut Vec<u8>, plain: &[u8]) {
         let start = RecordSealer::begin(out);
         out.extend_from_slice(plain);
@@ -276,15 +289,7 @@ mod tests {
             seal(&mut s, &mut wire, b"first");
             seal(&mut s, &mut wire, b"");
             seal(&mut s, &mut wire, &[9u8; 1000]);
-            // Feed one byte at a time: records come out whole and in order.
-            let mut buf = BytesMut::new();
-            let mut got = Vec::new();
-            for b in wire {
-                buf.extend_from_slice(&[b]);
-                while let Some(p) = o.open_next(&mut buf).unwrap() {
-                    got.push(p);
-                }
-            }
+            let got = open_bytewise(&mut o, wire);
             assert_eq!(got.len(), 3);
             assert_eq!(&got[0][..], b"first");
             assert!(got[1].is_empty());
@@ -341,14 +346,7 @@ mod tests {
             "no tags"
         );
         assert_eq!(&wire[..HEADER_LEN + 5], b"\0\0\0\x05first");
-        let mut buf = BytesMut::new();
-        let mut got = Vec::new();
-        for b in wire {
-            buf.extend_from_slice(&[b]);
-            while let Some(p) = o.open_next(&mut buf).unwrap() {
-                got.push(p);
-            }
-        }
+        let got = open_bytewise(&mut o, wire);
         assert_eq!(got.len(), 3);
         assert_eq!(&got[0][..], b"first");
         assert!(got[1].is_empty());

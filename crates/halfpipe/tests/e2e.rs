@@ -649,6 +649,26 @@ async fn http_probes_get_the_decoy_and_nothing_else() {
     assert_eq!((sent, n), (got, MIB));
 }
 
+/// A second client whose uplink goes to `uplink` (a proxy in front of the exit) and whose
+/// downlink goes direct, and a stream through it to a fresh echo server.
+async fn echo_stream_with_uplink(
+    h: &Harness,
+    uplink: &str,
+) -> (std::sync::Arc<halfpipe::client::Exit>, TcpStream) {
+    let uplink: halfpipe::leg_url::LegUrl = uplink.parse().unwrap();
+    let (exit, socks) = client_via(
+        h,
+        vec![uplink],
+        vec![h.urls[1].clone()],
+        Duration::from_secs(60),
+    )
+    .await;
+    let echo = echo_server().await;
+    let (code, s) = socks_connect(socks, &TargetAddr::Ip(echo)).await;
+    assert_eq!(code, 0, "connect with the uplink through a proxy");
+    (exit, s)
+}
+
 /// A real nginx, terminating TLS for a `wss://` uplink and forwarding the WebSocket to the
 /// exit's plain `ws://` listener (the way a CDN would), while the downlink goes direct over
 /// QUIC. A 64 MiB echo through it must come back identical, with a leg kill on the way.
@@ -728,17 +748,7 @@ http {{
             panic!("nginx did not start listening: {log}")
         });
 
-    let uplink: halfpipe::leg_url::LegUrl = format!("wss://127.0.0.1:{port}/hp").parse().unwrap();
-    let (exit, socks) = client_via(
-        &h,
-        vec![uplink],
-        vec![h.urls[1].clone()],
-        Duration::from_secs(60),
-    )
-    .await;
-    let echo = echo_server().await;
-    let (code, s) = socks_connect(socks, &TargetAddr::Ip(echo)).await;
-    assert_eq!(code, 0, "connect through nginx");
+    let (exit, s) = echo_stream_with_uplink(&h, &format!("wss://127.0.0.1:{port}/hp")).await;
     let total = if is_release() { 64 * MIB } else { 8 * MIB };
     let (mut r, mut w) = s.into_split();
     let writer = tokio::spawn(async move {
@@ -861,18 +871,8 @@ async fn a_tls_terminating_relay_sees_only_sealed_records_while_direct_legs_go_s
     let h = start(Opts::default()).await;
     let (relay, seen) = tls_terminating_relay(&h, 4 * MIB).await;
     let (attached0, bound0) = tls_leg_counts(&h);
-    let uplink: halfpipe::leg_url::LegUrl =
-        format!("tls://127.0.0.1:{}", relay.port()).parse().unwrap();
-    let (_exit, socks) = client_via(
-        &h,
-        vec![uplink],
-        vec![h.urls[1].clone()],
-        Duration::from_secs(60),
-    )
-    .await;
-    let echo = echo_server().await;
-    let (code, s) = socks_connect(socks, &TargetAddr::Ip(echo)).await;
-    assert_eq!(code, 0);
+    let (_exit, s) =
+        echo_stream_with_uplink(&h, &format!("tls://127.0.0.1:{}", relay.port())).await;
     let total = 4 * MIB;
     let (sent, got, n) = echo_transfer(s, total, 99).await;
     assert_eq!((n, sent), (total, got), "bytes changed through the relay");
