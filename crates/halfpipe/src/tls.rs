@@ -62,14 +62,11 @@ pub enum ServerTrust {
     Insecure,
 }
 
-/// ring's provider with TLS 1.3 AES-128-GCM first. The outer TLS layer hides the leg and
-/// protects the hop; the end-to-end guarantee is the Noise layer's AES-256-GCM inside it.
-/// AES-128 runs 10 rounds to AES-256's 14, which is most of the outer layer's cost.
+/// ring's provider, whose TLS 1.3 suites come AES-256-GCM first. On a channel-bound leg
+/// TLS is the only encryption layer (see `crate::channel_binding`), so it is as strong as
+/// the Noise layer's default AES-256-GCM it stands in for.
 fn provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::ring::default_provider();
-    p.cipher_suites
-        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-    Arc::new(p)
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -315,10 +312,10 @@ mod tests {
         let mut s = crate::tls_stream::connect(cfg, name, tcp)
             .await
             .map_err(|e| e.to_string())?;
-        // Both ends prefer the cheaper outer suite (the inner Noise layer is AES-256).
+        // Both ends prefer AES-256-GCM: on a channel-bound leg TLS is the only layer.
         assert_eq!(
             s.connection().negotiated_cipher_suite().map(|c| c.suite()),
-            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+            Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
         );
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
