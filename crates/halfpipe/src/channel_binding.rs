@@ -55,11 +55,10 @@ impl ExporterSecretLog {
     /// no exporter secret) and for an unknown suite.
     pub fn take_binding(&self, suite: Option<CipherSuite>) -> Option<ChannelBinding> {
         let secret = self.0.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        use CipherSuite::*;
         let hash = match suite? {
-            CipherSuite::TLS13_AES_128_GCM_SHA256 | CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => {
-                Tls13Hash::Sha256
-            }
-            CipherSuite::TLS13_AES_256_GCM_SHA384 => Tls13Hash::Sha384,
+            TLS13_AES_128_GCM_SHA256 | TLS13_CHACHA20_POLY1305_SHA256 => Tls13Hash::Sha256,
+            TLS13_AES_256_GCM_SHA384 => Tls13Hash::Sha384,
             _ => return None,
         };
         let mut out = [0u8; 32];
