@@ -67,11 +67,13 @@ impl ExporterSecretLog {
     }
 }
 
-/// The binding of a QUIC connection (quinn's exporter, same label).
-pub fn of_quic(conn: &quinn::Connection) -> Option<ChannelBinding> {
+/// The binding from a transport's own exporter call `export(out, label, context)` (quinn's
+/// and wtransport's `export_keying_material`), with our label and an empty context.
+pub fn exported<E>(
+    export: impl FnOnce(&mut [u8], &[u8], &[u8]) -> Result<(), E>,
+) -> Option<ChannelBinding> {
     let mut out = [0u8; 32];
-    conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")
-        .ok()?;
+    export(&mut out, EXPORTER_LABEL, b"").ok()?;
     Some(ChannelBinding(out))
 }
 

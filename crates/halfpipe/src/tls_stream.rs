@@ -235,8 +235,6 @@ pub struct TlsStream<C: TlsSide> {
     plain: Plain,
     peer_closed: bool,
     handshake_done: bool,
-    /// Receives this connection's exporter secret during the handshake.
-    secret_log: Arc<ExporterSecretLog>,
     channel_binding: Option<ChannelBinding>,
 }
 
@@ -256,7 +254,7 @@ pub async fn connect(
     let mut config = (*config).clone();
     config.key_log = log.clone();
     let conn = UnbufferedClientConnection::new(Arc::new(config), name).map_err(tls_err)?;
-    TlsStream::new(io, conn, log).handshake().await
+    TlsStream::new(io, conn).handshake(&log).await
 }
 
 /// Runs a server handshake on an accepted `io`.
@@ -268,11 +266,11 @@ pub async fn accept(
     let mut config = (*config).clone();
     config.key_log = log.clone();
     let conn = UnbufferedServerConnection::new(Arc::new(config)).map_err(tls_err)?;
-    TlsStream::new(io, conn, log).handshake().await
+    TlsStream::new(io, conn).handshake(&log).await
 }
 
 impl<C: TlsSide> TlsStream<C> {
-    fn new(io: TcpStream, conn: C, secret_log: Arc<ExporterSecretLog>) -> Self {
+    fn new(io: TcpStream, conn: C) -> Self {
         Self {
             io,
             conn,
@@ -281,7 +279,6 @@ impl<C: TlsSide> TlsStream<C> {
             plain: Plain::default(),
             peer_closed: false,
             handshake_done: false,
-            secret_log,
             channel_binding: None,
         }
     }
@@ -364,10 +361,12 @@ impl<C: TlsSide> TlsStream<C> {
         Poll::Ready(Ok(n))
     }
 
-    async fn handshake(mut self) -> io::Result<Self> {
+    /// Runs the handshake; `log` is this connection's key log, which receives the exporter
+    /// secret the channel binding is derived from.
+    async fn handshake(mut self, log: &ExporterSecretLog) -> io::Result<Self> {
         match self.drive_handshake().await {
             Ok(()) => {
-                self.channel_binding = self.secret_log.take_binding(self.conn.suite());
+                self.channel_binding = log.take_binding(self.conn.suite());
                 Ok(self)
             }
             Err(e) => {

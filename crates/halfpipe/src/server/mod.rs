@@ -484,8 +484,19 @@ async fn handle_leg(
         Admission::Attach(tunnel) => {
             state.control.metrics.legs_attached[scheme.index()]
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let may_bind = !state.double_encrypt;
-            if attach(peer, io, resp, &acc, tunnel, deadline, next_key, may_bind).await {
+            let mut resp = resp;
+            // The leg's records may skip the Noise AEAD when the client's channel binding
+            // matches this end's (TLS end to end) and the operator allows it.
+            let bound_records =
+                !state.double_encrypt && resp.check_binding(io.channel_binding().as_ref());
+            let hello = ServerHello {
+                status: HelloStatus::Accepted,
+                recv_next: tunnel.recv_next(),
+                server_time_ms: unix_ms(),
+                next_key,
+                bound_records,
+            };
+            if attach(peer, io, resp, &acc, tunnel, deadline, &hello).await && bound_records {
                 state.control.metrics.legs_channel_bound[scheme.index()]
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -637,29 +648,17 @@ fn admit(state: &Arc<State>, peer: SocketAddr, acc: &AcceptedHello, scheme: Sche
     Admission::Attach(tunnel)
 }
 
-/// Answers an admitted leg and attaches it. `may_bind`: the leg's records may skip the
-/// Noise AEAD if the client's channel binding matches this end's. True when the leg
-/// attached channel-bound.
-#[allow(clippy::too_many_arguments)]
+/// Answers an admitted leg with `hello` and attaches it; true when it attached.
 async fn attach(
     peer: SocketAddr,
     mut io: BoxedLeg,
-    mut resp: Responder,
+    resp: Responder,
     acc: &AcceptedHello,
     tunnel: Arc<Tunnel>,
     deadline: tokio::time::Instant,
-    next_key: Option<[u8; 32]>,
-    may_bind: bool,
+    hello: &ServerHello,
 ) -> bool {
-    let bound_records = may_bind && resp.check_binding(io.channel_binding().as_ref());
-    let hello = ServerHello {
-        status: HelloStatus::Accepted,
-        recv_next: tunnel.recv_next(),
-        server_time_ms: unix_ms(),
-        next_key,
-        bound_records,
-    };
-    let keys = match tokio::time::timeout_at(deadline, server_reply(&mut io, resp, &hello)).await {
+    let keys = match tokio::time::timeout_at(deadline, server_reply(&mut io, resp, hello)).await {
         Ok(Ok(k)) => k,
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "leg lost during handshake reply");
@@ -674,8 +673,8 @@ async fn attach(
     let attached = tunnel.attach_leg(role, io, &keys, acc.hello.recv_next);
     match attached {
         Ok(()) => {
-            tracing::debug!(%peer, session = %acc.hello.session_id, leg = role.name(), epoch = acc.hello.epoch, channel_bound = bound_records, "leg attached");
-            bound_records
+            tracing::debug!(%peer, session = %acc.hello.session_id, leg = role.name(), epoch = acc.hello.epoch, channel_bound = hello.bound_records, "leg attached");
+            true
         }
         Err(e) => {
             tracing::warn!(%peer, session = %acc.hello.session_id, error = %e, "leg refused by session; session closed");

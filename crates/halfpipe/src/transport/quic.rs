@@ -332,7 +332,7 @@ impl Drop for QuicLeg {
 
 impl super::LegIo for QuicLeg {
     fn channel_binding(&self) -> Option<halfpipe_core::handshake::ChannelBinding> {
-        crate::channel_binding::of_quic(&self._conn)
+        crate::channel_binding::exported(|o, l, c| self._conn.export_keying_material(o, l, c))
     }
 }
 

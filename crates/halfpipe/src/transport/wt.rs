@@ -159,11 +159,7 @@ struct WtLeg {
 
 impl super::LegIo for WtLeg {
     fn channel_binding(&self) -> Option<halfpipe_core::handshake::ChannelBinding> {
-        let mut out = [0u8; 32];
-        self._conn
-            .export_keying_material(&mut out, crate::channel_binding::EXPORTER_LABEL, b"")
-            .ok()?;
-        Some(halfpipe_core::handshake::ChannelBinding(out))
+        crate::channel_binding::exported(|o, l, c| self._conn.export_keying_material(o, l, c))
     }
 }
 
