@@ -288,6 +288,13 @@ impl<'a> Check<'a> {
         if !(1..=256).contains(&ack_every) {
             self.err("quic.ack_every", "must be between 1 and 256 packets");
         }
+        let max_udp_payload = f.max_udp_payload.or(d.max_udp_payload);
+        if max_udp_payload.is_some_and(|n| !(1200..=65527).contains(&n)) {
+            self.err(
+                "quic.max_udp_payload",
+                "must be between 1200 and 65527 bytes (1452 fits Ethernet, 8952 jumbo frames)",
+            );
+        }
         QuicOptions {
             congestion,
             alpn,
@@ -295,6 +302,7 @@ impl<'a> Check<'a> {
             idle_timeout: self.duration("quic.idle_timeout", &f.idle_timeout, d.idle_timeout),
             keepalive: self.duration("quic.keepalive", &f.keepalive, d.keepalive),
             ack_every,
+            max_udp_payload,
         }
     }
 
@@ -511,6 +519,7 @@ struct QuicFile {
     idle_timeout: Option<String>,
     keepalive: Option<String>,
     ack_every: Option<u32>,
+    max_udp_payload: Option<u16>,
 }
 
 /// `[ws]`: WebSocket legs (`host` and `headers` are the client's).

@@ -103,7 +103,8 @@ enum Command {
         keep: bool,
         /// Leg transports to measure, one tunnel each: tls, tcp, quic, ws, wss, or an
         /// uplink+downlink pair such as wss+quic; a `/double` suffix (tls/double) keeps the
-        /// Noise AEAD on channel-bound legs too (`double_encrypt = true`).
+        /// Noise AEAD on channel-bound legs too (`double_encrypt = true`), `/payload=N`
+        /// (quic/payload=1452) sets `[quic] max_udp_payload`.
         #[arg(long, value_delimiter = ',', default_value = "tls")]
         legs: Vec<String>,
     },
@@ -907,34 +908,93 @@ fn find_program(name: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-/// Starts a tunnel whose legs are `legs`: one scheme for both (`quic`) or an
-/// uplink+downlink pair (`quic+tls`), with `/double` for `double_encrypt = true`.
-async fn start_halfpipe(dir: &Path, legs: &str, target: std::net::SocketAddr) -> Result<System> {
-    let (pair, double) = match legs.strip_suffix("/double") {
-        Some(pair) => (pair, true),
-        None => (legs, false),
-    };
-    let (up, down) = pair.split_once('+').unwrap_or((pair, pair));
-    for s in [up, down] {
-        if !matches!(s, "tls" | "tcp" | "quic" | "ws" | "wss" | "wt") {
-            bail!(
-                "--legs takes tls, tcp, quic, ws, wss, wt or a pair such as wss+quic (with /double to keep both encryption layers), not {legs:?}"
-            );
+/// One `--legs` entry: `quic`, `quic+tls`, with optional suffixes `/double`
+/// (`double_encrypt = true`) and `/payload=N` (`[quic] max_udp_payload = N`).
+struct LegsSpec<'a> {
+    up: &'a str,
+    down: &'a str,
+    double: bool,
+    quic_payload: Option<u16>,
+}
+
+impl<'a> LegsSpec<'a> {
+    fn parse(legs: &'a str) -> Result<Self> {
+        let mut parts = legs.split('/');
+        let pair = parts.next().unwrap_or_default();
+        let (up, down) = pair.split_once('+').unwrap_or((pair, pair));
+        let mut spec = Self {
+            up,
+            down,
+            double: false,
+            quic_payload: None,
+        };
+        for s in [up, down] {
+            if !matches!(s, "tls" | "tcp" | "quic" | "ws" | "wss" | "wt") {
+                bail!(
+                    "--legs takes tls, tcp, quic, ws, wss, wt or a pair such as wss+quic (with /double to keep both encryption layers, /payload=N for the QUIC UDP payload bound), not {legs:?}"
+                );
+            }
         }
+        for suffix in parts {
+            match suffix.split_once('=') {
+                None if suffix == "double" => spec.double = true,
+                Some(("payload", n)) => {
+                    spec.quic_payload = Some(n.parse().with_context(|| {
+                        format!("--legs {legs:?}: /payload= takes a byte count such as 8952")
+                    })?)
+                }
+                _ => bail!("--legs {legs:?}: unknown suffix /{suffix} (use /double or /payload=N)"),
+            }
+        }
+        Ok(spec)
     }
-    let ports = Ports::pick([0, 0, 0, 0])?;
-    quickstart::prepare_with(dir, ports, [up, down])?;
-    if double {
+
+    /// The row name in the tables.
+    fn name(&self) -> String {
+        let mut name = if self.up == self.down {
+            format!("halfpipe ({} legs", self.up)
+        } else {
+            format!("halfpipe ({} up, {} down", self.up, self.down)
+        };
+        if self.double {
+            name += ", double-encrypted";
+        }
+        if let Some(n) = self.quic_payload {
+            name += &format!(", QUIC payload {n}");
+        }
+        name + ")"
+    }
+
+    /// Rewrites the generated configs in `dir` for the suffixes.
+    fn apply(&self, dir: &Path) -> Result<()> {
         for file in ["server.toml", "client.toml"] {
             let path = dir.join(file);
-            let text = std::fs::read_to_string(&path)?;
-            let line = "\ndouble_encrypt = false\n";
-            if !text.contains(line) {
-                bail!("{} has no double_encrypt line to switch", path.display());
+            let mut text = std::fs::read_to_string(&path)?;
+            if self.double {
+                let line = "\ndouble_encrypt = false\n";
+                if !text.contains(line) {
+                    bail!("{} has no double_encrypt line to switch", path.display());
+                }
+                text = text.replacen(line, "\ndouble_encrypt = true\n", 1);
             }
-            std::fs::write(&path, text.replacen(line, "\ndouble_encrypt = true\n", 1))?;
+            if let Some(n) = self.quic_payload {
+                if text.contains("\n[quic]\n") {
+                    bail!("{} already has a [quic] section", path.display());
+                }
+                text += &format!("\n[quic]\nmax_udp_payload = {n}\n");
+            }
+            std::fs::write(&path, text)?;
         }
+        Ok(())
     }
+}
+
+/// Starts a tunnel whose legs are `legs` (see [`LegsSpec`]).
+async fn start_halfpipe(dir: &Path, legs: &str, target: std::net::SocketAddr) -> Result<System> {
+    let spec = LegsSpec::parse(legs)?;
+    let ports = Ports::pick([0, 0, 0, 0])?;
+    quickstart::prepare_with(dir, ports, [spec.up, spec.down])?;
+    spec.apply(dir)?;
     let exe = std::env::current_exe()?;
     let client = bench::spawn(
         &exe,
@@ -956,12 +1016,7 @@ async fn start_halfpipe(dir: &Path, legs: &str, target: std::net::SocketAddr) ->
     )?;
     let socks = ([127, 0, 0, 1], ports.socks).into();
     let sys = System {
-        name: match (up == down, double) {
-            (true, false) => format!("halfpipe ({up} legs)"),
-            (true, true) => format!("halfpipe ({up} legs, double-encrypted)"),
-            (false, false) => format!("halfpipe ({up} up, {down} down)"),
-            (false, true) => format!("halfpipe ({up} up, {down} down, double-encrypted)"),
-        },
+        name: spec.name(),
         socks: Some(socks),
         children: vec![client, server],
     };
@@ -1072,4 +1127,63 @@ async fn run_bench(
         let _ = std::fs::remove_dir_all(&base);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LegsSpec;
+
+    #[test]
+    fn legs_spec_reads_pairs_and_suffixes() {
+        let s = LegsSpec::parse("wss+quic/double/payload=8952").unwrap();
+        assert_eq!(
+            (s.up, s.down, s.double, s.quic_payload),
+            ("wss", "quic", true, Some(8952))
+        );
+        assert_eq!(
+            s.name(),
+            "halfpipe (wss up, quic down, double-encrypted, QUIC payload 8952)"
+        );
+        let s = LegsSpec::parse("tls").unwrap();
+        assert_eq!(
+            (s.up, s.down, s.double, s.quic_payload),
+            ("tls", "tls", false, None)
+        );
+        assert_eq!(s.name(), "halfpipe (tls legs)");
+        for bad in [
+            "udp",
+            "tls+",
+            "quic/payload=big",
+            "quic/payload=70000",
+            "tls/triple",
+        ] {
+            assert!(LegsSpec::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn legs_spec_rewrites_both_configs() {
+        let dir = std::env::temp_dir().join(format!("halfpipe-legs-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["server.toml", "client.toml"] {
+            std::fs::write(dir.join(f), "a = 1\ndouble_encrypt = false\n").unwrap();
+        }
+        LegsSpec::parse("quic/double/payload=1500")
+            .unwrap()
+            .apply(&dir)
+            .unwrap();
+        for f in ["server.toml", "client.toml"] {
+            let text = std::fs::read_to_string(dir.join(f)).unwrap();
+            assert_eq!(
+                text,
+                "a = 1\ndouble_encrypt = true\n\n[quic]\nmax_udp_payload = 1500\n"
+            );
+        }
+        // A second [quic] section would be a TOML error; it is refused instead.
+        assert!(LegsSpec::parse("quic/payload=1500")
+            .unwrap()
+            .apply(&dir)
+            .is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -173,7 +173,7 @@ fn transport_sections_are_checked() {
     let text = server_text(&f)
         .replace("tls://127.0.0.1:8443", "quic://127.0.0.1:8443")
         .replace("tls://127.0.0.1:8444", "wss://127.0.0.1:8444/api")
-        + "\n[quic]\ncongestion = \"bbr\"\nretry_above = 4\nack_every = 4\n\n[ws]\nmax_message = 131072\n\n[decoy]\nstatus = 403\nbody = \"no\"\n";
+        + "\n[quic]\ncongestion = \"bbr\"\nretry_above = 4\nack_every = 4\nmax_udp_payload = 8952\n\n[ws]\nmax_message = 131072\n\n[decoy]\nstatus = 403\nbody = \"no\"\n";
     let s = server_from_str(&path, &text, &no_env).unwrap();
     assert_eq!(
         s.transport.quic.congestion,
@@ -181,6 +181,16 @@ fn transport_sections_are_checked() {
     );
     assert_eq!(s.transport.quic.retry_above, 4);
     assert_eq!(s.transport.quic.ack_every, 4);
+    assert_eq!(s.transport.quic.max_udp_payload, Some(8952));
+    assert_eq!(
+        server_from_str(&path, &server_text(&f), &no_env)
+            .unwrap()
+            .transport
+            .quic
+            .max_udp_payload,
+        None,
+        "unset: chosen per leg (loopback or not)"
+    );
     assert!(
         !s.double_encrypt,
         "one encryption layer where TLS is end to end, by default"
@@ -203,9 +213,15 @@ fn transport_sections_are_checked() {
 
     // Each mistake is named by its key.
     let bad = server_text(&f)
-        + "\n[quic]\ncongestion = \"reno\"\nack_every = 0\n\n[ws]\nhost = \"cdn\"\n\n[decoy]\ndir = \"/nonexistent-dir\"\nproxy = \"http://127.0.0.1:1\"\n";
+        + "\n[quic]\ncongestion = \"reno\"\nack_every = 0\nmax_udp_payload = 1199\n\n[ws]\nhost = \"cdn\"\n\n[decoy]\ndir = \"/nonexistent-dir\"\nproxy = \"http://127.0.0.1:1\"\n";
     let keys = keys_of(server_from_str(&path, &bad, &no_env).err().unwrap());
-    for k in ["quic.congestion", "quic.ack_every", "ws.host", "decoy"] {
+    for k in [
+        "quic.congestion",
+        "quic.ack_every",
+        "quic.max_udp_payload",
+        "ws.host",
+        "decoy",
+    ] {
         assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
     }
 

@@ -31,6 +31,11 @@ const STREAM_WINDOW: u32 = 8 << 20;
 /// Receive window of the whole connection (one stream plus slack).
 const CONNECTION_WINDOW: u32 = 12 << 20;
 
+/// The largest UDP payload for which quinn's GSO batches (up to 10 datagrams) stay within
+/// the 65 535-byte limit of one send: (65 535 - 20 IPv4 - 8 UDP) / 10. Above it, legs send
+/// one datagram per system call.
+pub const GSO_SAFE_PAYLOAD: u16 = 6550;
+
 /// Congestion controller for QUIC legs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Congestion {
@@ -73,6 +78,13 @@ pub struct QuicOptions {
     /// packet work at both ends; the ACK delay bound (the peer's, at most 25 ms or one RTT)
     /// still applies.
     pub ack_every: u32,
+    /// Largest UDP payload a leg may use (1200..=65527): the upper bound of path MTU
+    /// discovery (RFC 8899) and the `max_udp_payload_size` this end advertises. Discovery
+    /// probes upward from 1200 and falls back on loss, so a bound above the path's MTU
+    /// costs only a few lost probes; on paths with larger MTUs (jumbo frames, loopback) a
+    /// higher bound means fewer, larger packets. `None` picks per leg, see
+    /// [`QuicOptions::udp_payload`].
+    pub max_udp_payload: Option<u16>,
 }
 
 impl Default for QuicOptions {
@@ -84,12 +96,35 @@ impl Default for QuicOptions {
             idle_timeout: Duration::from_secs(60),
             keepalive: Duration::from_secs(10),
             ack_every: 10,
+            max_udp_payload: None,
         }
     }
 }
 
-/// The QUIC transport configuration for legs (shared with `wt://`).
-pub(super) fn transport_config(o: &QuicOptions, server: bool) -> TransportConfig {
+/// The default UDP payload bound off loopback: a 1500-byte Ethernet MTU less the IPv6
+/// and UDP headers.
+pub const ETHERNET_PAYLOAD: u16 = 1452;
+
+/// The default UDP payload bound on loopback, whose MTU is 64 KiB: the largest UDP
+/// payload QUIC allows.
+pub const LOOPBACK_PAYLOAD: u16 = 65527;
+
+impl QuicOptions {
+    /// The UDP payload bound of a leg: the configured one, or by default
+    /// [`LOOPBACK_PAYLOAD`] when the leg's own address (the dialled peer, or the address a
+    /// listener is bound to) is loopback and [`ETHERNET_PAYLOAD`] otherwise.
+    pub fn udp_payload(&self, loopback: bool) -> u16 {
+        self.max_udp_payload.unwrap_or(if loopback {
+            LOOPBACK_PAYLOAD
+        } else {
+            ETHERNET_PAYLOAD
+        })
+    }
+}
+
+/// The QUIC transport configuration for legs (shared with `wt://`) whose UDP payloads are
+/// bounded by `payload`.
+pub(super) fn transport_config(o: &QuicOptions, server: bool, payload: u16) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
@@ -100,6 +135,14 @@ pub(super) fn transport_config(o: &QuicOptions, server: bool) -> TransportConfig
     let mut ack = quinn::AckFrequencyConfig::default();
     ack.ack_eliciting_threshold(VarInt::from_u32(o.ack_every.saturating_sub(1)));
     t.ack_frequency_config(Some(ack));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(payload);
+    t.mtu_discovery_config(Some(mtu));
+    // quinn hands the kernel up to 10 datagrams per GSO send, and one send can carry at
+    // most 64 KiB; a larger batch fails with EMSGSIZE, which quinn-udp drops silently.
+    if payload > GSO_SAFE_PAYLOAD {
+        t.enable_segmentation_offload(false);
+    }
     // A leg is one stream: the server lets the client open exactly one.
     t.max_concurrent_bidi_streams(VarInt::from_u32(if server { 1 } else { 0 }));
     match o.congestion {
@@ -111,6 +154,61 @@ pub(super) fn transport_config(o: &QuicOptions, server: bool) -> TransportConfig
         }
     };
     t
+}
+
+/// The QUIC endpoint configuration for legs (shared with `wt://`): quinn's defaults with
+/// the largest UDP payload the leg accepts.
+pub(super) fn endpoint_config(payload: u16) -> quinn::EndpointConfig {
+    let mut e = quinn::EndpointConfig::default();
+    // The range is checked when the config is read; out of range keeps quinn's default.
+    let _ = e.max_udp_payload_size(payload);
+    e
+}
+
+/// Socket buffers asked for on QUIC sockets. The kernel's default (about 208 KiB) holds
+/// only a few dozen datagrams, so a burst at tunnel speed overflows it and every drop
+/// costs a congestion-window cut. The kernel caps the request at `net.core.rmem_max` /
+/// `wmem_max`.
+const UDP_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Asks for [`UDP_SOCKET_BUFFER`] both ways; a refusal keeps the kernel's default.
+fn size_socket_buffers(socket: &std::net::UdpSocket) {
+    let s = socket2::SockRef::from(socket);
+    for (what, r) in [
+        ("receive", s.set_recv_buffer_size(UDP_SOCKET_BUFFER)),
+        ("send", s.set_send_buffer_size(UDP_SOCKET_BUFFER)),
+    ] {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "QUIC socket {what} buffer left at the kernel default");
+        }
+    }
+}
+
+/// A UDP socket for a QUIC leg bound to `addr`, its buffers sized for tunnel bursts.
+pub(super) fn leg_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    size_socket_buffers(&socket);
+    Ok(socket)
+}
+
+/// A client leg socket on an ephemeral port that reaches IPv4 and IPv6 peers alike.
+pub(super) fn dual_stack_leg_socket() -> io::Result<std::net::UdpSocket> {
+    let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
+    s.set_only_v6(false)?;
+    s.bind(&SocketAddr::from(([0u16; 8], 0)).into())?;
+    let socket: std::net::UdpSocket = s.into();
+    size_socket_buffers(&socket);
+    Ok(socket)
+}
+
+/// A quinn endpoint on a fresh leg socket bound to `addr`.
+fn endpoint_on(
+    addr: SocketAddr,
+    payload: u16,
+    server: Option<quinn::ServerConfig>,
+) -> io::Result<Endpoint> {
+    let runtime = quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime"))?;
+    Endpoint::new(endpoint_config(payload), server, leg_socket(addr)?, runtime)
 }
 
 fn quic_err(url: &LegUrl, e: impl std::fmt::Display) -> TransportError {
@@ -137,7 +235,6 @@ pub async fn dial(
     rustls_cfg.alpn_protocols = vec![settings.quic.alpn.as_bytes().to_vec()];
     let crypto = QuicClientConfig::try_from(Arc::new(rustls_cfg)).map_err(|e| quic_err(url, e))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config(&settings.quic, false)));
 
     let connect = async {
         let addr = tokio::net::lookup_host((url.host.as_str(), url.port))
@@ -153,10 +250,13 @@ pub async fn dial(
         } else {
             ([0u16; 8], 0).into()
         };
-        let endpoint = Endpoint::client(local).map_err(|source| TransportError::Connect {
-            url: url.to_string(),
-            source,
-        })?;
+        let payload = settings.quic.udp_payload(addr.ip().is_loopback());
+        cfg.transport_config(Arc::new(transport_config(&settings.quic, false, payload)));
+        let endpoint =
+            endpoint_on(local, payload, None).map_err(|source| TransportError::Connect {
+                url: url.to_string(),
+                source,
+            })?;
         let conn = endpoint
             .connect_with(cfg, addr, &host)
             .map_err(|e| quic_err(url, e))?
@@ -241,9 +341,10 @@ impl QuicLegListener {
         let crypto = QuicServerConfig::try_from(Arc::new(rustls_cfg))
             .map_err(|e| bind_err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string())))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        cfg.transport_config(Arc::new(transport_config(o, true)))
+        let payload = o.udp_payload(addr.ip().is_loopback());
+        cfg.transport_config(Arc::new(transport_config(o, true, payload)))
             .migration(true);
-        let endpoint = Endpoint::server(cfg, addr).map_err(bind_err)?;
+        let endpoint = endpoint_on(addr, payload, Some(cfg)).map_err(bind_err)?;
         Ok(Self {
             endpoint,
             in_flight: Arc::new(AtomicUsize::new(0)),
@@ -405,6 +506,71 @@ mod tests {
                     }
                 }
             });
+        }
+    }
+
+    #[test]
+    fn udp_payload_defaults_to_the_link_and_obeys_the_config() {
+        let auto = QuicOptions::default();
+        assert_eq!(auto.udp_payload(true), LOOPBACK_PAYLOAD);
+        assert_eq!(auto.udp_payload(false), ETHERNET_PAYLOAD);
+        let set = QuicOptions {
+            max_udp_payload: Some(8952),
+            ..QuicOptions::default()
+        };
+        assert_eq!(
+            (set.udp_payload(true), set.udp_payload(false)),
+            (8952, 8952)
+        );
+    }
+
+    /// quinn's TransportConfig has no getters; its Debug output names every field.
+    fn transport_debug(payload: u16) -> String {
+        format!(
+            "{:?}",
+            transport_config(&QuicOptions::default(), false, payload)
+        )
+    }
+
+    #[test]
+    fn segmentation_offload_only_where_a_batch_fits_one_send() {
+        let small = transport_debug(ETHERNET_PAYLOAD);
+        assert!(
+            small.contains("enable_segmentation_offload: true"),
+            "{small}"
+        );
+        assert!(small.contains("upper_bound: 1452"), "{small}");
+        let edge = transport_debug(GSO_SAFE_PAYLOAD);
+        assert!(edge.contains("enable_segmentation_offload: true"), "{edge}");
+        // Ten segments of the largest GSO-safe payload under one UDP and IPv4 header fit
+        // the 65 535 bytes of one IP packet; one byte more would not.
+        assert!(10 * u32::from(GSO_SAFE_PAYLOAD) + 8 + 20 <= 65_535);
+        assert!(10 * (u32::from(GSO_SAFE_PAYLOAD) + 1) + 8 + 20 > 65_535);
+        let large = transport_debug(LOOPBACK_PAYLOAD);
+        assert!(
+            large.contains("enable_segmentation_offload: false"),
+            "{large}"
+        );
+        assert!(large.contains("upper_bound: 65527"), "{large}");
+    }
+
+    #[test]
+    fn leg_sockets_get_large_buffers() {
+        // The kernel grants at most net.core.rmem_max / wmem_max (and reports double).
+        let cap = |name: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .unwrap_or(UDP_SOCKET_BUFFER)
+                .min(UDP_SOCKET_BUFFER)
+        };
+        for socket in [
+            leg_socket(([127, 0, 0, 1], 0).into()).unwrap(),
+            dual_stack_leg_socket().unwrap(),
+        ] {
+            let s = socket2::SockRef::from(&socket);
+            assert!(s.recv_buffer_size().unwrap() >= cap("rmem_max"));
+            assert!(s.send_buffer_size().unwrap() >= cap("wmem_max"));
         }
     }
 

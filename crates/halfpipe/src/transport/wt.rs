@@ -16,14 +16,16 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream, ServerConfig};
 
-use super::quic::{server_parts, transport_config, QuicOptions};
+use super::quic::{
+    dual_stack_leg_socket, endpoint_config, leg_socket, server_parts, transport_config, QuicOptions,
+};
 use super::{BoxedLeg, DialSettings, TransportError, Upgrade};
 use crate::leg_url::LegUrl;
 
 /// The `quic://` tuning, with room for HTTP/3's own streams (control and QPACK streams
 /// each way, the CONNECT request stream) beside the leg's stream.
-fn wt_transport(o: &QuicOptions, server: bool) -> quinn::TransportConfig {
-    let mut t = transport_config(o, server);
+fn wt_transport(o: &QuicOptions, server: bool, payload: u16) -> quinn::TransportConfig {
+    let mut t = transport_config(o, server, payload);
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(8));
     t
@@ -48,10 +50,23 @@ pub async fn dial(
         .ok_or_else(|| TransportError::TlsNotConfigured(url.to_string()))?;
     let mut rustls_cfg = (*tls.config).clone();
     rustls_cfg.alpn_protocols = vec![wtransport::tls::WEBTRANSPORT_ALPN.to_vec()];
-    let cfg = ClientConfig::builder()
-        .with_bind_default()
-        .with_custom_tls_and_transport(rustls_cfg, wt_transport(&settings.quic, false))
+    let socket = dual_stack_leg_socket().map_err(|source| TransportError::Connect {
+        url: url.to_string(),
+        source,
+    })?;
+    // wtransport resolves the name itself; a literal loopback address or `localhost`
+    // counts as loopback.
+    let loopback = url.host == "localhost"
+        || url
+            .host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let payload = settings.quic.udp_payload(loopback);
+    let mut cfg = ClientConfig::builder()
+        .with_bind_socket(socket)
+        .with_custom_tls_and_transport(rustls_cfg, wt_transport(&settings.quic, false, payload))
         .build();
+    *cfg.quic_endpoint_config_mut() = endpoint_config(payload);
     let endpoint = Endpoint::client(cfg).map_err(|source| TransportError::Connect {
         url: url.to_string(),
         source,
@@ -105,10 +120,12 @@ impl WtLegListener {
             url: url.to_string(),
             source,
         };
-        let cfg = ServerConfig::builder()
-            .with_bind_address(addr)
-            .with_custom_tls_and_transport(rustls_cfg, wt_transport(o, true))
+        let payload = o.udp_payload(addr.ip().is_loopback());
+        let mut cfg = ServerConfig::builder()
+            .with_bind_socket(leg_socket(addr).map_err(bind_err)?)
+            .with_custom_tls_and_transport(rustls_cfg, wt_transport(o, true, payload))
             .build();
+        *cfg.quic_endpoint_config_mut() = endpoint_config(payload);
         let endpoint = Endpoint::server(cfg).map_err(bind_err)?;
         Ok(Self {
             endpoint,
