@@ -904,11 +904,12 @@ async fn a_tls_terminating_relay_sees_only_sealed_records_while_direct_legs_go_s
     }
 }
 
-/// `double_encrypt` keeps the Noise AEAD on legs that could go single-layer; the data is
-/// the same either way.
+/// `double_encrypt` on either end keeps the Noise AEAD on legs that could go single-layer
+/// (the client then offers no binding, the exit then ignores it); the data is the same
+/// either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn double_encrypt_keeps_both_layers_on_direct_tls_legs() {
-    for double_encrypt in [false, true] {
+async fn double_encrypt_on_either_end_keeps_both_layers_on_direct_tls_legs() {
+    for double_encrypt in [[false, false], [true, false], [false, true], [true, true]] {
         let h = start(Opts {
             double_encrypt,
             ..Opts::default()
@@ -921,8 +922,15 @@ async fn double_encrypt_keeps_both_layers_on_direct_tls_legs() {
         assert_eq!((n, sent), (8 * MIB, got));
         let (attached, bound) = tls_leg_counts(&h);
         assert!(attached >= 2, "{attached}");
-        let want = if double_encrypt { 0 } else { attached };
-        assert_eq!(bound, want, "double_encrypt = {double_encrypt}");
+        let want = if double_encrypt == [false, false] {
+            attached
+        } else {
+            0
+        };
+        assert_eq!(
+            bound, want,
+            "double_encrypt (exit, client) = {double_encrypt:?}"
+        );
     }
 }
 

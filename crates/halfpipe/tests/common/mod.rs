@@ -40,8 +40,9 @@ pub struct Opts {
     pub keystore: bool,
     /// With `keystore`: rotate by itself when the active key is this old.
     pub rotate_every: Option<Duration>,
-    /// Both ends keep the Noise AEAD on channel-bound legs too.
-    pub double_encrypt: bool,
+    /// `double_encrypt` of the exit and of the client: either keeps the Noise AEAD on
+    /// channel-bound legs too.
+    pub double_encrypt: [bool; 2],
 }
 
 impl Default for Opts {
@@ -58,7 +59,7 @@ impl Default for Opts {
             rekey_after: halfpipe::client::DEFAULT_REKEY_AFTER,
             keystore: false,
             rotate_every: None,
-            double_encrypt: false,
+            double_encrypt: [false; 2],
         }
     }
 }
@@ -183,7 +184,7 @@ pub async fn start(opts: Opts) -> Harness {
         connect_timeout: Duration::from_secs(5),
         limits: opts.limits.clone(),
         session: opts.session.clone(),
-        double_encrypt: opts.double_encrypt,
+        double_encrypt: opts.double_encrypt[0],
     })
     .await
     .unwrap();
@@ -213,7 +214,7 @@ pub async fn start(opts: Opts) -> Harness {
         session: opts.session.clone(),
         rekey_after: opts.rekey_after,
         rekey_after_bytes: halfpipe::client::DEFAULT_REKEY_AFTER_BYTES,
-        double_encrypt: opts.double_encrypt,
+        double_encrypt: opts.double_encrypt[1],
     });
     let socks_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let socks = socks_l.local_addr().unwrap();
