@@ -26,7 +26,7 @@ use crate::server::{ServerLimits, ServerSettings, User};
 use crate::socks5::Socks5Auth;
 use crate::tls::{client_config_with, server_config_with, ServerTrust};
 use crate::transport::{
-    Decoy, DecoyKind, DialSettings, ListenSettings, QuicOptions, TlsDialer, WsOptions,
+    quic, Decoy, DecoyKind, DialSettings, ListenSettings, QuicOptions, TlsDialer, WsOptions,
 };
 
 mod client_store;
@@ -289,7 +289,8 @@ impl<'a> Check<'a> {
             self.err("quic.ack_every", "must be between 1 and 256 packets");
         }
         let max_udp_payload = f.max_udp_payload.or(d.max_udp_payload);
-        if max_udp_payload.is_some_and(|n| !(1200..=65527).contains(&n)) {
+        let payloads = quic::MIN_UDP_PAYLOAD..=quic::LOOPBACK_PAYLOAD;
+        if max_udp_payload.is_some_and(|n| !payloads.contains(&n)) {
             self.err(
                 "quic.max_udp_payload",
                 "must be between 1200 and 65527 bytes (1452 fits Ethernet, 8952 jumbo frames)",

@@ -101,6 +101,9 @@ impl Default for QuicOptions {
     }
 }
 
+/// The smallest UDP payload QUIC allows (RFC 9000 §14), and so the lowest bound.
+pub const MIN_UDP_PAYLOAD: u16 = 1200;
+
 /// The default UDP payload bound off loopback: a 1500-byte Ethernet MTU less the IPv6
 /// and UDP headers.
 pub const ETHERNET_PAYLOAD: u16 = 1452;
@@ -112,13 +115,16 @@ pub const LOOPBACK_PAYLOAD: u16 = 65527;
 impl QuicOptions {
     /// The UDP payload bound of a leg: the configured one, or by default
     /// [`LOOPBACK_PAYLOAD`] when the leg's own address (the dialled peer, or the address a
-    /// listener is bound to) is loopback and [`ETHERNET_PAYLOAD`] otherwise.
+    /// listener is bound to) is loopback and [`ETHERNET_PAYLOAD`] otherwise; always within
+    /// [`MIN_UDP_PAYLOAD`]..=[`LOOPBACK_PAYLOAD`].
     pub fn udp_payload(&self, loopback: bool) -> u16 {
-        self.max_udp_payload.unwrap_or(if loopback {
-            LOOPBACK_PAYLOAD
-        } else {
-            ETHERNET_PAYLOAD
-        })
+        self.max_udp_payload
+            .unwrap_or(if loopback {
+                LOOPBACK_PAYLOAD
+            } else {
+                ETHERNET_PAYLOAD
+            })
+            .clamp(MIN_UDP_PAYLOAD, LOOPBACK_PAYLOAD)
     }
 }
 
@@ -160,7 +166,8 @@ pub(super) fn transport_config(o: &QuicOptions, server: bool, payload: u16) -> T
 /// the largest UDP payload the leg accepts.
 pub(super) fn endpoint_config(payload: u16) -> quinn::EndpointConfig {
     let mut e = quinn::EndpointConfig::default();
-    // The range is checked when the config is read; out of range keeps quinn's default.
+    // `QuicOptions::udp_payload` keeps it within quinn's range; out of range would keep
+    // quinn's default.
     let _ = e.max_udp_payload_size(payload);
     e
 }
@@ -522,6 +529,13 @@ mod tests {
             (set.udp_payload(true), set.udp_payload(false)),
             (8952, 8952)
         );
+        for (asked, got) in [(100, MIN_UDP_PAYLOAD), (u16::MAX, LOOPBACK_PAYLOAD)] {
+            let o = QuicOptions {
+                max_udp_payload: Some(asked),
+                ..QuicOptions::default()
+            };
+            assert_eq!(o.udp_payload(false), got, "{asked} not clamped");
+        }
     }
 
     /// quinn's TransportConfig has no getters; its Debug output names every field.
