@@ -174,7 +174,7 @@ impl EgressPolicy {
 
 /// Whether `host` is `localhost` or a name under it (RFC 6761 §6.3), any letter case, with
 /// or without a trailing dot.
-fn is_localhost_name(host: &str) -> bool {
+pub(crate) fn is_localhost_name(host: &str) -> bool {
     let h = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
     h == "localhost" || h.ends_with(".localhost")
 }

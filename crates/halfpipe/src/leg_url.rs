@@ -149,6 +149,18 @@ impl FromStr for LegUrl {
     }
 }
 
+impl LegUrl {
+    /// Whether the host names loopback without a lookup: a loopback IP literal, or
+    /// `localhost` and the names under it (the egress policy's reading of them).
+    pub fn host_is_loopback(&self) -> bool {
+        crate::egress::is_localhost_name(&self.host)
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
 impl fmt::Display for LegUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = self.scheme.name();
@@ -163,6 +175,24 @@ impl fmt::Display for LegUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_hosts_are_known_without_a_lookup() {
+        for (url, loopback) in [
+            ("wt://127.0.0.1:1/", true),
+            ("wt://127.9.9.9:1/", true),
+            ("wt://[::1]:1/", true),
+            ("wt://localhost:1/", true),
+            ("wt://Edge.LOCALHOST.:1/", true),
+            ("wt://10.0.0.1:1/", false),
+            ("wt://[::2]:1/", false),
+            ("wt://example.com:1/", false),
+            ("wt://localhost.example:1/", false),
+        ] {
+            let u: LegUrl = url.parse().unwrap();
+            assert_eq!(u.host_is_loopback(), loopback, "{url}");
+        }
+    }
 
     #[test]
     fn parses_and_prints() {

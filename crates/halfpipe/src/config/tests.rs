@@ -215,6 +215,9 @@ fn transport_sections_are_checked() {
     let bad = server_text(&f)
         + "\n[quic]\ncongestion = \"reno\"\nack_every = 0\nmax_udp_payload = 1199\n\n[ws]\nhost = \"cdn\"\n\n[decoy]\ndir = \"/nonexistent-dir\"\nproxy = \"http://127.0.0.1:1\"\n";
     let keys = keys_of(server_from_str(&path, &bad, &no_env).err().unwrap());
+    let too_large = server_text(&f) + "\n[quic]\nmax_udp_payload = 65528\n";
+    let too_large_keys = keys_of(server_from_str(&path, &too_large, &no_env).err().unwrap());
+    assert_eq!(too_large_keys, ["quic.max_udp_payload"]);
     for k in [
         "quic.congestion",
         "quic.ack_every",

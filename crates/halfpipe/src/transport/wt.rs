@@ -54,14 +54,8 @@ pub async fn dial(
         url: url.to_string(),
         source,
     })?;
-    // wtransport resolves the name itself; a literal loopback address or `localhost`
-    // counts as loopback.
-    let loopback = url.host == "localhost"
-        || url
-            .host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    let payload = settings.quic.udp_payload(loopback);
+    // wtransport resolves the name itself, so loopback is read from the URL.
+    let payload = settings.quic.udp_payload(url.host_is_loopback());
     let mut cfg = ClientConfig::builder()
         .with_bind_socket(socket)
         .with_custom_tls_and_transport(rustls_cfg, wt_transport(&settings.quic, false, payload))
