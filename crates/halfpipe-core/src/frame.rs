@@ -19,9 +19,12 @@ pub const MAX_RECORD_PAYLOAD: usize = 64 * 1024;
 pub const MAX_DATA_PER_FRAME: usize = 32 * 1024;
 /// Bytes a DATA frame adds around its payload.
 pub const DATA_HEADER_LEN: usize = 1 + 4 + 2;
-/// How much DATA a sender puts in one frame: two such frames fill one record, so records
-/// stay near their maximum size.
-pub const DATA_CHUNK: usize = MAX_RECORD_PAYLOAD / 2 - DATA_HEADER_LEN - 32;
+/// The least a leg's records carry: a TLS 1.3 record's plaintext (legs whose TLS keys
+/// were handed over send one frame batch per TLS record).
+pub const MIN_RECORD_PAYLOAD: usize = 16 * 1024;
+/// How much DATA a sender puts in one frame: one frame, with room for the acknowledgement
+/// and credit frames that ride along, fills the smallest record, and four fill the largest.
+pub const DATA_CHUNK: usize = MIN_RECORD_PAYLOAD - DATA_HEADER_LEN - 64;
 
 /// A stream identifier; streams are opened by the client only, numbered 1, 2, 3, ...
 pub type StreamId = u32;

@@ -38,8 +38,12 @@ const SERVER_HELLO_LEN: usize = 1 + 8 + 8;
 const EXT_NEXT_KEY: u8 = 1;
 /// Server hello extension: this leg's records are channel-bound (no body).
 const EXT_BOUND_RECORDS: u8 = 2;
-/// Client hello extension: the client's channel binding follows (32 bytes).
-const EXT_CHANNEL_BINDING: u8 = 1;
+/// Client hello extension: the client's channel binding follows (32 bytes); on a `tls://`
+/// leg its records will be the TLS records themselves (see [`crate::record`]).
+const EXT_CHANNEL_BINDING: u8 = 2;
+/// Client hello extension of earlier clients, whose channel-bound records were framed
+/// inside the TLS stream: its binding is ignored, so such a leg keeps the Noise AEAD.
+const EXT_CHANNEL_BINDING_V1: u8 = 1;
 
 /// A value both ends of one TLS 1.3 connection derive from its exporter secret and that no
 /// one can make equal on two different connections (the idea of RFC 9266's `tls-exporter`):
@@ -578,6 +582,7 @@ fn decode_client_hello(b: &[u8]) -> Result<ClientHello, HandshakeError> {
             v.copy_from_slice(&b[CLIENT_HELLO_LEN + 1..]);
             Some(ChannelBinding(v))
         }
+        n if n == CLIENT_HELLO_LEN + 33 && b[CLIENT_HELLO_LEN] == EXT_CHANNEL_BINDING_V1 => None,
         _ => return Err(HandshakeError::Hello("client hello has the wrong length")),
     };
     if b[0] != PROTOCOL_VERSION {
@@ -717,13 +722,10 @@ mod tests {
                 assert_eq!(got, sh);
                 // Downlink: the server seals, the client opens.
                 let mut out = Vec::new();
-                let start = RecordSealer::begin(&mut out);
+                let mut sealer = skeys.server_sealer().unwrap();
+                let start = sealer.begin(&mut out);
                 out.extend_from_slice(b"down");
-                skeys
-                    .server_sealer()
-                    .unwrap()
-                    .seal(&mut out, start)
-                    .unwrap();
+                sealer.seal(&mut out, start).unwrap();
                 let mut buf = BytesMut::from(&out[..]);
                 let p = ckeys.client_opener().unwrap().open_next(&mut buf).unwrap();
                 assert_eq!(p.as_deref(), Some(&b"down"[..]));
@@ -873,7 +875,7 @@ mod tests {
         assert!(sealer.is_bound() && skeys.server_opener().unwrap().is_bound());
         // The uplink record is the plaintext behind its length, and the exit reads it.
         let mut out = Vec::new();
-        let start = RecordSealer::begin(&mut out);
+        let start = sealer.begin(&mut out);
         out.extend_from_slice(b"up");
         sealer.seal(&mut out, start).unwrap();
         assert_eq!(out, b"\0\0\0\x02up");
@@ -955,8 +957,13 @@ mod tests {
         let enc = encode_client_hello(&with);
         assert_eq!(decode_client_hello(&enc).unwrap(), with);
         let mut bad = enc.clone();
-        bad[CLIENT_HELLO_LEN] = 2;
+        bad[CLIENT_HELLO_LEN] = 3;
         assert!(decode_client_hello(&bad).is_err(), "unknown extension");
+        // An earlier client's binding (stream-framed bound records) is heard but not
+        // taken up: its leg keeps the Noise AEAD.
+        let mut earlier = enc.clone();
+        earlier[CLIENT_HELLO_LEN] = EXT_CHANNEL_BINDING_V1;
+        assert_eq!(decode_client_hello(&earlier).unwrap(), plain);
         assert!(
             decode_client_hello(&enc[..enc.len() - 1]).is_err(),
             "short binding"

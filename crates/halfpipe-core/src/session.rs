@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::frame::{
-    CloseCode, Frame, FrameDecoder, FrameError, ResetCode, StreamId, DATA_CHUNK, MAX_RECORD_PAYLOAD,
+    CloseCode, Frame, FrameDecoder, FrameError, ResetCode, StreamId, DATA_CHUNK,
+    MAX_RECORD_PAYLOAD, MIN_RECORD_PAYLOAD,
 };
 use crate::target::{ConnectStatus, TargetAddr};
 
@@ -609,6 +610,19 @@ impl Session {
     /// Appends the plaintext of at most one record (≤ [`MAX_RECORD_PAYLOAD`] bytes) for the
     /// send leg to `out`. Returns the number of bytes written; 0 means nothing to send.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> usize {
+        self.poll_transmit_up_to(now, out, MAX_RECORD_PAYLOAD)
+    }
+
+    /// [`Session::poll_transmit`] for a leg whose records carry at most `max_payload`
+    /// bytes (at least [`MIN_RECORD_PAYLOAD`], at most [`MAX_RECORD_PAYLOAD`]), such as
+    /// TLS records.
+    pub fn poll_transmit_up_to(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<u8>,
+        max_payload: usize,
+    ) -> usize {
+        let max_payload = max_payload.clamp(MIN_RECORD_PAYLOAD, MAX_RECORD_PAYLOAD);
         if !self.send_attached {
             return 0;
         }
@@ -638,15 +652,15 @@ impl Session {
             .encode(out);
             self.max_data_dirty = false;
         }
-        self.write_credit_updates(out, start);
+        self.write_credit_updates(out, start, max_payload);
         while let Some(f) = self.tx.pending() {
-            if out.len() - start + f.encoded_len() > MAX_RECORD_PAYLOAD {
+            if out.len() - start + f.encoded_len() > max_payload {
                 break;
             }
             f.encode(out);
             self.tx.tx_next += 1;
         }
-        self.write_credit_updates(out, start);
+        self.write_credit_updates(out, start, max_payload);
         if out.len() == start && now >= self.last_tx + self.config.keepalive {
             Frame::Ping.encode(out);
         }
@@ -905,12 +919,12 @@ impl Session {
     // ---- internals -----------------------------------------------------------------
 
     /// Writes pending MAX_STREAM_DATA frames that fit, for streams the peer already knows.
-    fn write_credit_updates(&mut self, out: &mut Vec<u8>, start: usize) {
+    fn write_credit_updates(&mut self, out: &mut Vec<u8>, start: usize, max_payload: usize) {
         const LEN: usize = 1 + 4 + 8;
         let tx_next = self.tx.tx_next;
         let mut sent = Vec::new();
         for &stream in &self.credit_updates {
-            if out.len() - start + LEN > MAX_RECORD_PAYLOAD {
+            if out.len() - start + LEN > max_payload {
                 break;
             }
             match self.streams.get(&stream) {

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use halfpipe_core::frame::{CloseCode, Frame, ResetCode};
+use halfpipe_core::frame::{CloseCode, Frame, ResetCode, MAX_RECORD_PAYLOAD, MIN_RECORD_PAYLOAD};
 use halfpipe_core::session::{
     CloseReason, Event, Recv, Session, SessionConfig, SessionError, Side,
 };
@@ -34,6 +34,8 @@ struct Sim {
     down: VecDeque<Bytes>,
     client_events: Vec<Event>,
     server_events: Vec<Event>,
+    /// The most plaintext each leg's records carry (a TLS record's, or the default).
+    record_limit: usize,
 }
 
 impl Sim {
@@ -48,6 +50,7 @@ impl Sim {
             down: VecDeque::new(),
             client_events: Vec::new(),
             server_events: Vec::new(),
+            record_limit: MAX_RECORD_PAYLOAD,
         };
         sim.attach_up();
         sim.attach_down();
@@ -84,12 +87,15 @@ impl Sim {
     fn step(&mut self, budget: usize) -> bool {
         let mut moved = false;
         for _ in 0..budget {
+            let limit = self.record_limit;
             let mut buf = Vec::new();
-            if self.client.poll_transmit(self.now, &mut buf) > 0 {
+            if self.client.poll_transmit_up_to(self.now, &mut buf, limit) > 0 {
+                assert!(buf.len() <= limit, "{} > {limit}", buf.len());
                 self.up.push_back(Bytes::from(buf));
             }
             let mut buf = Vec::new();
-            if self.server.poll_transmit(self.now, &mut buf) > 0 {
+            if self.server.poll_transmit_up_to(self.now, &mut buf, limit) > 0 {
+                assert!(buf.len() <= limit, "{} > {limit}", buf.len());
                 self.down.push_back(Bytes::from(buf));
             }
         }
@@ -222,6 +228,29 @@ fn stream_roundtrip_both_ways_and_reaped() {
     sim.settle();
     assert_eq!(sim.client.stream_count(), 0);
     assert_eq!(sim.server.stream_count(), 0);
+    assert_eq!(sim.client.unacked(), (0, 0));
+    assert_eq!(sim.server.unacked(), (0, 0));
+}
+
+#[test]
+fn records_sized_for_tls_carry_everything_and_never_exceed_a_tls_record() {
+    // Legs whose records are TLS records hold 16 KiB each: every DATA frame still fits,
+    // with the acknowledgements and credit that ride along, in both directions and across
+    // leg loss.
+    let mut sim = Sim::new(SessionConfig::default());
+    sim.record_limit = MIN_RECORD_PAYLOAD;
+    let id = sim.open();
+    let up = pattern(3 << 20, 3);
+    let down = pattern(3 << 20, 4);
+    let mut kill = |sim: &mut Sim, round: usize| {
+        if round % 97 == 50 {
+            sim.kill_down();
+            sim.attach_down();
+        }
+    };
+    assert_eq!(transfer(&mut sim, id, &up, true, &mut kill), up);
+    assert_eq!(transfer(&mut sim, id, &down, false, &mut kill), down);
+    sim.settle();
     assert_eq!(sim.client.unacked(), (0, 0));
     assert_eq!(sim.server.unacked(), (0, 0));
 }

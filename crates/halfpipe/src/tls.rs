@@ -136,6 +136,8 @@ pub fn server_config_with(
     let mut cfg = builder.with_single_cert(certs, key_der)?;
     // Legs never resume TLS sessions (each leg authenticates in its Noise handshake).
     cfg.send_tls13_tickets = 0;
+    // A channel-bound `tls://` leg takes its traffic keys into its record layer.
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
@@ -186,10 +188,12 @@ pub fn client_config_with(
                 }))
         }
     };
-    let cfg = match identity {
+    let mut cfg = match identity {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => builder.with_client_auth_cert(read_certs(cert)?, read_key(key)?)?,
     };
+    // A channel-bound `tls://` leg takes its traffic keys into its record layer.
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
@@ -314,7 +318,9 @@ mod tests {
             .map_err(|e| e.to_string())?;
         // Both ends prefer AES-256-GCM: on a channel-bound leg TLS is the only layer.
         assert_eq!(
-            s.connection().negotiated_cipher_suite().map(|c| c.suite()),
+            s.connection()
+                .and_then(|c| c.negotiated_cipher_suite())
+                .map(|c| c.suite()),
             Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
         );
         let mut out = Vec::new();

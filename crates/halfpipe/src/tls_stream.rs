@@ -9,13 +9,20 @@
 //!
 //! The stream is meant for one owner at a time (a leg task reads or writes); it still
 //! answers TLS housekeeping (key updates) from either side.
+//!
+//! A channel-bound `tls://` leg goes further once its Noise handshake is done:
+//! [`TlsStream::hand_over_keys`] takes the TLS traffic keys out of rustls into the leg's
+//! record layer ([`halfpipe_core::record::RecordSealer::tls13`]), which seals and opens
+//! TLS records in the tunnel's own buffers; the stream then passes raw bytes.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use bytes::BytesMut;
 use halfpipe_core::handshake::ChannelBinding;
+use halfpipe_core::record::{RecordOpener, RecordSealer, TlsCipher, TlsTrafficKey};
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::pki_types::ServerName;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
@@ -45,6 +52,8 @@ pub trait TlsSide: Send + Unpin + 'static {
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
     /// The negotiated cipher suite, once known.
     fn suite(&self) -> Option<rustls::CipherSuite>;
+    /// Ends rustls' part after the handshake, handing out both directions' traffic keys.
+    fn extract_keys(self) -> Result<rustls::ExtractedSecrets, rustls::Error>;
 }
 
 impl TlsSide for UnbufferedClientConnection {
@@ -58,6 +67,12 @@ impl TlsSide for UnbufferedClientConnection {
     fn suite(&self) -> Option<rustls::CipherSuite> {
         self.negotiated_cipher_suite().map(|s| s.suite())
     }
+    fn extract_keys(self) -> Result<rustls::ExtractedSecrets, rustls::Error> {
+        // The kernel-connection half (key updates, tickets) is dropped: a leg that meets
+        // either is replaced instead.
+        self.dangerous_into_kernel_connection()
+            .map(|(keys, _)| keys)
+    }
 }
 
 impl TlsSide for UnbufferedServerConnection {
@@ -70,6 +85,12 @@ impl TlsSide for UnbufferedServerConnection {
     }
     fn suite(&self) -> Option<rustls::CipherSuite> {
         self.negotiated_cipher_suite().map(|s| s.suite())
+    }
+    fn extract_keys(self) -> Result<rustls::ExtractedSecrets, rustls::Error> {
+        // The kernel-connection half (key updates, tickets) is dropped: a leg that meets
+        // either is replaced instead.
+        self.dangerous_into_kernel_connection()
+            .map(|(keys, _)| keys)
     }
 }
 
@@ -91,6 +112,48 @@ fn tls_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
+fn handed_over() -> io::Error {
+    io::Error::other("the TLS keys of this connection were handed over to its record layer")
+}
+
+/// A leg's TLS connection after [`TlsStream::hand_over_keys`]: the record layer for each
+/// direction, and what was received but not yet opened.
+pub struct HandedOver {
+    /// Seals what this end sends, continuing rustls' sequence numbers.
+    pub sealer: RecordSealer,
+    /// Opens what this end receives.
+    pub opener: RecordOpener,
+    /// TLS bytes already read from the socket, to be opened before any others.
+    pub unread: BytesMut,
+}
+
+/// One direction's key as the record layer takes it.
+fn record_key(
+    (seq, secrets): &(u64, rustls::ConnectionTrafficSecrets),
+) -> io::Result<TlsTrafficKey<'_>> {
+    use rustls::ConnectionTrafficSecrets as S;
+    let (cipher, key, iv) = match secrets {
+        S::Aes128Gcm { key, iv } => (TlsCipher::Aes128Gcm, key, iv),
+        S::Aes256Gcm { key, iv } => (TlsCipher::Aes256Gcm, key, iv),
+        S::Chacha20Poly1305 { key, iv } => (TlsCipher::ChaCha20Poly1305, key, iv),
+        _ => {
+            return Err(tls_err(
+                "TLS cipher suite not supported by the record layer",
+            ))
+        }
+    };
+    let iv: [u8; 12] = iv
+        .as_ref()
+        .try_into()
+        .map_err(|_| tls_err("TLS IV is not 12 bytes"))?;
+    Ok(TlsTrafficKey {
+        cipher,
+        key: key.as_ref(),
+        iv,
+        seq: *seq,
+    })
+}
+
 /// Received TLS bytes: `buf[start..end]` is not yet processed by rustls.
 struct Incoming {
     buf: Vec<u8>,
@@ -102,6 +165,15 @@ impl Incoming {
     fn new() -> Self {
         Self {
             buf: vec![0; READ_WINDOW],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// No window at all (after a key hand-over, when nothing is read through it).
+    fn empty() -> Self {
+        Self {
+            buf: Vec::new(),
             start: 0,
             end: 0,
         }
@@ -229,7 +301,8 @@ enum Step {
 /// A TLS stream over TCP (client or server side).
 pub struct TlsStream<C: TlsSide> {
     io: TcpStream,
-    conn: C,
+    /// rustls' connection; `None` once the keys were handed over (raw pass-through).
+    conn: Option<C>,
     incoming: Incoming,
     outgoing: Outgoing,
     plain: Plain,
@@ -273,7 +346,7 @@ impl<C: TlsSide> TlsStream<C> {
     fn new(io: TcpStream, conn: C) -> Self {
         Self {
             io,
-            conn,
+            conn: Some(conn),
             incoming: Incoming::new(),
             outgoing: Outgoing::default(),
             plain: Plain::default(),
@@ -293,15 +366,47 @@ impl<C: TlsSide> TlsStream<C> {
         &self.io
     }
 
-    /// The rustls connection (negotiated parameters, peer certificates).
-    pub fn connection(&self) -> &C {
-        &self.conn
+    /// The rustls connection (negotiated parameters, peer certificates); `None` once the
+    /// keys were handed over.
+    pub fn connection(&self) -> Option<&C> {
+        self.conn.as_ref()
+    }
+
+    /// Takes the traffic keys out of rustls for a record layer that seals and opens TLS
+    /// records itself; from then on this stream passes raw bytes. Refused while decrypted
+    /// bytes wait for the reader (the peer sent data in the same record as the handshake's
+    /// last message) or records wait to be sent.
+    pub fn hand_over_keys(&mut self) -> io::Result<HandedOver> {
+        if !self.plain.is_empty() {
+            return Err(tls_err(
+                "application data arrived in the record of the leg handshake",
+            ));
+        }
+        if self.outgoing.pending() {
+            return Err(tls_err("TLS records still wait to be sent"));
+        }
+        let keys = self
+            .conn
+            .take()
+            .ok_or_else(handed_over)?
+            .extract_keys()
+            .map_err(tls_err)?;
+        let sealer = RecordSealer::tls13(&record_key(&keys.tx)?).map_err(tls_err)?;
+        let opener = RecordOpener::tls13(&record_key(&keys.rx)?).map_err(tls_err)?;
+        let unread = BytesMut::from(self.incoming.window() as &[u8]);
+        self.incoming = Incoming::empty();
+        Ok(HandedOver {
+            sealer,
+            opener,
+            unread,
+        })
     }
 
     /// One step of the state machine. Application data goes into `dst` while it has
     /// room, the rest into the plaintext queue.
     fn step(&mut self, mut dst: Option<&mut ReadBuf<'_>>) -> io::Result<Step> {
-        let UnbufferedStatus { mut discard, state } = self.conn.process(self.incoming.window());
+        let conn = self.conn.as_mut().ok_or_else(handed_over)?;
+        let UnbufferedStatus { mut discard, state } = conn.process(self.incoming.window());
         let step = match state.map_err(tls_err)? {
             ConnectionState::ReadTraffic(mut traffic) => {
                 while let Some(record) = traffic.next_record() {
@@ -314,7 +419,10 @@ impl<C: TlsSide> TlsStream<C> {
                         payload = &payload[n..];
                     }
                     if !payload.is_empty() {
+                        // Decrypt no further than the record that overflows: what follows
+                        // stays in `incoming`, where a key hand-over finds it.
                         self.plain.push(payload);
+                        break;
                     }
                 }
                 Step::Data
@@ -366,7 +474,8 @@ impl<C: TlsSide> TlsStream<C> {
     async fn handshake(mut self, log: &ExporterSecretLog) -> io::Result<Self> {
         match self.drive_handshake().await {
             Ok(()) => {
-                self.channel_binding = log.take_binding(self.conn.suite());
+                let suite = self.conn.as_ref().and_then(|c| c.suite());
+                self.channel_binding = log.take_binding(suite);
                 Ok(self)
             }
             Err(e) => {
@@ -420,7 +529,8 @@ impl<C: TlsSide> TlsStream<C> {
     ) -> io::Result<()> {
         let mut write = Some(write);
         loop {
-            let UnbufferedStatus { mut discard, state } = self.conn.process(self.incoming.window());
+            let conn = self.conn.as_mut().ok_or_else(handed_over)?;
+            let UnbufferedStatus { mut discard, state } = conn.process(self.incoming.window());
             let mut done = false;
             match state.map_err(tls_err)? {
                 ConnectionState::WriteTraffic(mut traffic) => {
@@ -475,6 +585,9 @@ impl<C: TlsSide> AsyncRead for TlsStream<C> {
             this.plain.take_into(buf);
             return Poll::Ready(Ok(()));
         }
+        if this.conn.is_none() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
         if this.peer_closed {
             return Poll::Ready(Ok(())); // close_notify seen (rustls reports it only once)
         }
@@ -520,6 +633,9 @@ impl<C: TlsSide> AsyncWrite for TlsStream<C> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.outgoing.poll_flush(&mut this.io, cx))?;
+        if this.conn.is_none() {
+            return Pin::new(&mut this.io).poll_write(cx, data);
+        }
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -540,7 +656,7 @@ impl<C: TlsSide> AsyncWrite for TlsStream<C> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.handshake_done {
+        if this.handshake_done && this.conn.is_some() {
             this.handshake_done = false; // queue close_notify once
             this.with_write_traffic(|traffic, out| {
                 out.append(|buf| traffic.queue_close_notify(buf), encrypt_need)
@@ -635,6 +751,70 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn handed_over_keys_seal_and_open_records_rustls_itself_reads_and_writes() {
+        use halfpipe_core::record::TLS_MAX_PLAINTEXT;
+        let (mut client, mut server) = pair().await;
+        // Traffic through rustls first, so the handed-over sequence numbers are not zero;
+        // the server sends a bulk right behind its reply, part of which the client will
+        // already have read (and must open after the hand-over).
+        client.write_all(b"hello").await.unwrap();
+        client.flush().await.unwrap();
+        let mut five = [0u8; 5];
+        server.read_exact(&mut five).await.unwrap();
+        let down = pattern(300_000, 5);
+        server.write_all(b"reply").await.unwrap();
+        server.write_all(&down).await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut five).await.unwrap();
+        assert_eq!(&five, b"reply");
+
+        let mut h = client.hand_over_keys().expect("hand-over");
+        assert!(
+            client.hand_over_keys().is_err(),
+            "the keys are handed over once"
+        );
+        let mut buf = h.unread;
+        let mut got = Vec::new();
+        while got.len() < down.len() {
+            while let Some(p) = h.opener.open_next(&mut buf).unwrap() {
+                got.extend_from_slice(&p);
+            }
+            if got.len() < down.len() {
+                buf.reserve(64 * 1024);
+                assert!(client.read_buf(&mut buf).await.unwrap() > 0);
+            }
+        }
+        assert_eq!(got, down);
+
+        // The other way: records sealed by the client, read by rustls on the server.
+        let up = pattern(200_000, 6);
+        let mut wire = Vec::new();
+        for chunk in up.chunks(TLS_MAX_PLAINTEXT) {
+            let start = h.sealer.begin(&mut wire);
+            wire.extend_from_slice(chunk);
+            h.sealer.seal(&mut wire, start).unwrap();
+        }
+        client.write_all(&wire).await.unwrap();
+        client.flush().await.unwrap();
+        let mut back = vec![0u8; up.len()];
+        server.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, up);
+    }
+
+    #[tokio::test]
+    async fn keys_are_not_handed_over_while_decrypted_bytes_wait_for_the_reader() {
+        let (mut client, mut server) = pair().await;
+        // Data packed into the record of the last handshake message would be lost to a
+        // record layer that starts after it: refused instead.
+        server.write_all(b"replyEXTRA").await.unwrap();
+        server.flush().await.unwrap();
+        let mut five = [0u8; 5];
+        client.read_exact(&mut five).await.unwrap();
+        let e = client.hand_over_keys().err().expect("refused");
+        assert!(e.to_string().contains("record of the leg handshake"), "{e}");
+    }
+
+    #[tokio::test]
     async fn garbage_and_truncation_are_errors_not_panics() {
         // Random bytes where a ServerHello should be.
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -718,6 +898,7 @@ mod tests {
             assert_eq!(
                 client
                     .connection()
+                    .unwrap()
                     .negotiated_cipher_suite()
                     .map(|s| s.suite()),
                 Some(suite.suite())

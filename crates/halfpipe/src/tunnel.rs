@@ -155,6 +155,9 @@ pub enum AttachError {
     /// The handshake's keys were rejected by the record layer.
     #[error(transparent)]
     Record(#[from] RecordError),
+    /// The transport could not hand its TLS keys to the record layer.
+    #[error("handing the leg's TLS keys to its record layer: {0}")]
+    TlsKeys(#[from] std::io::Error),
     /// The peer's ACK from the handshake does not fit the session.
     #[error(transparent)]
     Session(#[from] SessionError),
@@ -340,30 +343,35 @@ impl Tunnel {
     pub fn attach_leg(
         self: &Arc<Self>,
         role: LegRole,
-        io: BoxedLeg,
+        mut io: BoxedLeg,
         keys: &LegKeys,
         peer_recv_next: u64,
     ) -> Result<(), AttachError> {
         let client = lock(&self.inner).session.side() == Side::Client;
-        let result = if role == self.role_of(LegEnd::Send) {
-            let sealer = if client {
-                keys.client_sealer()
-            } else {
-                keys.server_sealer()
+        let result = (|| {
+            // A channel-bound leg whose transport can hand its TLS keys over reads and
+            // writes the TLS records itself, in its own buffers.
+            let handed = match keys.is_bound() {
+                true => io.hand_over_tls_keys().transpose()?,
+                false => None,
             };
-            sealer
-                .map_err(AttachError::from)
-                .and_then(|s| Ok(self.attach_send_leg(io, s, peer_recv_next)?))
-        } else {
-            let opener = if client {
-                keys.client_opener()
+            if role == self.role_of(LegEnd::Send) {
+                let sealer = match handed {
+                    Some(h) => h.sealer,
+                    None if client => keys.client_sealer()?,
+                    None => keys.server_sealer()?,
+                };
+                self.attach_send_leg(io, sealer, peer_recv_next)?;
             } else {
-                keys.server_opener()
-            };
-            opener
-                .map(|o| self.attach_recv_leg(io, o))
-                .map_err(AttachError::from)
-        };
+                let (opener, unread) = match handed {
+                    Some(h) => (h.opener, h.unread),
+                    None if client => (keys.client_opener()?, BytesMut::new()),
+                    None => (keys.server_opener()?, BytesMut::new()),
+                };
+                self.attach_recv_leg(io, opener, unread);
+            }
+            Ok(())
+        })();
         if result.is_err() {
             self.close(CloseCode::ProtocolError);
         }
@@ -412,17 +420,24 @@ impl Tunnel {
         Ok(())
     }
 
-    /// Attaches a new receive leg (replacing any previous one) and starts its reader task.
-    fn attach_recv_leg(self: &Arc<Self>, io: BoxedLeg, opener: RecordOpener) {
+    /// Attaches a new receive leg (replacing any previous one) and starts its reader task;
+    /// `unread` is what its transport already read past the handshake.
+    fn attach_recv_leg(self: &Arc<Self>, io: BoxedLeg, opener: RecordOpener, unread: BytesMut) {
         let (gen, _) = self.claim_slot(LegEnd::Recv);
-        self.start_recv_leg(gen, io, opener);
+        self.start_recv_leg(gen, io, opener, unread);
     }
 
     /// The second half of [`Tunnel::attach_recv_leg`], once the slot is claimed as `gen`:
     /// as for send legs, the generation check and the attach share one lock, so a leg
     /// superseded meanwhile never touches the session (attaching it would make the live
     /// leg's next record look like a new leg's first, which must carry RESUME).
-    fn start_recv_leg(self: &Arc<Self>, gen: u64, io: BoxedLeg, opener: RecordOpener) {
+    fn start_recv_leg(
+        self: &Arc<Self>,
+        gen: u64,
+        io: BoxedLeg,
+        opener: RecordOpener,
+        unread: BytesMut,
+    ) {
         let current = self.with_inner(|g| {
             if gen < g.recv_generation {
                 return false;
@@ -435,7 +450,7 @@ impl Tunnel {
         if !current {
             return; // superseded: this leg is dropped unused
         }
-        let task = tokio::spawn(Arc::clone(self).run_reader(io, opener, gen));
+        let task = tokio::spawn(Arc::clone(self).run_reader(io, opener, gen, unread));
         self.install_task(LegEnd::Recv, gen, task);
         self.timer_wake.notify_one();
     }
@@ -533,6 +548,7 @@ impl Tunnel {
         let mut wr = io;
         let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + 70 * 1024);
         let mut starts: Vec<usize> = Vec::new();
+        let max_payload = sealer.max_payload();
         loop {
             out.clear();
             starts.clear();
@@ -543,8 +559,8 @@ impl Tunnel {
                 }
                 let now = Instant::now();
                 while out.len() < WRITE_BATCH {
-                    let start = RecordSealer::begin(&mut out);
-                    if g.session.poll_transmit(now, &mut out) == 0 {
+                    let start = sealer.begin(&mut out);
+                    if g.session.poll_transmit_up_to(now, &mut out, max_payload) == 0 {
                         out.truncate(start);
                         break;
                     }
@@ -580,11 +596,50 @@ impl Tunnel {
         }
     }
 
-    async fn run_reader(self: Arc<Self>, io: BoxedLeg, mut opener: RecordOpener, generation: u64) {
+    async fn run_reader(
+        self: Arc<Self>,
+        io: BoxedLeg,
+        mut opener: RecordOpener,
+        generation: u64,
+        unread: BytesMut,
+    ) {
         let mut rd = io;
-        let mut buf = BytesMut::with_capacity(256 * 1024);
+        // What the transport read past the handshake is opened before anything new.
+        let mut buf = unread;
         let mut records = Vec::new();
         loop {
+            loop {
+                match opener.open_next(&mut buf) {
+                    Ok(Some(r)) => records.push(r),
+                    Ok(None) => break,
+                    Err(e) => {
+                        // A record that fails authentication on an authenticated leg means
+                        // tampering in transit: drop the leg, the session resumes on a new one.
+                        self.leg_failed(LegEnd::Recv, generation, e.to_string());
+                        return;
+                    }
+                }
+            }
+            if !records.is_empty() {
+                let result = self.with_inner(|g| {
+                    if g.recv_generation != generation {
+                        return Ok(false); // replaced by a newer leg
+                    }
+                    let now = Instant::now();
+                    for r in records.drain(..) {
+                        g.session.handle_record(now, r)?;
+                    }
+                    Ok::<bool, SessionError>(true)
+                });
+                match result {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "peer broke the protocol; session closed");
+                        return;
+                    }
+                }
+            }
             if buf.capacity() - buf.len() < 64 * 1024 {
                 buf.reserve(128 * 1024);
             }
@@ -602,38 +657,6 @@ impl Tunnel {
                     self.leg_failed(LegEnd::Recv, generation, e.to_string());
                     return;
                 }
-            }
-            loop {
-                match opener.open_next(&mut buf) {
-                    Ok(Some(r)) => records.push(r),
-                    Ok(None) => break,
-                    Err(e) => {
-                        // A record that fails authentication on an authenticated leg means
-                        // tampering in transit: drop the leg, the session resumes on a new one.
-                        self.leg_failed(LegEnd::Recv, generation, e.to_string());
-                        return;
-                    }
-                }
-            }
-            if records.is_empty() {
-                continue;
-            }
-            let result = self.with_inner(|g| {
-                if g.recv_generation != generation {
-                    return Ok(false); // replaced by a newer leg
-                }
-                let now = Instant::now();
-                for r in records.drain(..) {
-                    g.session.handle_record(now, r)?;
-                }
-                Ok::<bool, SessionError>(true)
-            });
-            if let Ok(false) = result {
-                return;
-            }
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "peer broke the protocol; session closed");
-                return;
             }
         }
     }
@@ -1131,7 +1154,12 @@ mod tests {
         // redial (B) finishes first and carries the client's records.
         let (gen_a, _) = server.claim_slot(LegEnd::Recv);
         let (gen_b, _) = server.claim_slot(LegEnd::Recv);
-        server.start_recv_leg(gen_b, Box::new(io_b), server_keys.server_opener().unwrap());
+        server.start_recv_leg(
+            gen_b,
+            Box::new(io_b),
+            server_keys.server_opener().unwrap(),
+            BytesMut::new(),
+        );
         client
             .attach_leg(LegRole::Up, Box::new(peer_b), &client_keys, 0)
             .unwrap();
@@ -1147,7 +1175,12 @@ mod tests {
         tokio::spawn(async move { c1.open_stream(t1, Duration::from_secs(30)).await });
         let first = opened(&mut control).await;
         // The superseded leg's handshake finishes late: it must not re-attach the session.
-        server.start_recv_leg(gen_a, Box::new(io_a), stale_keys.server_opener().unwrap());
+        server.start_recv_leg(
+            gen_a,
+            Box::new(io_a),
+            stale_keys.server_opener().unwrap(),
+            BytesMut::new(),
+        );
         assert_eq!(lock(&server.inner).recv_generation, gen_b);
         // The live leg's next record is read as a continuation, not refused for lacking
         // RESUME: the session stays open and the second stream arrives.

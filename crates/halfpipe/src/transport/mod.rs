@@ -42,6 +42,14 @@ pub trait LegIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn channel_binding(&self) -> Option<ChannelBinding> {
         None
     }
+
+    /// For a channel-bound leg: hands this pipe's TLS traffic keys to the leg's record
+    /// layer, which then writes and reads TLS records itself while the pipe passes raw
+    /// bytes (`tls://`). `None` where the TLS stays inside the pipe (`wss://`, whose
+    /// WebSocket frames sit between TLS and the records) or there is none.
+    fn hand_over_tls_keys(&mut self) -> Option<io::Result<crate::tls_stream::HandedOver>> {
+        None
+    }
 }
 
 impl LegIo for TcpStream {}
@@ -52,6 +60,10 @@ impl LegIo for tokio::io::DuplexStream {}
 impl<C: crate::tls_stream::TlsSide> LegIo for crate::tls_stream::TlsStream<C> {
     fn channel_binding(&self) -> Option<ChannelBinding> {
         crate::tls_stream::TlsStream::channel_binding(self)
+    }
+
+    fn hand_over_tls_keys(&mut self) -> Option<io::Result<crate::tls_stream::HandedOver>> {
+        Some(self.hand_over_keys())
     }
 }
 
@@ -87,6 +99,10 @@ impl Counted {
 impl LegIo for Counted {
     fn channel_binding(&self) -> Option<ChannelBinding> {
         self.inner.channel_binding()
+    }
+
+    fn hand_over_tls_keys(&mut self) -> Option<io::Result<crate::tls_stream::HandedOver>> {
+        self.inner.hand_over_tls_keys()
     }
 }
 
