@@ -2,6 +2,13 @@
 //! the tasks around it — the send-leg writer, the receive-leg reader, the timer, and a pair
 //! of pumps per stream between a TCP socket and the session.
 //!
+//! The send leg is written by whoever has bytes for it and finds it free: a stream pump
+//! that just handed data to the session writes the records itself (as a one-task relay
+//! would, saving a task hand-off per batch), up to [`INLINE_BATCHES`]; the writer task
+//! does the rest (acknowledgements, credit, keepalives, anything queued while the leg was
+//! busy). The leg's pipe and record layer sit behind one async mutex, taken for a whole
+//! collect-seal-write, so records leave in order whoever writes them.
+//!
 //! Both the client and the exit use this driver; they differ only in who dials legs and who
 //! opens streams. What a side must decide (a new stream to connect, a leg gone, the session
 //! over) arrives on its bounded control channel.
@@ -27,6 +34,9 @@ use crate::transport::BoxedLeg;
 
 /// Bytes gathered for one write to the send leg.
 const WRITE_BATCH: usize = 64 * 1024;
+/// Batches a stream pump writes to a free send leg before leaving the rest to the writer
+/// task (so that a pump does not starve its own socket while writing others' data).
+const INLINE_BATCHES: usize = 2;
 /// Most bytes read from an application socket at once.
 const APP_READ: usize = 128 * 1024;
 /// What a stream's read buffer starts at: an idle or interactive stream never needs more,
@@ -126,6 +136,33 @@ struct LegSlot {
     generation: u64,
     task: Option<JoinHandle<()>>,
     wake: Arc<Notify>,
+    /// The send leg's pipe (send slot only).
+    send: Option<SharedSendLeg>,
+}
+
+/// A send leg's pipe and record layer, with the buffers of one batch.
+struct SendLeg {
+    io: BoxedLeg,
+    sealer: RecordSealer,
+    generation: u64,
+    out: Vec<u8>,
+    starts: Vec<usize>,
+}
+
+/// A send leg as the writer task and the stream pumps share it.
+type SharedSendLeg = Arc<tokio::sync::Mutex<SendLeg>>;
+
+/// How a turn at writing the send leg ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Transmitted {
+    /// Nothing more to send for now.
+    Idle,
+    /// The batch budget ran out with more to send.
+    Budget,
+    /// The session is closed and everything was sent.
+    Closed,
+    /// The leg failed or was replaced; its writer stops.
+    Gone,
 }
 
 /// One session and its tasks.
@@ -188,6 +225,7 @@ impl Tunnel {
                 generation: 0,
                 task: None,
                 wake: Arc::new(Notify::new()),
+                send: None,
             })
         };
         let t = Arc::new(Self {
@@ -243,6 +281,16 @@ impl Tunnel {
     /// Runs `f` on the session and the stream signals under one lock, then dispatches the
     /// session's events outside the lock and wakes the writer if it has work.
     fn with_inner<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let (r, wants_tx) = self.locked(f);
+        if wants_tx {
+            self.wake_writer();
+        }
+        r
+    }
+
+    /// [`Tunnel::with_inner`] without waking the writer: also says whether the send leg
+    /// has work, for a caller that writes it itself ([`Tunnel::transmit_inline`]).
+    fn locked<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> (R, bool) {
         let (r, events, wants_tx, timer_early) = {
             let mut g = lock(&self.inner);
             let r = f(&mut g);
@@ -272,10 +320,7 @@ impl Tunnel {
         for (e, sig) in events {
             self.dispatch(e, sig);
         }
-        if wants_tx {
-            self.wake_writer();
-        }
-        r
+        (r, wants_tx)
     }
 
     fn dispatch(&self, e: Event, sig: Option<Arc<StreamSignals>>) {
@@ -415,7 +460,20 @@ impl Tunnel {
         if !current {
             return Ok(()); // superseded: this leg is dropped unused
         }
-        let task = tokio::spawn(Arc::clone(self).run_writer(io, sealer, gen, wake));
+        let leg = Arc::new(tokio::sync::Mutex::new(SendLeg {
+            io,
+            sealer,
+            generation: gen,
+            out: Vec::with_capacity(WRITE_BATCH + 70 * 1024),
+            starts: Vec::new(),
+        }));
+        {
+            let mut slot = lock(&self.send_leg);
+            if slot.generation == gen {
+                slot.send = Some(leg.clone());
+            }
+        }
+        let task = tokio::spawn(Arc::clone(self).run_writer(leg, wake));
         self.install_task(LegEnd::Send, gen, task);
         Ok(())
     }
@@ -470,6 +528,7 @@ impl Tunnel {
             let mut slot = lock(self.slot(end));
             slot.generation += 1;
             slot.wake = Arc::new(Notify::new());
+            slot.send = None;
             (slot.task.take(), slot.generation, slot.wake.clone())
         };
         if let Some(old) = old {
@@ -498,7 +557,11 @@ impl Tunnel {
 
     /// Stops the leg at `end` of this side.
     fn drop_leg(&self, end: LegEnd) {
-        let task = lock(self.slot(end)).task.take();
+        let task = {
+            let mut slot = lock(self.slot(end));
+            slot.send = None;
+            slot.task.take()
+        };
         if let Some(t) = task {
             t.abort();
         }
@@ -527,6 +590,7 @@ impl Tunnel {
                 return; // a newer leg already replaced this one
             }
             g.task = None;
+            g.send = None;
         }
         self.detach(end);
         self.timer_wake.notify_one();
@@ -536,63 +600,93 @@ impl Tunnel {
         });
     }
 
-    async fn run_writer(
-        self: Arc<Self>,
-        io: BoxedLeg,
-        mut sealer: RecordSealer,
-        generation: u64,
-        wake: Arc<Notify>,
-    ) {
-        // The writer owns the whole pipe (a leg carries one direction): no split, whose
-        // internal lock would cost on every write.
-        let mut wr = io;
-        let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + 70 * 1024);
-        let mut starts: Vec<usize> = Vec::new();
-        let max_payload = sealer.max_payload();
+    /// The send leg's writer task: writes whatever the pumps left, whenever woken.
+    async fn run_writer(self: Arc<Self>, leg: SharedSendLeg, wake: Arc<Notify>) {
         loop {
+            let mut g = leg.lock().await;
+            match self.transmit(&mut g, usize::MAX).await {
+                Transmitted::Idle | Transmitted::Budget => {}
+                Transmitted::Closed => {
+                    let _ = g.io.shutdown().await;
+                    return;
+                }
+                Transmitted::Gone => return,
+            }
+            drop(g);
+            wake.notified().await;
+        }
+    }
+
+    /// Collects, seals and writes batches to `leg` until nothing is left or `batches`
+    /// batches were written.
+    async fn transmit(&self, leg: &mut SendLeg, batches: usize) -> Transmitted {
+        let max_payload = leg.sealer.max_payload();
+        for _ in 0..batches {
+            let SendLeg {
+                io,
+                sealer,
+                generation,
+                out,
+                starts,
+            } = leg;
             out.clear();
             starts.clear();
             let closed = {
                 let mut g = lock(&self.inner);
-                if g.send_generation != generation {
-                    return; // replaced by a newer leg
+                if g.send_generation != *generation {
+                    return Transmitted::Gone; // replaced by a newer leg
                 }
                 let now = Instant::now();
                 while out.len() < WRITE_BATCH {
-                    let start = sealer.begin(&mut out);
-                    if g.session.poll_transmit_up_to(now, &mut out, max_payload) == 0 {
+                    let start = sealer.begin(out);
+                    if g.session.poll_transmit_up_to(now, out, max_payload) == 0 {
                         out.truncate(start);
                         break;
                     }
-                    sealer.reserve_tag(&mut out);
+                    sealer.reserve_tag(out);
                     starts.push(start);
                 }
                 g.session.is_closed()
             };
             if out.is_empty() {
-                if closed {
-                    let _ = wr.shutdown().await;
-                    return;
-                }
-                wake.notified().await;
-                continue;
+                return match closed {
+                    true => Transmitted::Closed,
+                    false => Transmitted::Idle,
+                };
             }
-            if let Err(e) = seal_all(&mut sealer, &mut out, &starts) {
-                self.leg_failed(LegEnd::Send, generation, e.to_string());
-                return;
+            if let Err(e) = seal_all(sealer, out, starts) {
+                self.leg_failed(LegEnd::Send, *generation, e.to_string());
+                return Transmitted::Gone;
             }
             // Flush too: a TLS pipe may hold the tail of a batch until it is flushed.
-            let written = match wr.write_all(&out).await {
-                Ok(()) => wr.flush().await,
+            let written = match io.write_all(out).await {
+                Ok(()) => io.flush().await,
                 Err(e) => Err(e),
             };
             if let Err(e) = written {
-                self.leg_failed(LegEnd::Send, generation, e.to_string());
-                return;
+                self.leg_failed(LegEnd::Send, *generation, e.to_string());
+                return Transmitted::Gone;
             }
             self.stats
                 .bytes_sent
                 .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        Transmitted::Budget
+    }
+
+    /// A pump's turn at the send leg after it queued data: write it now if the leg is
+    /// free, else (or for what is left after [`INLINE_BATCHES`]) leave it to the writer.
+    async fn transmit_inline(&self) {
+        let leg = lock(&self.send_leg).send.clone();
+        let Some(leg) = leg else {
+            return; // no send leg: the next one's writer sends everything
+        };
+        let left = match leg.try_lock() {
+            Ok(mut g) => self.transmit(&mut g, INLINE_BATCHES).await,
+            Err(_) => Transmitted::Budget, // busy: its holder or the writer sends it
+        };
+        if matches!(left, Transmitted::Budget | Transmitted::Closed) {
+            self.wake_writer();
         }
     }
 
@@ -818,7 +912,11 @@ impl Tunnel {
         let mut buf = BytesMut::with_capacity(want);
         loop {
             while !pending.is_empty() {
-                match self.with_session(|s| s.send(stream, &mut pending)) {
+                let (sent, wants_tx) = self.locked(|g| g.session.send(stream, &mut pending));
+                if wants_tx {
+                    self.transmit_inline().await;
+                }
+                match sent {
                     Ok(_) if pending.is_empty() => {}
                     Ok(_) => sig.writable.notified().await,
                     Err(_) => return (rd, PumpEnd::Reset),
