@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use halfpipe::bench::{self, Plan, System};
 use halfpipe::client::{serve_inbound, Exit};
@@ -17,6 +17,10 @@ use halfpipe::server::Server;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Worker threads of the async runtime (default: one per core). One is plenty for a
+    /// client on a small machine: its tasks then hand bytes over on one core.
+    #[arg(long, global = true, env = "HALFPIPE_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -104,7 +108,8 @@ enum Command {
         /// Leg transports to measure, one tunnel each: tls, tcp, quic, ws, wss, or an
         /// uplink+downlink pair such as wss+quic; a `/double` suffix (tls/double) keeps the
         /// Noise AEAD on channel-bound legs too (`double_encrypt = true`), `/payload=N`
-        /// (quic/payload=1452) sets `[quic] max_udp_payload`.
+        /// (quic/payload=1452) sets `[quic] max_udp_payload`, `/threads=N` or
+        /// `/threads=CLIENT:EXIT` (tls/threads=1:auto) the ends' `--threads`.
         #[arg(long, value_delimiter = ',', default_value = "tls")]
         legs: Vec<String>,
     },
@@ -396,7 +401,11 @@ fn main() -> std::process::ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     init_logging();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.threads {
+        builder.worker_threads(n.into());
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -909,12 +918,15 @@ fn find_program(name: &str) -> Option<PathBuf> {
 }
 
 /// One `--legs` entry: `quic`, `quic+tls`, with optional suffixes `/double`
-/// (`double_encrypt = true`) and `/payload=N` (`[quic] max_udp_payload = N`).
+/// (`double_encrypt = true`), `/payload=N` (`[quic] max_udp_payload = N`) and
+/// `/threads=N` or `/threads=CLIENT:EXIT` (each end's `--threads`, `auto` for the default).
 struct LegsSpec<'a> {
     up: &'a str,
     down: &'a str,
     double: bool,
     quic_payload: Option<u16>,
+    /// `--threads` of the client and of the exit.
+    threads: [Option<u16>; 2],
 }
 
 impl<'a> LegsSpec<'a> {
@@ -927,6 +939,7 @@ impl<'a> LegsSpec<'a> {
             down,
             double: false,
             quic_payload: None,
+            threads: [None; 2],
         };
         for s in [up, down] {
             if !matches!(s, "tls" | "tcp" | "quic" | "ws" | "wss" | "wt") {
@@ -943,7 +956,16 @@ impl<'a> LegsSpec<'a> {
                         format!("--legs {legs:?}: /payload= takes a byte count such as 8952")
                     })?)
                 }
-                _ => bail!("--legs {legs:?}: unknown suffix /{suffix} (use /double or /payload=N)"),
+                Some(("threads", n)) => {
+                    let (c, s) = n.split_once(':').unwrap_or((n, n));
+                    let count = |v: &str| match v.parse::<u16>() {
+                        Ok(n) if n >= 1 => Ok(Some(n)),
+                        _ if v == "auto" => Ok(None),
+                        _ => Err(anyhow!("--legs {legs:?}: /threads= takes N, or CLIENT:EXIT, each a count of 1 or more or auto")),
+                    };
+                    spec.threads = [count(c)?, count(s)?];
+                }
+                _ => bail!("--legs {legs:?}: unknown suffix /{suffix} (use /double, /payload=N or /threads=N)"),
             }
         }
         Ok(spec)
@@ -961,6 +983,12 @@ impl<'a> LegsSpec<'a> {
         }
         if let Some(n) = self.quic_payload {
             name += &format!(", QUIC payload {n}");
+        }
+        let show = |t: Option<u16>| t.map_or("auto".to_string(), |n| n.to_string());
+        match self.threads {
+            [None, None] => {}
+            [c, s] if c == s => name += &format!(", {} threads", show(c)),
+            [c, s] => name += &format!(", threads {}:{}", show(c), show(s)),
         }
         name + ")"
     }
@@ -996,22 +1024,25 @@ async fn start_halfpipe(dir: &Path, legs: &str, target: std::net::SocketAddr) ->
     quickstart::prepare_with(dir, ports, [spec.up, spec.down])?;
     spec.apply(dir)?;
     let exe = std::env::current_exe()?;
+    let args = |role: &str, threads: Option<u16>| {
+        let mut a = vec![
+            role.to_string(),
+            "--config".into(),
+            dir.join(format!("{role}.toml")).display().to_string(),
+        ];
+        if let Some(n) = threads {
+            a.extend(["--threads".into(), n.to_string()]);
+        }
+        a
+    };
     let client = bench::spawn(
         &exe,
-        &[
-            "client".into(),
-            "--config".into(),
-            dir.join("client.toml").display().to_string(),
-        ],
+        &args("client", spec.threads[0]),
         &dir.join("client.log"),
     )?;
     let server = bench::spawn(
         &exe,
-        &[
-            "server".into(),
-            "--config".into(),
-            dir.join("server.toml").display().to_string(),
-        ],
+        &args("server", spec.threads[1]),
         &dir.join("server.log"),
     )?;
     let socks = ([127, 0, 0, 1], ports.socks).into();
@@ -1146,16 +1177,24 @@ mod tests {
         );
         let s = LegsSpec::parse("tls").unwrap();
         assert_eq!(
-            (s.up, s.down, s.double, s.quic_payload),
-            ("tls", "tls", false, None)
+            (s.up, s.down, s.double, s.quic_payload, s.threads),
+            ("tls", "tls", false, None, [None, None])
         );
         assert_eq!(s.name(), "halfpipe (tls legs)");
+        let s = LegsSpec::parse("tls/threads=1").unwrap();
+        assert_eq!(s.threads, [Some(1), Some(1)]);
+        assert_eq!(s.name(), "halfpipe (tls legs, 1 threads)");
+        let s = LegsSpec::parse("tls/threads=1:auto").unwrap();
+        assert_eq!(s.threads, [Some(1), None]);
+        assert_eq!(s.name(), "halfpipe (tls legs, threads 1:auto)");
         for bad in [
             "udp",
             "tls+",
             "quic/payload=big",
             "quic/payload=70000",
             "tls/triple",
+            "tls/threads=0",
+            "tls/threads=1:many",
         ] {
             assert!(LegsSpec::parse(bad).is_err(), "{bad} accepted");
         }
