@@ -441,14 +441,69 @@ impl Plan {
     }
 }
 
+struct Probe {
+    t: Instant,
+    ends: Vec<f64>,
+    me: f64,
+    idle: (f64, f64),
+}
+fn machine_idle() -> (f64, f64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let l = s.lines().next().unwrap_or_default();
+    let v: Vec<f64> = l
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = v.iter().take(8).sum();
+    (
+        v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0),
+        total,
+    )
+}
+impl Probe {
+    fn start(sys: &System) -> Self {
+        Self {
+            t: Instant::now(),
+            ends: sys
+                .children
+                .iter()
+                .map(|c| proc_cpu_seconds(c.id()))
+                .collect(),
+            me: proc_cpu_seconds(std::process::id()),
+            idle: machine_idle(),
+        }
+    }
+    fn report(&self, sys: &System, what: &str, bytes: u64) {
+        if std::env::var_os("HALFPIPE_BENCH_PHASES").is_none() {
+            return;
+        }
+        let dt = self.t.elapsed().as_secs_f64();
+        let ends: Vec<String> = sys
+            .children
+            .iter()
+            .zip(&self.ends)
+            .map(|(c, a)| format!("{:.2}", (proc_cpu_seconds(c.id()) - a) / dt))
+            .collect();
+        let me = (proc_cpu_seconds(std::process::id()) - self.me) / dt;
+        let (i1, t1) = machine_idle();
+        let idle = (i1 - self.idle.0) / (t1 - self.idle.1).max(1.0);
+        eprintln!("PHASE {} {what}: {:.3} GB/s, ends cores {:?}, bench cores {me:.2}, machine idle {:.0}%", sys.name, bytes as f64 / dt / 1e9, ends, idle * 100.0);
+    }
+}
+
 /// Runs one round against `sys`.
 pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Round, BenchError> {
     let s = sys.socks;
     let cpu0 = sys.cpu_seconds();
     let down1 = throughput(s, target, 1, plan.single, true).await?;
     let up1 = throughput(s, target, 1, plan.single, false).await?;
+    let probe = Probe::start(sys);
     let down8 = throughput(s, target, 8, plan.per8, true).await?;
+    probe.report(sys, "down8", 8 * plan.per8);
+    let probe = Probe::start(sys);
     let up8 = throughput(s, target, 8, plan.per8, false).await?;
+    probe.report(sys, "up8", 8 * plan.per8);
     let down64 = throughput(s, target, 64, plan.per64, true).await?;
     let cpu = sys.cpu_seconds() - cpu0;
     let moved = (2 * plan.single + 16 * plan.per8 + 64 * plan.per64) as f64;

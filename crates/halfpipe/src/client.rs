@@ -1,9 +1,10 @@
-//! The client: keeps one session to the exit up (dialling each leg on its own URL, with
-//! backoff and jitter on loss) and serves the local inbounds — SOCKS5, HTTP CONNECT and
-//! fixed forwards — answering each application only once the exit reports its connect.
+//! The client: keeps a small pool of sessions to the exit up (each dialling its two legs
+//! on their own URLs, with backoff and jitter on loss), spreads streams over them, and
+//! serves the local inbounds — SOCKS5, HTTP CONNECT and fixed forwards — answering each
+//! application only once the exit reports its connect.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,11 @@ pub struct ExitSettings {
     pub backoff_max: Duration,
     /// Session tunables.
     pub session: SessionConfig,
+    /// Up to this many sessions run side by side, each with its own pair of legs; a new
+    /// stream goes to the one carrying the fewest, and a new session is opened only when
+    /// every live one already carries a stream. More than one lets the kernel and both
+    /// ends work on several connections at once.
+    pub sessions: usize,
     /// Each leg gets a fresh handshake (new ephemeral keys) after this long...
     pub rekey_after: Duration,
     /// ...or after this many bytes through it, whichever comes first.
@@ -57,6 +63,11 @@ pub struct ExitSettings {
     /// only; legs through a TLS-terminating proxy or CDN always keep both layers.
     pub double_encrypt: bool,
 }
+
+/// Default number of sessions a client spreads its streams over.
+pub const DEFAULT_SESSIONS: usize = 4;
+/// Most sessions a client may be configured to run side by side.
+pub const MAX_SESSIONS: usize = 16;
 
 /// Default leg age before a fresh handshake.
 pub const DEFAULT_REKEY_AFTER: Duration = Duration::from_secs(3600);
@@ -112,17 +123,62 @@ pub enum ClientError {
     },
 }
 
+#[derive(Clone)]
 struct Current {
     id: SessionId,
     tunnel: Arc<Tunnel>,
 }
 
-/// The connection to the exit: one live session at a time, re-established on demand.
+/// One place in the session pool: at most one live session, established on demand.
+#[derive(Default)]
+struct Slot {
+    /// The session, once established (it may have closed since).
+    live: std::sync::Mutex<Option<Current>>,
+    /// Held while the slot establishes a session, so it dials once for all waiters.
+    establishing: AsyncMutex<()>,
+    /// Streams assigned to this slot and not yet counted by its tunnel.
+    opening: AtomicUsize,
+}
+
+impl Slot {
+    /// The session, if established and not closed.
+    fn live(&self) -> Option<Current> {
+        lock(&self.live)
+            .as_ref()
+            .filter(|c| !c.tunnel.is_closed())
+            .cloned()
+    }
+
+    /// Streams on the slot, counting those being opened; `None` when it has no session.
+    fn load(&self) -> (usize, bool) {
+        let opening = self.opening.load(Ordering::Relaxed);
+        match self.live() {
+            Some(c) => (opening + c.tunnel.stream_count(), false),
+            None => (opening, true),
+        }
+    }
+}
+
+/// A stream assigned to a slot: counted in the slot's load until dropped.
+struct Assigned<'a>(&'a Slot);
+
+impl Drop for Assigned<'_> {
+    fn drop(&mut self) {
+        self.0.opening.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The connection to the exit: a pool of up to [`ExitSettings::sessions`] sessions, each
+/// established on demand and re-established when it ends.
 pub struct Exit {
     settings: ExitSettings,
     /// The exit key to dial with: the configured one, or the one it announced since.
     server_key: std::sync::Mutex<[u8; 32]>,
-    current: AsyncMutex<Option<Current>>,
+    slots: Vec<Slot>,
     /// Per leg role (up, down): which URL carries it and when each URL last failed.
     choices: [std::sync::Mutex<UrlChoice>; 2],
 }
@@ -166,21 +222,23 @@ impl Exit {
             .unwrap_or(settings.server_public);
         Arc::new(Self {
             server_key: std::sync::Mutex::new(key),
+            slots: (0..settings.sessions.clamp(1, MAX_SESSIONS))
+                .map(|_| Slot::default())
+                .collect(),
             settings,
-            current: AsyncMutex::new(None),
             choices: Default::default(),
         })
     }
 
     /// The exit key the client dials with now.
     pub fn server_key(&self) -> [u8; 32] {
-        *self.server_key.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.server_key)
     }
 
     /// Adopts the exit's announced new key (it arrived in a handshake only the key we
     /// dialled could produce) and saves it for the next start.
     fn learn_key(&self, next: [u8; 32]) {
-        *self.server_key.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        *lock(&self.server_key) = next;
         let shown = crate::keyfile::encode_key(&next);
         match &self.settings.learned_key_file {
             Some(path) => match crate::keyfile::write_public_key(path, &next) {
@@ -197,13 +255,48 @@ impl Exit {
         }
     }
 
-    /// The live tunnel, establishing a session when there is none.
+    /// The first session of the pool, establishing it when there is none (a start-up
+    /// check that the exit is reachable).
     pub async fn tunnel(self: &Arc<Self>) -> Result<Arc<Tunnel>, ClientError> {
-        let mut cur = self.current.lock().await;
-        if let Some(c) = cur.as_ref() {
-            if !c.tunnel.is_closed() {
-                return Ok(c.tunnel.clone());
-            }
+        self.tunnel_in(&self.slots[0]).await
+    }
+
+    /// The slot a new stream should go to: the one carrying the fewest streams, a live
+    /// session before an empty slot, the first on ties.
+    fn assign(&self) -> Assigned<'_> {
+        let slot = self
+            .slots
+            .iter()
+            .min_by_key(|s| s.load())
+            .unwrap_or(&self.slots[0]);
+        slot.opening.fetch_add(1, Ordering::Relaxed);
+        Assigned(slot)
+    }
+
+    /// A live tunnel for a new stream: the assigned slot's session, established if it has
+    /// none. When that fails (the exit may cap sessions per user) while another session
+    /// is live, the stream goes there instead.
+    async fn tunnel_for_stream(self: &Arc<Self>, slot: &Slot) -> Result<Arc<Tunnel>, ClientError> {
+        match self.tunnel_in(slot).await {
+            Ok(t) => Ok(t),
+            Err(e) => match self.slots.iter().find_map(Slot::live) {
+                Some(c) => {
+                    tracing::info!(error = %e, session = %c.id, "could not open another session; the stream shares a live one");
+                    Ok(c.tunnel)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// The slot's live tunnel, establishing a session when it has none.
+    async fn tunnel_in(self: &Arc<Self>, slot: &Slot) -> Result<Arc<Tunnel>, ClientError> {
+        if let Some(c) = slot.live() {
+            return Ok(c.tunnel);
+        }
+        let _dialling = slot.establishing.lock().await;
+        if let Some(c) = slot.live() {
+            return Ok(c.tunnel);
         }
         let id = SessionId::random();
         let (tunnel, control) = Tunnel::new(Side::Client, self.settings.session.clone());
@@ -221,21 +314,31 @@ impl Exit {
             self.clone()
                 .keep_legs_up(id, tunnel.clone(), epochs, control),
         );
-        *cur = Some(Current {
+        *lock(&slot.live) = Some(Current {
             id,
             tunnel: tunnel.clone(),
         });
         Ok(tunnel)
     }
 
-    /// The id of the live session, if any.
+    /// The id of the first session of the pool, if it is live (a lone stream runs on it).
     pub async fn session_id(&self) -> Option<SessionId> {
-        self.current.lock().await.as_ref().map(|c| c.id)
+        self.slots[0].live().map(|c| c.id)
     }
 
-    /// Kills one leg of the live session, as a network failure would (for tests and drills).
+    /// The ids of the live sessions, in pool order.
+    pub fn session_ids(&self) -> Vec<SessionId> {
+        self.slots
+            .iter()
+            .filter_map(Slot::live)
+            .map(|c| c.id)
+            .collect()
+    }
+
+    /// Kills one leg of every live session, as a network failure would (for tests and
+    /// drills).
     pub async fn kill_leg(&self, role: LegRole) {
-        if let Some(c) = self.current.lock().await.as_ref() {
+        for c in self.slots.iter().filter_map(Slot::live) {
             c.tunnel.kill_leg(role);
         }
     }
@@ -244,7 +347,7 @@ impl Exit {
     pub fn leg_urls(&self) -> [Option<LegUrl>; 2] {
         let urls = [&self.settings.uplink, &self.settings.downlink];
         [0, 1].map(|i| {
-            let c = self.choices[i].lock().unwrap_or_else(|e| e.into_inner());
+            let c = lock(&self.choices[i]);
             c.in_use.and_then(|u| urls[i].get(u).cloned())
         })
     }
@@ -264,14 +367,12 @@ impl Exit {
         } else {
             &self.settings.downlink
         };
-        let order = self.choices[idx]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .order(urls.len(), self.settings.hold_down, Instant::now());
+        let order =
+            lock(&self.choices[idx]).order(urls.len(), self.settings.hold_down, Instant::now());
         let mut last = None;
         for i in order {
             let result = self.dial_leg_on(id, tunnel, epochs, role, &urls[i]).await;
-            let mut choice = self.choices[idx].lock().unwrap_or_else(|e| e.into_inner());
+            let mut choice = lock(&self.choices[idx]);
             match result {
                 Ok(()) => {
                     choice.in_use = Some(i);
@@ -441,8 +542,9 @@ impl Exit {
         // A session that ends under the request (the exit restarted and forgot it) is
         // replaced once: the stream never carried a byte, so opening it again is safe.
         let mut retried = false;
+        let assigned = self.assign();
         loop {
-            let tunnel = self.tunnel().await?;
+            let tunnel = self.tunnel_for_stream(assigned.0).await?;
             match tunnel
                 .open_stream(target.clone(), self.settings.connect_timeout)
                 .await

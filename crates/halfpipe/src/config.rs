@@ -984,6 +984,8 @@ struct ClientLimitsFile {
     hold_down: Option<String>,
     backoff_min: Option<String>,
     backoff_max: Option<String>,
+    /// Sessions the client spreads its streams over (each with its own pair of legs).
+    sessions: Option<usize>,
 }
 
 /// A client's checked settings: how to reach the exit and which local listeners to run.
@@ -1186,6 +1188,23 @@ pub fn client_from_str(
     if backoff_min > backoff_max {
         c.err("limits.backoff_min", "must not exceed limits.backoff_max");
     }
+    let sessions = match c.positive(
+        "limits.sessions",
+        l.sessions,
+        crate::client::DEFAULT_SESSIONS,
+    ) {
+        n if n > crate::client::MAX_SESSIONS => {
+            c.err(
+                "limits.sessions",
+                format!(
+                    "must be at most {} (each session holds two connections to the exit)",
+                    crate::client::MAX_SESSIONS
+                ),
+            );
+            crate::client::DEFAULT_SESSIONS
+        }
+        n => n,
+    };
     let rekey_after = c.duration(
         "limits.rekey_after",
         &f.limits.rekey_after,
@@ -1232,6 +1251,7 @@ pub fn client_from_str(
                         resume_window,
                         ..sd
                     },
+                    sessions,
                     rekey_after,
                     rekey_after_bytes,
                     double_encrypt: f.double_encrypt,
@@ -1383,6 +1403,9 @@ pub fn client_toml(t: &ClientTemplate) -> String {
          [http]\n\
          listen = {:?}\n\n\
          [limits]\n\
+         # Streams are spread over up to this many sessions, each with its own pair of legs\n\
+         # (a new one opens only when every live one carries a stream). 1 keeps one session.\n\
+         sessions = 4\n\
          connect_timeout = \"10s\"\n\
          handshake_timeout = \"10s\"\n\
          idle_timeout = \"300s\"\n\

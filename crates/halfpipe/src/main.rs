@@ -109,7 +109,8 @@ enum Command {
         /// uplink+downlink pair such as wss+quic; a `/double` suffix (tls/double) keeps the
         /// Noise AEAD on channel-bound legs too (`double_encrypt = true`), `/payload=N`
         /// (quic/payload=1452) sets `[quic] max_udp_payload`, `/threads=N` or
-        /// `/threads=CLIENT:EXIT` (tls/threads=1:auto) the ends' `--threads`.
+        /// `/threads=CLIENT:EXIT` (tls/threads=1:auto) the ends' `--threads`, `/sessions=N`
+        /// (tls/sessions=1) the client's `[limits] sessions`.
         #[arg(long, value_delimiter = ',', default_value = "tls")]
         legs: Vec<String>,
     },
@@ -919,7 +920,8 @@ fn find_program(name: &str) -> Option<PathBuf> {
 
 /// One `--legs` entry: `quic`, `quic+tls`, with optional suffixes `/double`
 /// (`double_encrypt = true`), `/payload=N` (`[quic] max_udp_payload = N`) and
-/// `/threads=N` or `/threads=CLIENT:EXIT` (each end's `--threads`, `auto` for the default).
+/// `/threads=N` or `/threads=CLIENT:EXIT` (each end's `--threads`, `auto` for the default)
+/// and `/sessions=N` (the client's `[limits] sessions`).
 struct LegsSpec<'a> {
     up: &'a str,
     down: &'a str,
@@ -927,6 +929,8 @@ struct LegsSpec<'a> {
     quic_payload: Option<u16>,
     /// `--threads` of the client and of the exit.
     threads: [Option<u16>; 2],
+    /// The client's session pool size.
+    sessions: Option<usize>,
 }
 
 impl<'a> LegsSpec<'a> {
@@ -940,6 +944,7 @@ impl<'a> LegsSpec<'a> {
             double: false,
             quic_payload: None,
             threads: [None; 2],
+            sessions: None,
         };
         for s in [up, down] {
             if !matches!(s, "tls" | "tcp" | "quic" | "ws" | "wss" | "wt") {
@@ -965,7 +970,16 @@ impl<'a> LegsSpec<'a> {
                     };
                     spec.threads = [count(c)?, count(s)?];
                 }
-                _ => bail!("--legs {legs:?}: unknown suffix /{suffix} (use /double, /payload=N or /threads=N)"),
+                Some(("sessions", n)) => match n.parse::<usize>() {
+                    Ok(n) if (1..=halfpipe::client::MAX_SESSIONS).contains(&n) => {
+                        spec.sessions = Some(n)
+                    }
+                    _ => bail!(
+                        "--legs {legs:?}: /sessions= takes a count from 1 to {}",
+                        halfpipe::client::MAX_SESSIONS
+                    ),
+                },
+                _ => bail!("--legs {legs:?}: unknown suffix /{suffix} (use /double, /payload=N, /threads=N or /sessions=N)"),
             }
         }
         Ok(spec)
@@ -990,6 +1004,9 @@ impl<'a> LegsSpec<'a> {
             [c, s] if c == s => name += &format!(", {} threads", show(c)),
             [c, s] => name += &format!(", threads {}:{}", show(c), show(s)),
         }
+        if let Some(n) = self.sessions {
+            name += &format!(", {n} sessions");
+        }
         name + ")"
     }
 
@@ -1010,6 +1027,13 @@ impl<'a> LegsSpec<'a> {
                     bail!("{} already has a [quic] section", path.display());
                 }
                 text += &format!("\n[quic]\nmax_udp_payload = {n}\n");
+            }
+            if let (Some(n), "client.toml") = (self.sessions, file) {
+                let line = format!("\nsessions = {}\n", halfpipe::client::DEFAULT_SESSIONS);
+                if !text.contains(&line) {
+                    bail!("{} has no sessions line to change", path.display());
+                }
+                text = text.replacen(&line, &format!("\nsessions = {n}\n"), 1);
             }
             std::fs::write(&path, text)?;
         }
@@ -1187,7 +1211,12 @@ mod tests {
         let s = LegsSpec::parse("tls/threads=1:auto").unwrap();
         assert_eq!(s.threads, [Some(1), None]);
         assert_eq!(s.name(), "halfpipe (tls legs, threads 1:auto)");
+        let s = LegsSpec::parse("tls/sessions=2").unwrap();
+        assert_eq!(s.sessions, Some(2));
+        assert_eq!(s.name(), "halfpipe (tls legs, 2 sessions)");
         for bad in [
+            "tls/sessions=0",
+            "tls/sessions=17",
             "udp",
             "tls+",
             "quic/payload=big",
@@ -1205,17 +1234,21 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("halfpipe-legs-spec-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         for f in ["server.toml", "client.toml"] {
-            std::fs::write(dir.join(f), "a = 1\ndouble_encrypt = false\n").unwrap();
+            std::fs::write(
+                dir.join(f),
+                "a = 1\ndouble_encrypt = false\n[limits]\nsessions = 4\n",
+            )
+            .unwrap();
         }
-        LegsSpec::parse("quic/double/payload=1500")
+        LegsSpec::parse("quic/double/payload=1500/sessions=2")
             .unwrap()
             .apply(&dir)
             .unwrap();
-        for f in ["server.toml", "client.toml"] {
+        for (f, sessions) in [("server.toml", 4), ("client.toml", 2)] {
             let text = std::fs::read_to_string(dir.join(f)).unwrap();
             assert_eq!(
                 text,
-                "a = 1\ndouble_encrypt = true\n\n[quic]\nmax_udp_payload = 1500\n"
+                format!("a = 1\ndouble_encrypt = true\n[limits]\nsessions = {sessions}\n\n[quic]\nmax_udp_payload = 1500\n")
             );
         }
         // A second [quic] section would be a TOML error; it is refused instead.

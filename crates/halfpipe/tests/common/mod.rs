@@ -43,6 +43,8 @@ pub struct Opts {
     /// `double_encrypt` of the exit and of the client: either keeps the Noise AEAD on
     /// channel-bound legs too.
     pub double_encrypt: [bool; 2],
+    /// Sessions the client spreads its streams over.
+    pub sessions: usize,
 }
 
 impl Default for Opts {
@@ -60,6 +62,7 @@ impl Default for Opts {
             keystore: false,
             rotate_every: None,
             double_encrypt: [false; 2],
+            sessions: halfpipe::client::DEFAULT_SESSIONS,
         }
     }
 }
@@ -212,6 +215,7 @@ pub async fn start(opts: Opts) -> Harness {
         backoff_min: Duration::from_millis(20),
         backoff_max: Duration::from_millis(500),
         session: opts.session.clone(),
+        sessions: opts.sessions,
         rekey_after: opts.rekey_after,
         rekey_after_bytes: halfpipe::client::DEFAULT_REKEY_AFTER_BYTES,
         double_encrypt: opts.double_encrypt[1],
@@ -412,6 +416,7 @@ pub async fn client_via(
         backoff_min: Duration::from_millis(20),
         backoff_max: Duration::from_millis(500),
         session: SessionConfig::default(),
+        sessions: halfpipe::client::DEFAULT_SESSIONS,
         rekey_after: halfpipe::client::DEFAULT_REKEY_AFTER,
         rekey_after_bytes: halfpipe::client::DEFAULT_REKEY_AFTER_BYTES,
         double_encrypt: false,

@@ -206,6 +206,7 @@ fn client_settings(
         backoff_min: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
         session: SessionConfig::default(),
+        sessions: halfpipe::client::DEFAULT_SESSIONS,
         rekey_after: halfpipe::client::DEFAULT_REKEY_AFTER,
         rekey_after_bytes: halfpipe::client::DEFAULT_REKEY_AFTER_BYTES,
         double_encrypt: false,
