@@ -52,7 +52,8 @@ pub struct ExitSettings {
     /// Up to this many sessions run side by side, each with its own pair of legs; a new
     /// stream goes to the one carrying the fewest, and a new session is opened only when
     /// every live one already carries a stream. More than one lets the kernel and both
-    /// ends work on several connections at once.
+    /// ends work on several connections at once. The pool shares `session`'s window and
+    /// retransmit cap, so it holds no more memory than one session.
     pub sessions: usize,
     /// Each leg gets a fresh handshake (new ephemeral keys) after this long...
     pub rekey_after: Duration,
@@ -261,6 +262,19 @@ impl Exit {
         self.tunnel_in(&self.slots[0]).await
     }
 
+    /// Tunables of one pooled session: the configured session window and retransmit cap
+    /// are shared by the pool (so it holds no more memory than one session would), but no
+    /// session gets less than one stream's window.
+    fn pooled_session_config(&self) -> SessionConfig {
+        let c = &self.settings.session;
+        let n = self.slots.len() as u64;
+        SessionConfig {
+            session_window: (c.session_window / n).max(c.stream_window),
+            max_unacked: (c.max_unacked / n).max(c.stream_window),
+            ..c.clone()
+        }
+    }
+
     /// The slot a new stream should go to: the one carrying the fewest streams, a live
     /// session before an empty slot, the first on ties.
     fn assign(&self) -> Assigned<'_> {
@@ -299,7 +313,7 @@ impl Exit {
             return Ok(c.tunnel);
         }
         let id = SessionId::random();
-        let (tunnel, control) = Tunnel::new(Side::Client, self.settings.session.clone());
+        let (tunnel, control) = Tunnel::new(Side::Client, self.pooled_session_config());
         let epochs = Arc::new([AtomicU32::new(0), AtomicU32::new(0)]);
         let (up, down) = tokio::join!(
             self.dial_leg(id, &tunnel, &epochs, LegRole::Up),

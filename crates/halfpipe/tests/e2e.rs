@@ -82,7 +82,76 @@ async fn sixty_four_streams_each_way_hash_identical(opts: Opts) {
         assert_eq!(n, per_stream, "stream {i} length");
         assert_eq!(sent, got, "stream {i} hash");
     }
-    assert_eq!(h.server.session_count(), 1, "all streams share one session");
+    let sessions = h.server.session_count();
+    assert!(
+        (1..=halfpipe::client::DEFAULT_SESSIONS).contains(&sessions),
+        "the client's pool holds at most {} sessions, the exit saw {sessions}",
+        halfpipe::client::DEFAULT_SESSIONS
+    );
+}
+
+/// Opens a stream through `socks` to the echo server, checks it works, and keeps it open.
+async fn held_stream(socks: SocketAddr, echo: SocketAddr) -> TcpStream {
+    let (code, mut s) = socks_connect(socks, &TargetAddr::Ip(echo)).await;
+    assert_eq!(code, 0);
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_spread_over_the_session_pool_up_to_its_size() {
+    let h = start(Opts {
+        sessions: 3,
+        ..Opts::default()
+    })
+    .await;
+    let echo = echo_server().await;
+    let mut held = Vec::new();
+    for n in 1..=3 {
+        held.push(held_stream(h.socks, echo).await);
+        assert_eq!(
+            h.exit.session_ids().len(),
+            n,
+            "stream {n} opens session {n}"
+        );
+        assert_eq!(h.server.session_count(), n);
+    }
+    // The pool is full: the fourth and fifth streams share the least-loaded sessions.
+    held.push(held_stream(h.socks, echo).await);
+    held.push(held_stream(h.socks, echo).await);
+    assert_eq!(h.server.session_count(), 3);
+    assert_eq!(h.exit.session_ids().len(), 3);
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_one_keeps_every_stream_on_one_session() {
+    let h = start(Opts {
+        sessions: 1,
+        ..Opts::default()
+    })
+    .await;
+    let echo = echo_server().await;
+    let a = held_stream(h.socks, echo).await;
+    let b = held_stream(h.socks, echo).await;
+    assert_eq!(h.server.session_count(), 1);
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_the_exit_caps_shares_the_live_session() {
+    // The exit allows one session per user; the client's second session is refused, and
+    // the second stream goes onto the first session instead of failing.
+    let h = start(limited(10, 1)).await;
+    let echo = echo_server().await;
+    let a = held_stream(h.socks, echo).await;
+    let b = held_stream(h.socks, echo).await;
+    assert_eq!(h.server.session_count(), 1);
+    assert_eq!(h.exit.session_ids().len(), 1);
+    drop((a, b));
 }
 
 async fn killing_uplink_then_downlink_then_both_loses_nothing(opts: Opts) {
