@@ -141,6 +141,21 @@ fn client_errors_open_proxy_and_half_credentials() {
 }
 
 #[test]
+fn client_session_pool_size_is_bounded() {
+    let f = fixture();
+    let path = f.dir.join("client.toml");
+    let with = |line: &str| client_text(&f).replace("sessions = 4", line);
+    let c = client_from_str(&path, &client_text(&f), &no_env).unwrap();
+    assert_eq!(c.exit.sessions, crate::client::DEFAULT_SESSIONS);
+    let c = client_from_str(&path, &with("sessions = 1"), &no_env).unwrap();
+    assert_eq!(c.exit.sessions, 1);
+    for bad in ["sessions = 0", "sessions = 17"] {
+        let e = client_from_str(&path, &with(bad), &no_env).err().unwrap();
+        assert_eq!(keys_of(e), vec!["limits.sessions".to_string()], "{bad}");
+    }
+}
+
+#[test]
 fn environment_overrides_the_key_file_and_permissions_are_enforced() {
     let f = fixture();
     let key_path = f.dir.join("server.key");
