@@ -441,12 +441,16 @@ impl Plan {
     }
 }
 
+/// CPU and idle counters at the start of a phase, for the per-phase report that
+/// `HALFPIPE_BENCH_PHASES=1` turns on: where the cores went while the phase ran.
 struct Probe {
     t: Instant,
     ends: Vec<f64>,
     me: f64,
     idle: (f64, f64),
 }
+
+/// Idle (idle + iowait) and total jiffies of the whole machine, from `/proc/stat`.
 fn machine_idle() -> (f64, f64) {
     let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let l = s.lines().next().unwrap_or_default();
@@ -461,7 +465,9 @@ fn machine_idle() -> (f64, f64) {
         total,
     )
 }
+
 impl Probe {
+    /// Reads the counters now.
     fn start(sys: &System) -> Self {
         Self {
             t: Instant::now(),
@@ -474,6 +480,9 @@ impl Probe {
             idle: machine_idle(),
         }
     }
+
+    /// Prints the phase's rate, each end's and the bench's CPU in cores, and the machine's
+    /// idle share since [`Probe::start`] (only with `HALFPIPE_BENCH_PHASES` set).
     fn report(&self, sys: &System, what: &str, bytes: u64) {
         if std::env::var_os("HALFPIPE_BENCH_PHASES").is_none() {
             return;
@@ -488,7 +497,12 @@ impl Probe {
         let me = (proc_cpu_seconds(std::process::id()) - self.me) / dt;
         let (i1, t1) = machine_idle();
         let idle = (i1 - self.idle.0) / (t1 - self.idle.1).max(1.0);
-        eprintln!("PHASE {} {what}: {:.3} GB/s, ends cores {:?}, bench cores {me:.2}, machine idle {:.0}%", sys.name, bytes as f64 / dt / 1e9, ends, idle * 100.0);
+        eprintln!(
+            "PHASE {} {what}: {:.3} GB/s, ends cores {ends:?}, bench cores {me:.2}, machine idle {:.0}%",
+            sys.name,
+            bytes as f64 / dt / 1e9,
+            idle * 100.0
+        );
     }
 }
 
