@@ -1405,7 +1405,7 @@ pub fn client_toml(t: &ClientTemplate) -> String {
          [limits]\n\
          # Streams are spread over up to this many sessions, each with its own pair of legs\n\
          # (a new one opens only when every live one carries a stream). 1 keeps one session.\n\
-         sessions = 4\n\
+         sessions = 1\n\
          connect_timeout = \"10s\"\n\
          handshake_timeout = \"10s\"\n\
          idle_timeout = \"300s\"\n\

@@ -1236,7 +1236,7 @@ mod tests {
         for f in ["server.toml", "client.toml"] {
             std::fs::write(
                 dir.join(f),
-                "a = 1\ndouble_encrypt = false\n[limits]\nsessions = 4\n",
+                "a = 1\ndouble_encrypt = false\n[limits]\nsessions = 1\n",
             )
             .unwrap();
         }
@@ -1244,7 +1244,7 @@ mod tests {
             .unwrap()
             .apply(&dir)
             .unwrap();
-        for (f, sessions) in [("server.toml", 4), ("client.toml", 2)] {
+        for (f, sessions) in [("server.toml", 1), ("client.toml", 2)] {
             let text = std::fs::read_to_string(dir.join(f)).unwrap();
             assert_eq!(
                 text,
