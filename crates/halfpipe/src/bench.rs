@@ -467,9 +467,10 @@ fn machine_idle() -> (f64, f64) {
 }
 
 impl Probe {
-    /// Reads the counters now.
-    fn start(sys: &System) -> Self {
-        Self {
+    /// Reads the counters now, when `HALFPIPE_BENCH_PHASES` asks for the report.
+    fn start(sys: &System) -> Option<Self> {
+        std::env::var_os("HALFPIPE_BENCH_PHASES")?;
+        Some(Self {
             t: Instant::now(),
             ends: sys
                 .children
@@ -478,15 +479,12 @@ impl Probe {
                 .collect(),
             me: proc_cpu_seconds(std::process::id()),
             idle: machine_idle(),
-        }
+        })
     }
 
     /// Prints the phase's rate, each end's and the bench's CPU in cores, and the machine's
-    /// idle share since [`Probe::start`] (only with `HALFPIPE_BENCH_PHASES` set).
+    /// idle share since [`Probe::start`].
     fn report(&self, sys: &System, what: &str, bytes: u64) {
-        if std::env::var_os("HALFPIPE_BENCH_PHASES").is_none() {
-            return;
-        }
         let dt = self.t.elapsed().as_secs_f64();
         let ends: Vec<String> = sys
             .children
@@ -514,10 +512,14 @@ pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Roun
     let up1 = throughput(s, target, 1, plan.single, false).await?;
     let probe = Probe::start(sys);
     let down8 = throughput(s, target, 8, plan.per8, true).await?;
-    probe.report(sys, "down8", 8 * plan.per8);
+    if let Some(p) = probe {
+        p.report(sys, "down8", 8 * plan.per8);
+    }
     let probe = Probe::start(sys);
     let up8 = throughput(s, target, 8, plan.per8, false).await?;
-    probe.report(sys, "up8", 8 * plan.per8);
+    if let Some(p) = probe {
+        p.report(sys, "up8", 8 * plan.per8);
+    }
     let down64 = throughput(s, target, 64, plan.per64, true).await?;
     let cpu = sys.cpu_seconds() - cpu0;
     let moved = (2 * plan.single + 16 * plan.per8 + 64 * plan.per64) as f64;

@@ -150,7 +150,8 @@ impl Slot {
             .cloned()
     }
 
-    /// Streams on the slot, counting those being opened; `None` when it has no session.
+    /// Streams on the slot, counting those being opened, and whether it has no live
+    /// session (so that on equal counts a live session sorts first).
     fn load(&self) -> (usize, bool) {
         let opening = self.opening.load(Ordering::Relaxed);
         match self.live() {

@@ -127,31 +127,36 @@ async fn streams_spread_over_the_session_pool_up_to_its_size() {
     drop(held);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pool_of_one_keeps_every_stream_on_one_session() {
-    let h = start(Opts {
-        sessions: 1,
-        ..Opts::default()
-    })
-    .await;
-    let echo = echo_server().await;
-    let a = held_stream(h.socks, echo).await;
-    let b = held_stream(h.socks, echo).await;
-    assert_eq!(h.server.session_count(), 1);
-    drop((a, b));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pool_the_exit_caps_shares_the_live_session() {
-    // The exit allows one session per user; the client's second session is refused, and
-    // the second stream goes onto the first session instead of failing.
-    let h = start(limited(10, 1)).await;
+/// Two streams held open at once run on a single session of the exit.
+async fn two_streams_share_one_session(opts: Opts) {
+    let h = start(opts).await;
     let echo = echo_server().await;
     let a = held_stream(h.socks, echo).await;
     let b = held_stream(h.socks, echo).await;
     assert_eq!(h.server.session_count(), 1);
     assert_eq!(h.exit.session_ids().len(), 1);
     drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_one_keeps_every_stream_on_one_session() {
+    two_streams_share_one_session(Opts {
+        sessions: 1,
+        ..Opts::default()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_the_exit_caps_shares_the_live_session() {
+    // A pool of two, but the exit allows one session per user: the client's second
+    // session is refused, and the second stream goes onto the first session instead of
+    // failing.
+    two_streams_share_one_session(Opts {
+        sessions: 2,
+        ..limited(10, 1)
+    })
+    .await
 }
 
 async fn killing_uplink_then_downlink_then_both_loses_nothing(opts: Opts) {
