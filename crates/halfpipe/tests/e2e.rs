@@ -64,6 +64,7 @@ data_plane_suite! {
 }
 
 async fn sixty_four_streams_each_way_hash_identical(opts: Opts) {
+    let pool = opts.sessions;
     let h = start(opts).await;
     let echo = echo_server().await;
     // 64 MiB each way per stream in release builds (the CI profile); 2 MiB in debug builds.
@@ -84,10 +85,20 @@ async fn sixty_four_streams_each_way_hash_identical(opts: Opts) {
     }
     let sessions = h.server.session_count();
     assert!(
-        (1..=halfpipe::client::DEFAULT_SESSIONS).contains(&sessions),
-        "the client's pool holds at most {} sessions, the exit saw {sessions}",
-        halfpipe::client::DEFAULT_SESSIONS
+        (1..=pool).contains(&sessions),
+        "the client's pool holds at most {pool} sessions, the exit saw {sessions}"
     );
+}
+
+/// The pool's shared window and retransmit cap (a quarter each) still carry 64 streams
+/// intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_streams_over_a_pool_of_four_sessions_hash_identical() {
+    sixty_four_streams_each_way_hash_identical(Opts {
+        sessions: 4,
+        ..Opts::default()
+    })
+    .await
 }
 
 /// Opens a stream through `socks` to the echo server, checks it works, and keeps it open.
