@@ -562,12 +562,6 @@ impl Session {
         Ok(())
     }
 
-    /// Bytes received on `stream` that [`Session::recv`] has not handed out yet (`None`:
-    /// no such stream).
-    pub fn queued(&self, stream: StreamId) -> Option<u64> {
-        self.streams.get(&stream).map(|s| s.received - s.consumed)
-    }
-
     /// Takes the next chunk of received data for `stream`.
     pub fn recv(&mut self, stream: StreamId) -> Result<Recv, SessionError> {
         let Some(s) = self.streams.get_mut(&stream) else {

@@ -32,9 +32,6 @@ use tokio::task::JoinHandle;
 
 use crate::transport::BoxedLeg;
 
-mod app_writer;
-use app_writer::{AppWriter, HandedBack, DIRECT_MAX};
-
 /// Bytes gathered for one write to the send leg.
 const WRITE_BATCH: usize = 64 * 1024;
 /// Batches a stream pump writes to a free send leg before leaving the rest to the writer
@@ -98,8 +95,6 @@ struct StreamSignals {
     /// and the application's socket is closed with a TCP reset, never a clean FIN, so a
     /// cut-short stream cannot pass for a complete one.
     reset: std::sync::atomic::AtomicBool,
-    /// Who writes the application socket: the down pump, or the reader for small data.
-    app: AppWriter,
 }
 
 impl StreamSignals {
@@ -330,11 +325,7 @@ impl Tunnel {
 
     fn dispatch(&self, e: Event, sig: Option<Arc<StreamSignals>>) {
         match e {
-            Event::Readable(stream) => {
-                if let Some(s) = sig {
-                    self.deliver(stream, &s);
-                }
-            }
+            Event::Readable(_) => sig.iter().for_each(|s| s.readable.notify_one()),
             Event::Writable(_) => sig.iter().for_each(|s| s.writable.notify_one()),
             Event::Connected { status, .. } => {
                 if let Some(s) = sig {
@@ -885,10 +876,6 @@ impl Tunnel {
             return;
         };
         let (rd, wr) = socket.into_split();
-        let wr = Arc::new(wr);
-        if throttle.is_none() {
-            sig.app.share(wr.clone()); // a throttled stream's bytes all pass its pump
-        }
         let up = Arc::clone(&self).pump_app_to_session(
             stream,
             sig.clone(),
@@ -896,50 +883,11 @@ impl Tunnel {
             initial,
             throttle.clone(),
         );
-        let down = Arc::clone(&self).pump_session_to_app(stream, sig.clone(), wr, throttle);
+        let down = Arc::clone(&self).pump_session_to_app(stream, sig, wr, throttle);
         let ((rd, up_end), (wr, down_end)) = tokio::join!(up, down);
         lock(&self.inner).signals.remove(&stream);
-        sig.app.retire(); // (the down pump did already; the reader's copy is gone)
         if up_end == PumpEnd::Reset || down_end == PumpEnd::Reset {
-            match Arc::try_unwrap(wr) {
-                Ok(wr) => abort_socket(rd, wr),
-                // Unreachable while the reader holds the socket only under the claim;
-                // the linger still turns the close into a reset.
-                Err(_) => {
-                    let _ = socket2::SockRef::from(rd.as_ref()).set_linger(Some(Duration::ZERO));
-                }
-            }
-        }
-    }
-
-    /// Data became readable on `stream`: a small amount is written to the application by
-    /// the caller (the receive-leg reader) when the stream's pump is idle; anything else,
-    /// or what the socket would not take, wakes the pump.
-    fn deliver(&self, stream: StreamId, sig: &StreamSignals) {
-        let wake_pump = sig.app.try_deliver(|socket| {
-            let taken = self.with_session(|s| {
-                if s.queued(stream).is_none_or(|n| n > DIRECT_MAX) {
-                    return None; // gone (the pump sees why) or bulk: the pump's
-                }
-                let mut taken = HandedBack::default();
-                loop {
-                    match s.recv(stream) {
-                        Ok(Recv::Data(d)) => taken.chunks.push(d),
-                        Ok(Recv::Fin) => break taken.fin = true,
-                        Ok(Recv::Blocked) | Err(_) => break,
-                    }
-                }
-                Some(taken)
-            });
-            let Some(mut taken) = taken else {
-                return Some(HandedBack::default());
-            };
-            let written = app_writer::try_write_chunks(socket, &taken.chunks).unwrap_or(0);
-            taken.chunks = app_writer::remainder(taken.chunks, written);
-            (!taken.chunks.is_empty() || taken.fin).then_some(taken)
-        });
-        if wake_pump {
-            sig.readable.notify_one();
+            abort_socket(rd, wr);
         }
     }
 
@@ -1011,73 +959,46 @@ impl Tunnel {
         self: Arc<Self>,
         stream: StreamId,
         sig: Arc<StreamSignals>,
-        wr: Arc<tokio::net::tcp::OwnedWriteHalf>,
+        mut wr: tokio::net::tcp::OwnedWriteHalf,
         throttle: Option<Arc<dyn Throttle>>,
-    ) -> (Arc<tokio::net::tcp::OwnedWriteHalf>, PumpEnd) {
-        let end = self.drain_to_app(stream, &sig, &wr, throttle).await;
-        sig.app.retire();
-        match end {
-            PumpEnd::Done => {
-                let _ = socket2::SockRef::from(wr.as_ref().as_ref())
-                    .shutdown(std::net::Shutdown::Write);
-            }
-            // The read pump may be waiting on the application.
-            PumpEnd::Reset => sig.mark_reset(),
-        }
-        (wr, end)
-    }
-
-    /// The down pump's loop, run under the stream's write claim except while it waits for
-    /// data (when the reader may write small deliveries itself).
-    async fn drain_to_app(
-        &self,
-        stream: StreamId,
-        sig: &StreamSignals,
-        wr: &tokio::net::tcp::OwnedWriteHalf,
-        throttle: Option<Arc<dyn Throttle>>,
-    ) -> PumpEnd {
+    ) -> (tokio::net::tcp::OwnedWriteHalf, PumpEnd) {
         let mut chunks: Vec<Bytes> = Vec::with_capacity(MAX_WRITE_CHUNKS);
-        sig.app.claim_for_pump(&sig.readable).await;
         loop {
-            // What the reader could not write goes first; then what is readable (up to a
-            // batch), taken under one lock and written with vectored writes.
-            let back = sig.app.take_handed_back();
-            chunks.extend(back.chunks);
-            let next = if back.fin {
-                Drained::Fin
-            } else {
-                self.with_session(|s| {
-                    while chunks.len() < MAX_WRITE_CHUNKS {
-                        match s.recv(stream) {
-                            Ok(Recv::Data(d)) => chunks.push(d),
-                            Ok(Recv::Blocked) => return Drained::Empty,
-                            Ok(Recv::Fin) => return Drained::Fin,
-                            Err(_) => return Drained::Gone,
-                        }
+            // Take what is readable (up to a batch) under one lock, then write it with
+            // vectored writes.
+            let next = self.with_session(|s| {
+                while chunks.len() < MAX_WRITE_CHUNKS {
+                    match s.recv(stream) {
+                        Ok(Recv::Data(d)) => chunks.push(d),
+                        Ok(Recv::Blocked) => return Drained::Empty,
+                        Ok(Recv::Fin) => return Drained::Fin,
+                        Err(_) => return Drained::Gone,
                     }
-                    Drained::More
-                })
-            };
+                }
+                Drained::More
+            });
             if let (Some(t), false) = (&throttle, chunks.is_empty()) {
                 let n = chunks.iter().map(Bytes::len).sum();
                 if !pace(|| t.write_to_socket(n)).await {
-                    self.reset_stream(stream, sig, ResetCode::LimitReached);
-                    return PumpEnd::Reset;
+                    self.reset_stream(stream, &sig, ResetCode::LimitReached);
+                    return (wr, PumpEnd::Reset);
                 }
             }
-            if !chunks.is_empty() && app_writer::write_all_chunks(wr, &mut chunks).await.is_err() {
-                self.reset_stream(stream, sig, ResetCode::Cancelled);
-                return PumpEnd::Reset;
+            if !chunks.is_empty() && write_all_chunks(&mut wr, &mut chunks).await.is_err() {
+                self.reset_stream(stream, &sig, ResetCode::Cancelled);
+                return (wr, PumpEnd::Reset);
             }
             match next {
                 Drained::More => {}
-                Drained::Empty => {
-                    sig.app.release_by_pump();
-                    sig.readable.notified().await;
-                    sig.app.claim_for_pump(&sig.readable).await;
+                Drained::Empty => sig.readable.notified().await,
+                Drained::Fin => {
+                    let _ = wr.shutdown().await;
+                    return (wr, PumpEnd::Done);
                 }
-                Drained::Fin => return PumpEnd::Done,
-                Drained::Gone => return PumpEnd::Reset,
+                Drained::Gone => {
+                    sig.mark_reset(); // the read pump may be waiting on the application
+                    return (wr, PumpEnd::Reset);
+                }
             }
         }
     }
@@ -1129,6 +1050,33 @@ enum Drained {
 
 /// Most chunks gathered for one vectored write to an application socket.
 const MAX_WRITE_CHUNKS: usize = 32;
+
+/// Writes every chunk with vectored writes, emptying `chunks`.
+async fn write_all_chunks(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    chunks: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < chunks.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .map(|c| std::io::IoSlice::new(c))
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while first < chunks.len() && n >= chunks[first].len() {
+            n -= chunks[first].len();
+            first += 1;
+        }
+        if n > 0 {
+            chunks[first] = chunks[first].slice(n..);
+        }
+    }
+    chunks.clear();
+    Ok(())
+}
 
 #[derive(Clone, Copy, Debug)]
 enum LegEnd {
