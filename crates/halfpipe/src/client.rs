@@ -66,7 +66,7 @@ pub struct ExitSettings {
 }
 
 /// Default number of sessions a client spreads its streams over.
-pub const DEFAULT_SESSIONS: usize = 1;
+pub const DEFAULT_SESSIONS: usize = 4;
 /// Most sessions a client may be configured to run side by side.
 pub const MAX_SESSIONS: usize = 16;
 

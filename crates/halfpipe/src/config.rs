@@ -1405,14 +1405,15 @@ pub fn client_toml(t: &ClientTemplate) -> String {
          [limits]\n\
          # Streams are spread over up to this many sessions, each with its own pair of legs\n\
          # (a new one opens only when every live one carries a stream). 1 keeps one session.\n\
-         sessions = 1\n\
+         sessions = {}\n\
          connect_timeout = \"10s\"\n\
          handshake_timeout = \"10s\"\n\
          idle_timeout = \"300s\"\n\
          resume_window = \"60s\"\n\
          backoff_min = \"100ms\"\n\
          backoff_max = \"5s\"\n",
-        t.server_public_key, t.uplink, t.downlink, t.server_name, t.ca_file, t.socks, t.http
+        t.server_public_key, t.uplink, t.downlink, t.server_name, t.ca_file, t.socks, t.http,
+        crate::client::DEFAULT_SESSIONS
     )
 }
 

@@ -1029,11 +1029,11 @@ impl<'a> LegsSpec<'a> {
                 text += &format!("\n[quic]\nmax_udp_payload = {n}\n");
             }
             if let (Some(n), "client.toml") = (self.sessions, file) {
-                let line = format!("\nsessions = {}\n", halfpipe::client::DEFAULT_SESSIONS);
-                if !text.contains(&line) {
+                let Some(at) = text.find("\nsessions = ") else {
                     bail!("{} has no sessions line to change", path.display());
-                }
-                text = text.replacen(&line, &format!("\nsessions = {n}\n"), 1);
+                };
+                let end = text[at + 1..].find('\n').map_or(text.len(), |e| at + 1 + e);
+                text.replace_range(at + 1..end, &format!("sessions = {n}"));
             }
             std::fs::write(&path, text)?;
         }

@@ -333,7 +333,8 @@ impl Tunnel {
                     s.connected.notify_one();
                 }
             }
-            Event::Reset { .. } => {
+            Event::Reset { stream, code } => {
+                tracing::debug!(stream, ?code, "stream reset by the peer");
                 if let Some(s) = sig {
                     s.mark_reset();
                     s.connected.notify_one();
@@ -919,7 +920,10 @@ impl Tunnel {
                 match sent {
                     Ok(_) if pending.is_empty() => {}
                     Ok(_) => sig.writable.notified().await,
-                    Err(_) => return (rd, PumpEnd::Reset),
+                    Err(e) => {
+                        tracing::debug!(stream, error = %e, "stream ended while sending");
+                        return (rd, PumpEnd::Reset);
+                    }
                 }
             }
             if sig.is_reset() {
@@ -947,7 +951,8 @@ impl Tunnel {
                     }
                     pending = buf.split().freeze()
                 }
-                Err(_) => {
+                Err(e) => {
+                    tracing::debug!(stream, error = %e, "application socket read failed: stream reset");
                     self.reset_stream(stream, &sig, ResetCode::Cancelled);
                     return (rd, PumpEnd::Reset);
                 }
@@ -984,9 +989,12 @@ impl Tunnel {
                     return (wr, PumpEnd::Reset);
                 }
             }
-            if !chunks.is_empty() && write_all_chunks(&mut wr, &mut chunks).await.is_err() {
-                self.reset_stream(stream, &sig, ResetCode::Cancelled);
-                return (wr, PumpEnd::Reset);
+            if !chunks.is_empty() {
+                if let Err(e) = write_all_chunks(&mut wr, &mut chunks).await {
+                    tracing::debug!(stream, error = %e, "application socket write failed: stream reset");
+                    self.reset_stream(stream, &sig, ResetCode::Cancelled);
+                    return (wr, PumpEnd::Reset);
+                }
             }
             match next {
                 Drained::More => {}
@@ -996,6 +1004,10 @@ impl Tunnel {
                     return (wr, PumpEnd::Done);
                 }
                 Drained::Gone => {
+                    tracing::debug!(
+                        stream,
+                        "stream gone while receiving (reset or session closed)"
+                    );
                     sig.mark_reset(); // the read pump may be waiting on the application
                     return (wr, PumpEnd::Reset);
                 }

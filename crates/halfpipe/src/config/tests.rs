@@ -144,7 +144,12 @@ fn client_errors_open_proxy_and_half_credentials() {
 fn client_session_pool_size_is_bounded() {
     let f = fixture();
     let path = f.dir.join("client.toml");
-    let with = |line: &str| client_text(&f).replace("sessions = 1", line);
+    let default_line = format!("\nsessions = {}\n", crate::client::DEFAULT_SESSIONS);
+    let with = |line: &str| client_text(&f).replace(&default_line, &format!("\n{line}\n"));
+    assert!(
+        client_text(&f).contains(&default_line),
+        "the template names the default"
+    );
     let c = client_from_str(&path, &client_text(&f), &no_env).unwrap();
     assert_eq!(c.exit.sessions, crate::client::DEFAULT_SESSIONS);
     let c = client_from_str(&path, &with("sessions = 1"), &no_env).unwrap();

@@ -104,7 +104,11 @@ fn keys() -> (HandshakeKeys, [u8; 32]) {
 
 pub async fn start(opts: Opts) -> Harness {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        // Captured per test and shown when it fails; RUST_LOG overrides.
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,halfpipe=debug,halfpipe_core=debug".into()),
+        )
         .with_test_writer()
         .try_init();
     let dir = temp_dir("h");
