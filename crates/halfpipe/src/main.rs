@@ -1256,6 +1256,13 @@ mod tests {
             .unwrap()
             .apply(&dir)
             .is_err());
+        // A client config without a sessions line cannot take a pool size.
+        std::fs::write(dir.join("client.toml"), "a = 1\n[limits]\n").unwrap();
+        let e = LegsSpec::parse("tls/sessions=2")
+            .unwrap()
+            .apply(&dir)
+            .unwrap_err();
+        assert!(e.to_string().contains("no sessions line"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
