@@ -504,22 +504,41 @@ impl Probe {
     }
 }
 
+/// Runs `phase` (moving `bytes`) under a [`Probe`] when the per-phase report is on.
+async fn probed<T>(
+    sys: &System,
+    what: &str,
+    bytes: u64,
+    phase: impl std::future::Future<Output = T>,
+) -> T {
+    let probe = Probe::start(sys);
+    let out = phase.await;
+    if let Some(p) = probe {
+        p.report(sys, what, bytes);
+    }
+    out
+}
+
 /// Runs one round against `sys`.
 pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Round, BenchError> {
     let s = sys.socks;
     let cpu0 = sys.cpu_seconds();
     let down1 = throughput(s, target, 1, plan.single, true).await?;
     let up1 = throughput(s, target, 1, plan.single, false).await?;
-    let probe = Probe::start(sys);
-    let down8 = throughput(s, target, 8, plan.per8, true).await?;
-    if let Some(p) = probe {
-        p.report(sys, "down8", 8 * plan.per8);
-    }
-    let probe = Probe::start(sys);
-    let up8 = throughput(s, target, 8, plan.per8, false).await?;
-    if let Some(p) = probe {
-        p.report(sys, "up8", 8 * plan.per8);
-    }
+    let down8 = probed(
+        sys,
+        "down8",
+        8 * plan.per8,
+        throughput(s, target, 8, plan.per8, true),
+    )
+    .await?;
+    let up8 = probed(
+        sys,
+        "up8",
+        8 * plan.per8,
+        throughput(s, target, 8, plan.per8, false),
+    )
+    .await?;
     let down64 = throughput(s, target, 64, plan.per64, true).await?;
     let cpu = sys.cpu_seconds() - cpu0;
     let moved = (2 * plan.single + 16 * plan.per8 + 64 * plan.per64) as f64;

@@ -13,6 +13,7 @@
 //! rustls' key-log hook, the one place it is handed out, and [`tls13_exporter`] derives the
 //! value as RFC 8446 defines it (tested against rustls' own exporter).
 
+use crate::locks::lock;
 use std::sync::Mutex;
 
 use halfpipe_core::handshake::ChannelBinding;
@@ -39,7 +40,7 @@ impl std::fmt::Debug for ExporterSecretLog {
 impl rustls::KeyLog for ExporterSecretLog {
     fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
         if label == EXPORTER_SECRET {
-            let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slot = lock(&self.0);
             *slot = Some(Zeroizing::new(secret.to_vec()));
         }
     }
@@ -54,7 +55,7 @@ impl ExporterSecretLog {
     /// (it is zeroized when dropped). `None` before the handshake, for TLS 1.2 (which has
     /// no exporter secret) and for an unknown suite.
     pub fn take_binding(&self, suite: Option<CipherSuite>) -> Option<ChannelBinding> {
-        let secret = self.0.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        let secret = lock(&self.0).take()?;
         use CipherSuite::*;
         let hash = match suite? {
             TLS13_AES_128_GCM_SHA256 | TLS13_CHACHA20_POLY1305_SHA256 => Tls13Hash::Sha256,

@@ -3,6 +3,7 @@
 //! serves the local inbounds — SOCKS5, HTTP CONNECT and fixed forwards — answering each
 //! application only once the exit reports its connect.
 
+use crate::locks::lock;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -168,10 +169,6 @@ impl Drop for Assigned<'_> {
     fn drop(&mut self) {
         self.0.opening.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The connection to the exit: a pool of up to [`ExitSettings::sessions`] sessions, each

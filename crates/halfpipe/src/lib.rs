@@ -34,6 +34,7 @@ pub mod keyfile;
 pub mod leg;
 pub mod leg_url;
 pub mod links;
+mod locks;
 pub mod outbound;
 pub mod quickstart;
 

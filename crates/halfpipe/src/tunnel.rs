@@ -13,8 +13,9 @@
 //! opens streams. What a side must decide (a new stream to connect, a leg gone, the session
 //! over) arrives on its bounded control channel.
 
+use crate::locks::lock;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -209,11 +210,6 @@ pub enum OpenError {
     /// The exit did not answer within the connect timeout.
     #[error("the exit did not report the connect outcome within {0:?}")]
     Timeout(Duration),
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock would be a bug; keep serving with the data as it is.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Tunnel {

@@ -5,6 +5,7 @@
 //! events (handshake failures by reason, limit hits, tripwire fires). Gauges (sessions,
 //! streams, mode) are read from the server when the page is rendered.
 
+use crate::locks::lock;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,14 +54,11 @@ pub struct Gauges {
 }
 
 fn bump(map: &Mutex<BTreeMap<&'static str, u64>>, key: &'static str) {
-    *map.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(key)
-        .or_default() += 1;
+    *lock(map).entry(key).or_default() += 1;
 }
 
 fn snapshot(map: &Mutex<BTreeMap<&'static str, u64>>) -> BTreeMap<&'static str, u64> {
-    map.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    lock(map).clone()
 }
 
 impl Metrics {

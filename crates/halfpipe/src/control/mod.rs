@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod settings;
 pub mod syslog;
 
+use crate::locks::lock;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -178,10 +179,6 @@ pub struct ControlPlane {
     started: Instant,
     /// Counters for status and metrics.
     pub metrics: Arc<Metrics>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Wall clock, Unix milliseconds.

@@ -5,10 +5,11 @@
 //! known user → replay check → session ownership → limits. Anything failing before the
 //! peer is authenticated gets silence on the wire and a `security` log line.
 
+use crate::locks::lock;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use halfpipe_core::handshake::{
@@ -171,10 +172,6 @@ pub struct Server {
 #[derive(Clone)]
 pub struct ServerHandle {
     state: Arc<State>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Server {
