@@ -20,8 +20,8 @@
 //! application data (an alert, a post-handshake message) ends the leg, which the session
 //! then replaces.
 
+use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use bytes::{Bytes, BytesMut};
-use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 
 use crate::frame::MAX_RECORD_PAYLOAD;
 

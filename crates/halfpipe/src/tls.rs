@@ -1,4 +1,4 @@
-//! TLS 1.3 configurations for `tls://` legs (rustls with the ring provider).
+//! TLS 1.3 configurations for `tls://` legs (rustls with the aws-lc-rs provider).
 //!
 //! Clients verify the server by the bundled web roots, a CA file, or a pinned SHA-256 of the
 //! certificate's public key (`sha256/<base64>`); there is no way to turn verification off.
@@ -62,11 +62,12 @@ pub enum ServerTrust {
     Insecure,
 }
 
-/// ring's provider, whose TLS 1.3 suites come AES-256-GCM first. On a channel-bound leg
+/// aws-lc-rs' provider (rustls' default, and the faster AES-GCM on CPUs with AVX-512),
+/// whose TLS 1.3 suites come AES-256-GCM first. On a channel-bound leg
 /// TLS is the only encryption layer (see `crate::channel_binding`), so it is as strong as
 /// the Noise layer's default AES-256-GCM it stands in for.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

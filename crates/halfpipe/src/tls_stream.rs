@@ -859,7 +859,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_binding_is_the_tls_exporter_value_rustls_itself_computes_in_every_suite() {
-        use rustls::crypto::ring::{cipher_suite, default_provider};
+        use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
         let certs = crate::cert::TestCerts::new("tls-binding");
         let (c, k, _) = certs.write("cert");
         let base = crate::tls::server_config(&c, &k).unwrap();
