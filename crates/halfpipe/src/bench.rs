@@ -525,20 +525,17 @@ pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Roun
     let cpu0 = sys.cpu_seconds();
     let down1 = throughput(s, target, 1, plan.single, true).await?;
     let up1 = throughput(s, target, 1, plan.single, false).await?;
-    let down8 = probed(
-        sys,
-        "down8",
-        8 * plan.per8,
-        throughput(s, target, 8, plan.per8, true),
-    )
-    .await?;
-    let up8 = probed(
-        sys,
-        "up8",
-        8 * plan.per8,
-        throughput(s, target, 8, plan.per8, false),
-    )
-    .await?;
+    let eight = |down: bool| {
+        let what = if down { "down8" } else { "up8" };
+        probed(
+            sys,
+            what,
+            8 * plan.per8,
+            throughput(s, target, 8, plan.per8, down),
+        )
+    };
+    let down8 = eight(true).await?;
+    let up8 = eight(false).await?;
     let down64 = throughput(s, target, 64, plan.per64, true).await?;
     let cpu = sys.cpu_seconds() - cpu0;
     let moved = (2 * plan.single + 16 * plan.per8 + 64 * plan.per64) as f64;
