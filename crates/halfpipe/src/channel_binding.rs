@@ -13,13 +13,14 @@
 //! rustls' key-log hook, the one place it is handed out, and [`tls13_exporter`] derives the
 //! value as RFC 8446 defines it (tested against rustls' own exporter).
 
-use crate::locks::lock;
 use std::sync::Mutex;
 
 use halfpipe_core::handshake::ChannelBinding;
 use ring::{digest, hkdf};
 use rustls::CipherSuite;
 use zeroize::Zeroizing;
+
+use crate::locks::lock;
 
 /// The exporter label of halfpipe's leg binding.
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-halfpipe-leg-binding";

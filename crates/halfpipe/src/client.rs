@@ -3,7 +3,6 @@
 //! serves the local inbounds — SOCKS5, HTTP CONNECT and fixed forwards — answering each
 //! application only once the exit reports its connect.
 
-use crate::locks::lock;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,6 +17,7 @@ use tokio::sync::{mpsc, Mutex as AsyncMutex, Semaphore};
 
 use crate::leg::{client_handshake, unix_ms, LegError};
 use crate::leg_url::LegUrl;
+use crate::locks::lock;
 use crate::transport::{dial, tune_socket, DialSettings, TransportError};
 use crate::tunnel::{Control, OpenError, Tunnel};
 

@@ -62,10 +62,11 @@ pub enum ServerTrust {
     Insecure,
 }
 
-/// aws-lc-rs' provider (rustls' default, and the faster AES-GCM on CPUs with AVX-512),
-/// whose TLS 1.3 suites come AES-256-GCM first. On a channel-bound leg
-/// TLS is the only encryption layer (see `crate::channel_binding`), so it is as strong as
-/// the Noise layer's default AES-256-GCM it stands in for.
+/// aws-lc-rs' provider (rustls' default), whose TLS 1.3 suites come AES-256-GCM first:
+/// the same library as `halfpipe_core::record`, which seals a channel-bound `tls://` leg's
+/// records itself under the keys this handshake derives. On a channel-bound leg TLS is the
+/// only encryption layer (see `crate::channel_binding`), so it is as strong as the Noise
+/// layer's default AES-256-GCM it stands in for.
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }

@@ -13,7 +13,6 @@
 //! opens streams. What a side must decide (a new stream to connect, a leg gone, the session
 //! over) arrives on its bounded control channel.
 
-use crate::locks::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
+use crate::locks::lock;
 use crate::transport::BoxedLeg;
 
 /// Bytes gathered for one write to the send leg.

@@ -5,13 +5,13 @@
 //! events (handshake failures by reason, limit hits, tripwire fires). Gauges (sessions,
 //! streams, mode) are read from the server when the page is rendered.
 
-use crate::locks::lock;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::leg_url::Scheme;
+use crate::locks::lock;
 
 /// Bytes through server legs of one transport.
 #[derive(Default, Debug)]

@@ -15,7 +15,6 @@ pub mod metrics;
 pub mod settings;
 pub mod syslog;
 
-use crate::locks::lock;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,6 +33,7 @@ use halfpipe_state::{StateDb, StateError};
 use tokio::sync::watch;
 
 use crate::egress::EgressPolicy;
+use crate::locks::lock;
 use metrics::Metrics;
 use settings::{ControlSettings, Rates, Restricted};
 

@@ -5,7 +5,6 @@
 //! known user → replay check → session ownership → limits. Anything failing before the
 //! peer is authenticated gets silence on the wire and a `security` log line.
 
-use crate::locks::lock;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +27,7 @@ use crate::control::{ControlError, ControlPlane, Direction};
 use crate::egress::EgressPolicy;
 use crate::leg::{server_read_hello, server_reply, unix_ms, LegError};
 use crate::leg_url::{LegUrl, Scheme};
+use crate::locks::lock;
 use crate::transport::{BoxedLeg, Counted, LegListener, ListenSettings, TransportError, Upgrade};
 use crate::tunnel::{Control, Pace, Throttle, Tunnel};
 use halfpipe_control::mode::Mode;
