@@ -507,14 +507,14 @@ impl Probe {
 /// Runs `phase` (moving `bytes`) under a [`Probe`] when the per-phase report is on.
 async fn probed<T>(
     sys: &System,
-    what: &str,
+    what: String,
     bytes: u64,
     phase: impl std::future::Future<Output = T>,
 ) -> T {
     let probe = Probe::start(sys);
     let out = phase.await;
     if let Some(p) = probe {
-        p.report(sys, what, bytes);
+        p.report(sys, &what, bytes);
     }
     out
 }
@@ -523,20 +523,20 @@ async fn probed<T>(
 pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Round, BenchError> {
     let s = sys.socks;
     let cpu0 = sys.cpu_seconds();
-    let down1 = throughput(s, target, 1, plan.single, true).await?;
-    let up1 = throughput(s, target, 1, plan.single, false).await?;
-    let eight = |down: bool| {
-        let what = if down { "down8" } else { "up8" };
+    let transfer = |streams: usize, per_stream: u64, down: bool| {
+        let what = format!("{}{streams}", if down { "down" } else { "up" });
         probed(
             sys,
             what,
-            8 * plan.per8,
-            throughput(s, target, 8, plan.per8, down),
+            streams as u64 * per_stream,
+            throughput(s, target, streams, per_stream, down),
         )
     };
-    let down8 = eight(true).await?;
-    let up8 = eight(false).await?;
-    let down64 = throughput(s, target, 64, plan.per64, true).await?;
+    let down1 = transfer(1, plan.single, true).await?;
+    let up1 = transfer(1, plan.single, false).await?;
+    let down8 = transfer(8, plan.per8, true).await?;
+    let up8 = transfer(8, plan.per8, false).await?;
+    let down64 = transfer(64, plan.per64, true).await?;
     let cpu = sys.cpu_seconds() - cpu0;
     let moved = (2 * plan.single + 16 * plan.per8 + 64 * plan.per64) as f64;
     let mut r1 = latency(s, target, 1, plan.rtt_count).await?;
