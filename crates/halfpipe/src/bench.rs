@@ -309,27 +309,71 @@ pub async fn throughput(
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Round-trip times (µs) of `count` request/response exchanges of `size` bytes.
+/// What `count` request/response exchanges of `size` bytes took.
+#[derive(Clone, Debug)]
+pub struct Latency {
+    /// Round-trip time of each exchange, µs.
+    pub rtts: Vec<f64>,
+    /// CPU time of the system's processes (both ends) per exchange, µs; 0 for the
+    /// direct connection, which has none.
+    pub cpu_us: f64,
+    /// TCP segments sent on the whole machine per exchange (`/proc/net/snmp` OutSegs,
+    /// loopback counts both ways); NaN where the counter cannot be read.
+    pub segments: f64,
+}
+
+/// Times `count` request/response exchanges of `size` bytes through `sys` (after 50
+/// warm-up exchanges), with what they cost its processes and the kernel's TCP.
 pub async fn latency(
-    socks: Option<SocketAddr>,
+    sys: &System,
     target: SocketAddr,
     size: usize,
     count: usize,
-) -> Result<Vec<f64>, BenchError> {
-    let mut s = connect(socks, target).await?;
+) -> Result<Latency, BenchError> {
+    let mut s = connect(sys.socks, target).await?;
     s.write_u8(CMD_ECHO).await.map_err(io_err("echo"))?;
     let msg = vec![7u8; size];
     let mut back = vec![0u8; size];
-    let mut rtts = Vec::with_capacity(count);
-    for i in 0..count + 50 {
-        let t = Instant::now();
+    let mut exchange = async |s: &mut TcpStream| {
         s.write_all(&msg).await.map_err(io_err("echo write"))?;
         s.read_exact(&mut back).await.map_err(io_err("echo read"))?;
-        if i >= 50 {
-            rtts.push(t.elapsed().as_secs_f64() * 1e6);
-        }
+        Ok::<(), BenchError>(())
+    };
+    for _ in 0..50 {
+        exchange(&mut s).await?;
     }
-    Ok(rtts)
+    let (cpu0, seg0) = (sys.cpu_seconds(), tcp_out_segments());
+    let mut rtts = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        exchange(&mut s).await?;
+        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let (cpu1, seg1) = (sys.cpu_seconds(), tcp_out_segments());
+    let n = count.max(1) as f64;
+    let segments = match (seg0, seg1) {
+        (Some(a), Some(b)) => b.saturating_sub(a) as f64 / n,
+        _ => f64::NAN,
+    };
+    Ok(Latency {
+        rtts,
+        cpu_us: (cpu1 - cpu0) * 1e6 / n,
+        segments,
+    })
+}
+
+/// TCP segments this machine has sent (`/proc/net/snmp`), if readable.
+fn tcp_out_segments() -> Option<u64> {
+    parse_tcp_out_segments(&std::fs::read_to_string("/proc/net/snmp").ok()?)
+}
+
+/// The `Tcp: OutSegs` counter of a `/proc/net/snmp` text: the first `Tcp:` line names
+/// the fields, the second holds their values.
+fn parse_tcp_out_segments(snmp: &str) -> Option<u64> {
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let at = names.split_whitespace().position(|f| f == "OutSegs")?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 /// New connections per second (connect, one echo byte, close), `parallel` at a time.
@@ -396,6 +440,10 @@ pub struct Round {
     pub rtt1: (f64, f64),
     /// RTT 1 KiB p50 / p99, µs.
     pub rtt1k: (f64, f64),
+    /// CPU µs of both ends per 1-byte round trip.
+    pub rtt1_cpu_us: f64,
+    /// TCP segments sent (machine-wide) per 1-byte round trip.
+    pub rtt1_segments: f64,
     /// New connections per second.
     pub cps: f64,
     /// CPU seconds of both ends per GB moved in the throughput tests.
@@ -539,8 +587,8 @@ pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Roun
     let down64 = transfer(64, plan.per64, true).await?;
     let cpu = sys.cpu_seconds() - cpu0;
     let moved = (2 * plan.single + 16 * plan.per8 + 64 * plan.per64) as f64;
-    let mut r1 = latency(s, target, 1, plan.rtt_count).await?;
-    let mut r1k = latency(s, target, 1024, plan.rtt_count).await?;
+    let mut r1 = latency(sys, target, 1, plan.rtt_count).await?;
+    let mut r1k = latency(sys, target, 1024, plan.rtt_count).await?;
     let cps = connection_rate(s, target, 8, plan.cps_time).await?;
     Ok(Round {
         down1,
@@ -548,8 +596,10 @@ pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Roun
         down8,
         up8,
         down64,
-        rtt1: (quantile(&mut r1, 0.5), quantile(&mut r1, 0.99)),
-        rtt1k: (quantile(&mut r1k, 0.5), quantile(&mut r1k, 0.99)),
+        rtt1: (quantile(&mut r1.rtts, 0.5), quantile(&mut r1.rtts, 0.99)),
+        rtt1k: (quantile(&mut r1k.rtts, 0.5), quantile(&mut r1k.rtts, 0.99)),
+        rtt1_cpu_us: r1.cpu_us,
+        rtt1_segments: r1.segments,
         cps,
         cpu_per_gb: cpu / (moved / 1e9),
     })
@@ -579,6 +629,8 @@ pub fn summarize(name: &str, rounds: &[Round], peak_rss: Vec<u64>) -> Summary {
             down64: m(|r| r.down64),
             rtt1: (m(|r| r.rtt1.0), m(|r| r.rtt1.1)),
             rtt1k: (m(|r| r.rtt1k.0), m(|r| r.rtt1k.1)),
+            rtt1_cpu_us: m(|r| r.rtt1_cpu_us),
+            rtt1_segments: m(|r| r.rtt1_segments),
             cps: m(|r| r.cps),
             cpu_per_gb: m(|r| r.cpu_per_gb),
         },
@@ -591,7 +643,7 @@ pub fn summarize(name: &str, rounds: &[Round], peak_rss: Vec<u64>) -> Summary {
 pub fn render(summaries: &[Summary]) -> String {
     let gbs = |v: f64| format!("{:.2}", v / 1e9);
     let mut out = String::from(
-        "| system | down 1 GB/s | up 1 GB/s | down 8 GB/s | up 8 GB/s | down 64 GB/s | RTT 1 B p50/p99 µs | RTT 1 KiB p50/p99 µs | conn/s | CPU-s/GB (both ends) | peak RSS MiB (client, server) |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| system | down 1 GB/s | up 1 GB/s | down 8 GB/s | up 8 GB/s | down 64 GB/s | RTT 1 B p50/p99 µs | RTT 1 KiB p50/p99 µs | 1 B round trip: CPU µs (both ends), TCP segments | conn/s | CPU-s/GB (both ends) | peak RSS MiB (client, server) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for s in summaries {
         let m = &s.median;
@@ -600,13 +652,16 @@ pub fn render(summaries: &[Summary]) -> String {
             .iter()
             .map(|b| format!("{:.1}", *b as f64 / (1024.0 * 1024.0)))
             .collect();
-        let cpu = if s.peak_rss.is_empty() {
-            "-".to_string()
+        let (cpu, rt_cpu) = if s.peak_rss.is_empty() {
+            ("-".to_string(), "-".to_string())
         } else {
-            format!("{:.2}", m.cpu_per_gb)
+            (
+                format!("{:.2}", m.cpu_per_gb),
+                format!("{:.1}", m.rtt1_cpu_us),
+            )
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.0}/{:.0} | {:.0}/{:.0} | {:.0} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.0}/{:.0} | {:.0}/{:.0} | {rt_cpu}, {:.2} | {:.0} | {} | {} |\n",
             s.name,
             gbs(m.down1),
             gbs(m.up1),
@@ -617,6 +672,7 @@ pub fn render(summaries: &[Summary]) -> String {
             m.rtt1.1,
             m.rtt1k.0,
             m.rtt1k.1,
+            m.rtt1_segments,
             m.cps,
             cpu,
             if rss.is_empty() {
@@ -636,7 +692,11 @@ pub fn ratios(a: &Summary, b: &Summary) -> String {
     let cpu = if a.peak_rss.is_empty() || b.peak_rss.is_empty() {
         String::new()
     } else {
-        format!(", CPU-s/GB {:.2}x", x.cpu_per_gb / y.cpu_per_gb)
+        format!(
+            ", CPU-s/GB {:.2}x, CPU per round trip {:.2}x",
+            x.cpu_per_gb / y.cpu_per_gb,
+            x.rtt1_cpu_us / y.rtt1_cpu_us
+        )
     };
     format!(
         "{} vs {}: down1 {:.2}x, up1 {:.2}x, down8 {:.2}x, up8 {:.2}x, down64 {:.2}x, RTT1 p50 {:.2}x, p99 {:.2}x, conn/s {:.2}x{cpu}\n",
@@ -651,4 +711,83 @@ pub fn ratios(a: &Summary, b: &Summary) -> String {
         x.rtt1.1 / y.rtt1.1,
         x.cps / y.cps,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SNMP: &str = "Ip: Forwarding DefaultTTL InReceives\nIp: 1 64 1000\n\
+        Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails EstabResets CurrEstab InSegs OutSegs RetransSegs InErrs OutRsts InCsumErrors\n\
+        Tcp: 1 200 120000 -1 2290 1147 3 38 6 9873312 9879445 12 0 55 0\n\
+        Udp: InDatagrams NoPorts\nUdp: 5 0\n";
+
+    #[test]
+    fn out_segments_are_read_from_the_tcp_lines_by_name() {
+        assert_eq!(parse_tcp_out_segments(SNMP), Some(9_879_445));
+        // Fields found by name, not by position.
+        let moved = "Tcp: OutSegs InSegs\nTcp: 42 7\n";
+        assert_eq!(parse_tcp_out_segments(moved), Some(42));
+    }
+
+    #[test]
+    fn out_segments_missing_or_garbled_give_none() {
+        assert_eq!(parse_tcp_out_segments(""), None);
+        assert_eq!(parse_tcp_out_segments("Tcp: InSegs OutSegs\n"), None);
+        assert_eq!(parse_tcp_out_segments("Tcp: InSegs\nTcp: 5\n"), None);
+        assert_eq!(parse_tcp_out_segments("Tcp: OutSegs\nTcp: many\n"), None);
+        assert_eq!(
+            parse_tcp_out_segments("Tcp: InSegs OutSegs\nTcp: 5\n"),
+            None
+        );
+    }
+
+    fn summary(name: &str, ends: bool, rtt1_cpu_us: f64) -> Summary {
+        Summary {
+            name: name.into(),
+            median: Round {
+                down1: 1e9,
+                up1: 1e9,
+                down8: 1e9,
+                up8: 1e9,
+                down64: 1e9,
+                rtt1: (100.0, 150.0),
+                rtt1k: (110.0, 160.0),
+                rtt1_cpu_us,
+                rtt1_segments: 6.0,
+                cps: 4000.0,
+                cpu_per_gb: 1.5,
+            },
+            peak_rss: if ends {
+                vec![20 << 20, 25 << 20]
+            } else {
+                vec![]
+            },
+        }
+    }
+
+    #[test]
+    fn every_table_row_has_the_header_s_columns_and_round_trip_cost() {
+        let table = render(&[summary("direct", false, 0.0), summary("tunnel", true, 80.0)]);
+        let lines: Vec<&str> = table.lines().collect();
+        let columns = |l: &str| l.matches('|').count();
+        assert!(lines.len() == 4, "{table}");
+        assert!(
+            lines.iter().all(|l| columns(l) == columns(lines[0])),
+            "{table}"
+        );
+        assert!(lines[2].contains("| -, 6.00 |"), "{table}");
+        assert!(lines[3].contains("| 80.0, 6.00 |"), "{table}");
+    }
+
+    #[test]
+    fn ratios_compare_round_trip_cpu_only_between_measured_ends() {
+        let (direct, a, b) = (
+            summary("direct", false, 0.0),
+            summary("a", true, 90.0),
+            summary("b", true, 60.0),
+        );
+        assert!(ratios(&a, &b).contains("CPU per round trip 1.50x"));
+        assert!(!ratios(&a, &direct).contains("CPU per round trip"));
+    }
 }
