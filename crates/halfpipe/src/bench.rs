@@ -315,7 +315,9 @@ pub struct Latency {
     /// Round-trip time of each exchange, µs.
     pub rtts: Vec<f64>,
     /// CPU time of the system's processes (both ends) per exchange, µs; 0 for the
-    /// direct connection, which has none.
+    /// direct connection, which has none. `/proc` counts in 10 ms ticks, so this means
+    /// something only over thousands of exchanges (the full plan's 5000, not the quick
+    /// plan's 500).
     pub cpu_us: f64,
     /// TCP segments sent on the whole machine per exchange (`/proc/net/snmp` OutSegs,
     /// loopback counts both ways); NaN where the counter cannot be read.
@@ -436,6 +438,8 @@ pub struct Round {
     pub up8: f64,
     /// Download, 64 streams, bytes/s.
     pub down64: f64,
+    /// Upload, 64 streams, bytes/s.
+    pub up64: f64,
     /// RTT 1 B p50 / p99, µs.
     pub rtt1: (f64, f64),
     /// RTT 1 KiB p50 / p99, µs.
@@ -585,8 +589,9 @@ pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Roun
     let down8 = transfer(8, plan.per8, true).await?;
     let up8 = transfer(8, plan.per8, false).await?;
     let down64 = transfer(64, plan.per64, true).await?;
+    let up64 = transfer(64, plan.per64, false).await?;
     let cpu = sys.cpu_seconds() - cpu0;
-    let moved = (2 * plan.single + 16 * plan.per8 + 64 * plan.per64) as f64;
+    let moved = (2 * (plan.single + 8 * plan.per8 + 64 * plan.per64)) as f64;
     let mut r1 = latency(sys, target, 1, plan.rtt_count).await?;
     let mut r1k = latency(sys, target, 1024, plan.rtt_count).await?;
     let cps = connection_rate(s, target, 8, plan.cps_time).await?;
@@ -596,6 +601,7 @@ pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Roun
         down8,
         up8,
         down64,
+        up64,
         rtt1: (quantile(&mut r1.rtts, 0.5), quantile(&mut r1.rtts, 0.99)),
         rtt1k: (quantile(&mut r1k.rtts, 0.5), quantile(&mut r1k.rtts, 0.99)),
         rtt1_cpu_us: r1.cpu_us,
@@ -627,6 +633,7 @@ pub fn summarize(name: &str, rounds: &[Round], peak_rss: Vec<u64>) -> Summary {
             down8: m(|r| r.down8),
             up8: m(|r| r.up8),
             down64: m(|r| r.down64),
+            up64: m(|r| r.up64),
             rtt1: (m(|r| r.rtt1.0), m(|r| r.rtt1.1)),
             rtt1k: (m(|r| r.rtt1k.0), m(|r| r.rtt1k.1)),
             rtt1_cpu_us: m(|r| r.rtt1_cpu_us),
@@ -643,7 +650,7 @@ pub fn summarize(name: &str, rounds: &[Round], peak_rss: Vec<u64>) -> Summary {
 pub fn render(summaries: &[Summary]) -> String {
     let gbs = |v: f64| format!("{:.2}", v / 1e9);
     let mut out = String::from(
-        "| system | down 1 GB/s | up 1 GB/s | down 8 GB/s | up 8 GB/s | down 64 GB/s | RTT 1 B p50/p99 µs | RTT 1 KiB p50/p99 µs | 1 B round trip: CPU µs (both ends), TCP segments | conn/s | CPU-s/GB (both ends) | peak RSS MiB (client, server) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| system | down 1 GB/s | up 1 GB/s | down 8 GB/s | up 8 GB/s | down 64 GB/s | up 64 GB/s | RTT 1 B p50/p99 µs | RTT 1 KiB p50/p99 µs | 1 B round trip: CPU µs (both ends), TCP segments | conn/s | CPU-s/GB (both ends) | peak RSS MiB (client, server) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for s in summaries {
         let m = &s.median;
@@ -661,13 +668,14 @@ pub fn render(summaries: &[Summary]) -> String {
             )
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.0}/{:.0} | {:.0}/{:.0} | {rt_cpu}, {:.2} | {:.0} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0}/{:.0} | {:.0}/{:.0} | {rt_cpu}, {:.2} | {:.0} | {} | {} |\n",
             s.name,
             gbs(m.down1),
             gbs(m.up1),
             gbs(m.down8),
             gbs(m.up8),
             gbs(m.down64),
+            gbs(m.up64),
             m.rtt1.0,
             m.rtt1.1,
             m.rtt1k.0,
@@ -699,7 +707,7 @@ pub fn ratios(a: &Summary, b: &Summary) -> String {
         )
     };
     format!(
-        "{} vs {}: down1 {:.2}x, up1 {:.2}x, down8 {:.2}x, up8 {:.2}x, down64 {:.2}x, RTT1 p50 {:.2}x, p99 {:.2}x, conn/s {:.2}x{cpu}\n",
+        "{} vs {}: down1 {:.2}x, up1 {:.2}x, down8 {:.2}x, up8 {:.2}x, down64 {:.2}x, up64 {:.2}x, RTT1 p50 {:.2}x, p99 {:.2}x, conn/s {:.2}x{cpu}\n",
         a.name,
         b.name,
         x.down1 / y.down1,
@@ -707,6 +715,7 @@ pub fn ratios(a: &Summary, b: &Summary) -> String {
         x.down8 / y.down8,
         x.up8 / y.up8,
         x.down64 / y.down64,
+        x.up64 / y.up64,
         x.rtt1.0 / y.rtt1.0,
         x.rtt1.1 / y.rtt1.1,
         x.cps / y.cps,
@@ -751,6 +760,7 @@ mod tests {
                 down8: 1e9,
                 up8: 1e9,
                 down64: 1e9,
+                up64: 1e9,
                 rtt1: (100.0, 150.0),
                 rtt1k: (110.0, 160.0),
                 rtt1_cpu_us,
