@@ -509,25 +509,6 @@ impl Session {
         }
     }
 
-    /// [`Session::send_capacity`] for a writer about to read that many bytes from its
-    /// source: when it is 0, the writer counts as blocked, so [`Event::Writable`] follows
-    /// once credit arrives. Reading no more than this keeps unsent bytes where the source
-    /// holds them (an application's socket, which pushes back) instead of in memory.
-    /// Fails as [`Session::send`] would: the session or the stream's sending half is closed.
-    pub fn send_room(&mut self, stream: StreamId) -> Result<u64, SessionError> {
-        self.check_open()?;
-        let room = self.send_capacity(stream);
-        match self.streams.get_mut(&stream) {
-            Some(s) if !s.fin_sent => {
-                if room == 0 {
-                    s.writer_blocked = true;
-                }
-                Ok(room)
-            }
-            _ => Err(SessionError::StreamClosed(stream)),
-        }
-    }
-
     /// Queues as much of `data` as credit allows, advancing it past what was taken. When
     /// nothing could be taken, [`Event::Writable`] follows once credit arrives.
     pub fn send(&mut self, stream: StreamId, data: &mut Bytes) -> Result<usize, SessionError> {

@@ -359,37 +359,6 @@ fn window_exhaustion_bounds_buffers_and_writable_follows_reading() {
 }
 
 #[test]
-fn a_writer_that_asks_for_room_and_finds_none_is_woken_when_credit_arrives() {
-    let config = SessionConfig {
-        stream_window: 100_000,
-        session_window: 1_000_000,
-        ..SessionConfig::default()
-    };
-    let mut sim = Sim::new(config);
-    let id = sim.open();
-    let room = sim.client.send_room(id).unwrap();
-    assert!(room > 0);
-    assert_eq!(room, sim.client.send_capacity(id));
-    // Exactly the room: nothing is left over, so send itself marks no writer blocked.
-    let mut data = Bytes::from(pattern(room as usize, 5));
-    assert_eq!(sim.client.send(id, &mut data).unwrap(), room as usize);
-    sim.settle();
-    assert_eq!(sim.client.send_room(id), Ok(0));
-    sim.client_events.clear();
-    while let Ok(Recv::Data(_)) = sim.server.recv(id) {}
-    sim.settle();
-    assert!(sim.client_events.contains(&Event::Writable(id)));
-    assert!(sim.client.send_room(id).unwrap() > 0);
-    // A finished stream, or one never opened, has no room to wait for.
-    sim.client.finish(id).unwrap();
-    assert_eq!(
-        sim.client.send_room(id),
-        Err(SessionError::StreamClosed(id))
-    );
-    assert!(sim.client.send_room(id + 1000).is_err());
-}
-
-#[test]
 fn retransmit_buffer_is_capped_when_peer_never_acks() {
     let config = SessionConfig {
         max_unacked: 200_000,

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use halfpipe_core::frame::{CloseCode, ResetCode, StreamId};
 use halfpipe_core::handshake::{LegKeys, LegRole};
 use halfpipe_core::record::{RecordError, RecordOpener, RecordSealer};
@@ -907,17 +907,9 @@ impl Tunnel {
         // `reserve` reclaims the allocation once the session has released it.
         let mut want = APP_READ_MIN;
         let mut buf = BytesMut::with_capacity(want);
-        // What the session can take now (learnt under the lock of the last send): the pump
-        // reads no more, so what the window cannot take yet stays in the application's
-        // socket, which pushes back, rather than in our memory.
-        let mut room = self.with_session(|s| s.send_room(stream));
         loop {
             while !pending.is_empty() {
-                let ((sent, left), wants_tx) = self.locked(|g| {
-                    let sent = g.session.send(stream, &mut pending);
-                    (sent, g.session.send_room(stream))
-                });
-                room = left;
+                let (sent, wants_tx) = self.locked(|g| g.session.send(stream, &mut pending));
                 if wants_tx {
                     self.transmit_inline().await;
                 }
@@ -933,26 +925,11 @@ impl Tunnel {
             if sig.is_reset() {
                 return (rd, PumpEnd::Reset);
             }
-            let limit = match room {
-                Ok(0) => {
-                    // Blocked on credit (`send_room` asked for the wake-up); a reset wakes
-                    // it too.
-                    sig.writable.notified().await;
-                    room = self.with_session(|s| s.send_room(stream));
-                    continue;
-                }
-                Ok(n) => want.min(usize::try_from(n).unwrap_or(usize::MAX)),
-                Err(e) => {
-                    tracing::debug!(stream, error = %e, "stream ended before reading more");
-                    return (rd, PumpEnd::Reset);
-                }
-            };
-            buf.reserve(limit);
+            buf.reserve(want);
             // A reset arriving while the application is quiet must not wait for its next
             // byte (`read_buf` is cancel-safe: nothing read is lost).
-            let mut limited = (&mut buf).limit(limit);
             let read = tokio::select! {
-                r = rd.read_buf(&mut limited) => r,
+                r = rd.read_buf(&mut buf) => r,
                 _ = sig.writable.notified() => continue,
             };
             match read {
