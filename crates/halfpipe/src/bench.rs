@@ -352,16 +352,23 @@ pub async fn latency(
         rtts.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let (cpu1, seg1) = (sys.cpu_seconds(), tcp_out_segments());
+    let (cpu_us, segments) = per_exchange(cpu1 - cpu0, (seg0, seg1), count);
+    Ok(Latency {
+        rtts,
+        cpu_us,
+        segments,
+    })
+}
+
+/// CPU µs and TCP segments per exchange from what `count` exchanges used: `cpu` seconds,
+/// and the OutSegs counter before and after (NaN segments when either is missing).
+fn per_exchange(cpu: f64, segs: (Option<u64>, Option<u64>), count: usize) -> (f64, f64) {
     let n = count.max(1) as f64;
-    let segments = match (seg0, seg1) {
+    let segments = match segs {
         (Some(a), Some(b)) => b.saturating_sub(a) as f64 / n,
         _ => f64::NAN,
     };
-    Ok(Latency {
-        rtts,
-        cpu_us: (cpu1 - cpu0) * 1e6 / n,
-        segments,
-    })
+    (cpu * 1e6 / n, segments)
 }
 
 /// TCP segments this machine has sent (`/proc/net/snmp`), if readable.
@@ -622,6 +629,14 @@ pub struct Summary {
     pub peak_rss: Vec<u64>,
 }
 
+impl Summary {
+    /// Whether the system has processes of its own (a tunnel's ends) whose CPU and
+    /// memory were measured; the direct connection has none.
+    pub fn has_ends(&self) -> bool {
+        !self.peak_rss.is_empty()
+    }
+}
+
 /// Medians of every field over `rounds`.
 pub fn summarize(name: &str, rounds: &[Round], peak_rss: Vec<u64>) -> Summary {
     let m = |f: fn(&Round) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
@@ -659,13 +674,13 @@ pub fn render(summaries: &[Summary]) -> String {
             .iter()
             .map(|b| format!("{:.1}", *b as f64 / (1024.0 * 1024.0)))
             .collect();
-        let (cpu, rt_cpu) = if s.peak_rss.is_empty() {
-            ("-".to_string(), "-".to_string())
-        } else {
+        let (cpu, rt_cpu) = if s.has_ends() {
             (
                 format!("{:.2}", m.cpu_per_gb),
                 format!("{:.1}", m.rtt1_cpu_us),
             )
+        } else {
+            ("-".to_string(), "-".to_string())
         };
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {:.0}/{:.0} | {:.0}/{:.0} | {rt_cpu}, {:.2} | {:.0} | {} | {} |\n",
@@ -697,14 +712,14 @@ pub fn render(summaries: &[Summary]) -> String {
 /// compared only when both sides have processes to measure.
 pub fn ratios(a: &Summary, b: &Summary) -> String {
     let (x, y) = (&a.median, &b.median);
-    let cpu = if a.peak_rss.is_empty() || b.peak_rss.is_empty() {
-        String::new()
-    } else {
+    let cpu = if a.has_ends() && b.has_ends() {
         format!(
             ", CPU-s/GB {:.2}x, CPU per round trip {:.2}x",
             x.cpu_per_gb / y.cpu_per_gb,
             x.rtt1_cpu_us / y.rtt1_cpu_us
         )
+    } else {
+        String::new()
     };
     format!(
         "{} vs {}: down1 {:.2}x, up1 {:.2}x, down8 {:.2}x, up8 {:.2}x, down64 {:.2}x, up64 {:.2}x, RTT1 p50 {:.2}x, p99 {:.2}x, conn/s {:.2}x{cpu}\n",
@@ -751,6 +766,20 @@ mod tests {
         );
     }
 
+    #[test]
+    fn per_exchange_cost_divides_by_the_count_and_says_nan_for_a_missing_counter() {
+        assert_eq!(
+            per_exchange(0.4, (Some(1000), Some(41_000)), 5000),
+            (80.0, 8.0)
+        );
+        let (cpu, segs) = per_exchange(0.4, (Some(1000), None), 5000);
+        assert_eq!(cpu, 80.0);
+        assert!(segs.is_nan());
+        assert!(per_exchange(0.1, (None, Some(5)), 5000).1.is_nan());
+        // No exchanges: no division by zero; a counter that went backwards counts 0.
+        assert_eq!(per_exchange(0.0, (Some(9), Some(3)), 0), (0.0, 0.0));
+    }
+
     fn summary(name: &str, ends: bool, rtt1_cpu_us: f64) -> Summary {
         Summary {
             name: name.into(),
@@ -781,7 +810,7 @@ mod tests {
         let table = render(&[summary("direct", false, 0.0), summary("tunnel", true, 80.0)]);
         let lines: Vec<&str> = table.lines().collect();
         let columns = |l: &str| l.matches('|').count();
-        assert!(lines.len() == 4, "{table}");
+        assert_eq!(lines.len(), 4, "{table}");
         assert!(
             lines.iter().all(|l| columns(l) == columns(lines[0])),
             "{table}"
