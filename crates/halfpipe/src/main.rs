@@ -17,8 +17,8 @@ use halfpipe::server::Server;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Worker threads of the async runtime (default: one per core). One is plenty for a
-    /// client on a small machine: its tasks then hand bytes over on one core.
+    /// Worker threads of the async runtime (default: one per core but one, at least one:
+    /// the kernel's socket work and the peers need a core of their own).
     #[arg(long, global = true, env = "HALFPIPE_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
     #[command(subcommand)]
@@ -397,15 +397,27 @@ fn tune_allocator() {
     }
 }
 
+/// The runtime's worker threads when `--threads` is not given, on a machine with `cores`
+/// cores: one per core but one, and at least one. Every byte a tunnel end moves also costs
+/// kernel time in socket calls, and the application and the other end run beside it; a
+/// worker on every core makes them fight for the cores, so the tunnel moves less. On a
+/// 2-core machine one worker was faster in every throughput figure and used less CPU per GB
+/// (docs/BENCHMARKS.md, 2026-12-04 and 2026-12-05).
+fn default_worker_threads(cores: usize) -> usize {
+    cores.saturating_sub(1).max(1)
+}
+
 /// Runs the command; errors are printed as one readable chain (no backtrace) with exit 1.
 fn main() -> std::process::ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     init_logging();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cli.threads {
-        builder.worker_threads(n.into());
-    }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    builder.worker_threads(
+        cli.threads
+            .map_or_else(|| default_worker_threads(cores), usize::from),
+    );
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -1186,7 +1198,13 @@ async fn run_bench(
 
 #[cfg(test)]
 mod tests {
-    use super::LegsSpec;
+    use super::{default_worker_threads, LegsSpec};
+
+    #[test]
+    fn default_workers_leave_one_core_free_and_never_fall_to_zero() {
+        let picked: Vec<usize> = [0, 1, 2, 4, 64].map(default_worker_threads).to_vec();
+        assert_eq!(picked, [1, 1, 1, 3, 63]);
+    }
 
     #[test]
     fn legs_spec_reads_pairs_and_suffixes() {
