@@ -20,8 +20,9 @@
 //! application data (an alert, a post-handshake message) ends the leg, which the session
 //! then replaces.
 
-use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use bytes::{Bytes, BytesMut};
+
+use crate::aead::{AeadKey, Algorithm};
 
 use crate::frame::MAX_RECORD_PAYLOAD;
 
@@ -60,11 +61,11 @@ pub enum TlsCipher {
 }
 
 impl TlsCipher {
-    fn algorithm(self) -> &'static aead::Algorithm {
+    fn algorithm(self) -> Algorithm {
         match self {
-            TlsCipher::Aes128Gcm => &aead::AES_128_GCM,
-            TlsCipher::Aes256Gcm => &aead::AES_256_GCM,
-            TlsCipher::ChaCha20Poly1305 => &aead::CHACHA20_POLY1305,
+            TlsCipher::Aes128Gcm => Algorithm::Aes128Gcm,
+            TlsCipher::Aes256Gcm => Algorithm::Aes256Gcm,
+            TlsCipher::ChaCha20Poly1305 => Algorithm::ChaCha20Poly1305,
         }
     }
 }
@@ -117,10 +118,10 @@ impl CipherSuite {
         }
     }
 
-    fn algorithm(self) -> &'static aead::Algorithm {
+    fn algorithm(self) -> Algorithm {
         match self {
-            CipherSuite::Aes256Gcm => &aead::AES_256_GCM,
-            CipherSuite::ChaCha20Poly1305 => &aead::CHACHA20_POLY1305,
+            CipherSuite::Aes256Gcm => Algorithm::Aes256Gcm,
+            CipherSuite::ChaCha20Poly1305 => Algorithm::ChaCha20Poly1305,
         }
     }
 }
@@ -157,48 +158,45 @@ pub enum RecordError {
 }
 
 struct Keyed {
-    key: LessSafeKey,
+    key: AeadKey,
     counter: u64,
 }
 
 impl Keyed {
     fn new(suite: CipherSuite, key: &[u8; 32]) -> Result<Self, RecordError> {
-        let unbound = UnboundKey::new(suite.algorithm(), key).map_err(|_| RecordError::BadKey)?;
         Ok(Self {
-            key: LessSafeKey::new(unbound),
+            key: AeadKey::new(suite.algorithm(), key)?,
             counter: 0,
         })
     }
 
-    fn next_nonce(&mut self) -> Result<Nonce, RecordError> {
+    fn next_nonce(&mut self) -> Result<[u8; 12], RecordError> {
         let n = self.counter;
         self.counter = n.checked_add(1).ok_or(RecordError::CounterExhausted)?;
         let mut nonce = [0u8; 12];
         nonce[4..].copy_from_slice(&n.to_be_bytes());
-        Ok(Nonce::assume_unique_for_key(nonce))
+        Ok(nonce)
     }
 }
 
 /// A TLS 1.3 traffic key in use: the AEAD, its IV and the next sequence number.
 struct TlsKeyed {
-    key: LessSafeKey,
+    key: AeadKey,
     iv: [u8; 12],
     seq: u64,
 }
 
 impl TlsKeyed {
     fn new(k: &TlsTrafficKey<'_>) -> Result<Self, RecordError> {
-        let unbound =
-            UnboundKey::new(k.cipher.algorithm(), k.key).map_err(|_| RecordError::BadKey)?;
         Ok(Self {
-            key: LessSafeKey::new(unbound),
+            key: AeadKey::new(k.cipher.algorithm(), k.key)?,
             iv: k.iv,
             seq: k.seq,
         })
     }
 
     /// RFC 8446 §5.3: the sequence number, left-padded to the IV's length, XORed into it.
-    fn next_nonce(&mut self) -> Result<Nonce, RecordError> {
+    fn next_nonce(&mut self) -> Result<[u8; 12], RecordError> {
         if self.seq >= TLS_RECORD_LIMIT {
             return Err(RecordError::CounterExhausted);
         }
@@ -207,7 +205,7 @@ impl TlsKeyed {
             *n ^= s;
         }
         self.seq += 1;
-        Ok(Nonce::assume_unique_for_key(nonce))
+        Ok(nonce)
     }
 }
 
@@ -322,7 +320,7 @@ impl RecordSealer {
                 record[..HEADER_LEN].copy_from_slice(&header);
                 let nonce = keyed.next_nonce()?;
                 let (plain, tag_room) = record[HEADER_LEN..].split_at_mut(body_len - TAG_LEN);
-                seal_into(&keyed.key, nonce, &header, plain, tag_room)
+                keyed.key.seal(nonce, &header, plain, tag_room)
             }
             Protection::Tls13(keyed) => {
                 if body_len - TLS_TRAILER_LEN > TLS_MAX_PLAINTEXT {
@@ -336,25 +334,10 @@ impl RecordSealer {
                 let nonce = keyed.next_nonce()?;
                 let inner_len = body_len - TAG_LEN;
                 let (inner, tag_room) = record[TLS_HEADER_LEN..].split_at_mut(inner_len);
-                seal_into(&keyed.key, nonce, &header, inner, tag_room)
+                keyed.key.seal(nonce, &header, inner, tag_room)
             }
         }
     }
-}
-
-/// Encrypts `plain` in place and writes the tag into `tag_room`.
-fn seal_into(
-    key: &LessSafeKey,
-    nonce: Nonce,
-    header: &[u8],
-    plain: &mut [u8],
-    tag_room: &mut [u8],
-) -> Result<(), RecordError> {
-    let tag = key
-        .seal_in_place_separate_tag(nonce, Aad::from(header), plain)
-        .map_err(|_| RecordError::BadKey)?;
-    tag_room.copy_from_slice(tag.as_ref());
-    Ok(())
 }
 
 /// Opens records at the receiving end of a leg.
@@ -404,11 +387,7 @@ impl RecordOpener {
             return Ok(Some(record.freeze()));
         };
         let nonce = keyed.next_nonce()?;
-        let plain_len = keyed
-            .key
-            .open_in_place(nonce, Aad::from(header), &mut record[HEADER_LEN..])
-            .map_err(|_| RecordError::BadTag)?
-            .len();
+        let plain_len = keyed.key.open(nonce, &header, &mut record[HEADER_LEN..])?;
         let _ = record.split_to(HEADER_LEN);
         record.truncate(plain_len);
         Ok(Some(record.freeze()))
@@ -442,9 +421,7 @@ fn open_tls13(keyed: &mut TlsKeyed, buf: &mut BytesMut) -> Result<Option<Bytes>,
         let nonce = keyed.next_nonce()?;
         let inner_len = keyed
             .key
-            .open_in_place(nonce, Aad::from(header), &mut record[TLS_HEADER_LEN..])
-            .map_err(|_| RecordError::BadTag)?
-            .len();
+            .open(nonce, &header, &mut record[TLS_HEADER_LEN..])?;
         // TLSInnerPlaintext: content, content type, then zero padding.
         let inner = &record[TLS_HEADER_LEN..TLS_HEADER_LEN + inner_len];
         let Some(type_at) = inner.iter().rposition(|&b| b != 0) else {
@@ -480,6 +457,8 @@ fn header_value(header: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    // The reference for hand-built TLS records is a library called directly.
+    use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 
     fn pair(suite: CipherSuite) -> (RecordSealer, RecordOpener) {
         let key = [7u8; 32];

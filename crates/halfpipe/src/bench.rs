@@ -500,6 +500,11 @@ impl Plan {
     }
 }
 
+/// `bytes` in MiB, to one decimal.
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
+}
+
 /// CPU and idle counters at the start of a phase, for the per-phase report that
 /// `HALFPIPE_BENCH_PHASES=1` turns on: where the cores went while the phase ran.
 struct Probe {
@@ -554,10 +559,15 @@ impl Probe {
         let me = (proc_cpu_seconds(std::process::id()) - self.me) / dt;
         let (i1, t1) = machine_idle();
         let idle = (i1 - self.idle.0) / (t1 - self.idle.1).max(1.0);
+        // The peak so far, so the phase that raised an end's peak is the first to show it.
+        let peaks: Vec<String> = sys.peak_rss().into_iter().map(mib).collect();
+        let rate = match bytes {
+            0 => String::new(),
+            _ => format!(" {:.3} GB/s,", bytes as f64 / dt / 1e9),
+        };
         eprintln!(
-            "PHASE {} {what}: {:.3} GB/s, ends cores {ends:?}, bench cores {me:.2}, machine idle {:.0}%",
+            "PHASE {} {what}:{rate} ends cores {ends:?}, bench cores {me:.2}, machine idle {:.0}%, ends peak RSS MiB so far {peaks:?}",
             sys.name,
-            bytes as f64 / dt / 1e9,
             idle * 100.0
         );
     }
@@ -599,9 +609,19 @@ pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Roun
     let up64 = transfer(64, plan.per64, false).await?;
     let cpu = sys.cpu_seconds() - cpu0;
     let moved = (2 * (plan.single + 8 * plan.per8 + 64 * plan.per64)) as f64;
-    let mut r1 = latency(sys, target, 1, plan.rtt_count).await?;
-    let mut r1k = latency(sys, target, 1024, plan.rtt_count).await?;
-    let cps = connection_rate(s, target, 8, plan.cps_time).await?;
+    let rtt = |size: usize| {
+        let what = format!("rtt{size}");
+        probed(sys, what, 0, latency(sys, target, size, plan.rtt_count))
+    };
+    let mut r1 = rtt(1).await?;
+    let mut r1k = rtt(1024).await?;
+    let cps = probed(
+        sys,
+        "conn".into(),
+        0,
+        connection_rate(s, target, 8, plan.cps_time),
+    )
+    .await?;
     Ok(Round {
         down1,
         up1,
@@ -669,11 +689,7 @@ pub fn render(summaries: &[Summary]) -> String {
     );
     for s in summaries {
         let m = &s.median;
-        let rss: Vec<String> = s
-            .peak_rss
-            .iter()
-            .map(|b| format!("{:.1}", *b as f64 / (1024.0 * 1024.0)))
-            .collect();
+        let rss: Vec<String> = s.peak_rss.iter().copied().map(mib).collect();
         let (cpu, rt_cpu) = if s.has_ends() {
             (
                 format!("{:.2}", m.cpu_per_gb),

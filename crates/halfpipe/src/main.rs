@@ -11,6 +11,7 @@ use halfpipe::config;
 use halfpipe::keyfile::{encode_key, write_private_key, write_public_key};
 use halfpipe::quickstart::{self, Ports};
 use halfpipe::server::Server;
+use halfpipe_core::aead::AeadLib;
 
 /// halfpipe: a hardened split-path tunnel. What goes up and what comes down travel on
 /// separate legs, end-to-end encrypted.
@@ -21,6 +22,10 @@ struct Cli {
     /// the kernel's socket work and the peers need a core of their own).
     #[arg(long, global = true, env = "HALFPIPE_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
+    /// The library that seals and opens records: `ring` or `aws-lc` (default: the faster on
+    /// this CPU; both write the same bytes, so each end chooses alone).
+    #[arg(long, global = true, env = "HALFPIPE_AEAD_LIB", value_parser = ["ring", "aws-lc"])]
+    aead_lib: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -412,6 +417,10 @@ fn main() -> std::process::ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     init_logging();
+    if let Some(lib) = cli.aead_lib.as_deref().and_then(AeadLib::from_name) {
+        // Before any key exists, so this cannot be refused.
+        let _ = AeadLib::prefer(lib);
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     builder.worker_threads(
@@ -933,7 +942,8 @@ fn find_program(name: &str) -> Option<PathBuf> {
 /// One `--legs` entry: `quic`, `quic+tls`, with optional suffixes `/double`
 /// (`double_encrypt = true`), `/payload=N` (`[quic] max_udp_payload = N`) and
 /// `/threads=N` or `/threads=CLIENT:EXIT` (each end's `--threads`, `auto` for the default)
-/// and `/sessions=N` (the client's `[limits] sessions`).
+/// and `/sessions=N` (the client's `[limits] sessions`) and `/aead=LIB` (both ends'
+/// `--aead-lib`).
 struct LegsSpec<'a> {
     up: &'a str,
     down: &'a str,
@@ -943,6 +953,8 @@ struct LegsSpec<'a> {
     threads: [Option<u16>; 2],
     /// The client's session pool size.
     sessions: Option<usize>,
+    /// Both ends' record AEAD library.
+    aead: Option<AeadLib>,
 }
 
 impl<'a> LegsSpec<'a> {
@@ -957,6 +969,7 @@ impl<'a> LegsSpec<'a> {
             quic_payload: None,
             threads: [None; 2],
             sessions: None,
+            aead: None,
         };
         for s in [up, down] {
             if !matches!(s, "tls" | "tcp" | "quic" | "ws" | "wss" | "wt") {
@@ -991,7 +1004,12 @@ impl<'a> LegsSpec<'a> {
                         halfpipe::client::MAX_SESSIONS
                     ),
                 },
-                _ => bail!("--legs {legs:?}: unknown suffix /{suffix} (use /double, /payload=N, /threads=N or /sessions=N)"),
+                Some(("aead", lib)) => {
+                    spec.aead = Some(AeadLib::from_name(lib).ok_or_else(|| {
+                        anyhow!("--legs {legs:?}: /aead= takes ring or aws-lc")
+                    })?)
+                }
+                _ => bail!("--legs {legs:?}: unknown suffix /{suffix} (use /double, /payload=N, /threads=N, /sessions=N or /aead=LIB)"),
             }
         }
         Ok(spec)
@@ -1018,6 +1036,9 @@ impl<'a> LegsSpec<'a> {
         }
         if let Some(n) = self.sessions {
             name += &format!(", {n} sessions");
+        }
+        if let Some(lib) = self.aead {
+            name += &format!(", {} AEAD", lib.name());
         }
         name + ")"
     }
@@ -1068,6 +1089,9 @@ async fn start_halfpipe(dir: &Path, legs: &str, target: std::net::SocketAddr) ->
         ];
         if let Some(n) = threads {
             a.extend(["--threads".into(), n.to_string()]);
+        }
+        if let Some(lib) = spec.aead {
+            a.extend(["--aead-lib".into(), lib.name().into()]);
         }
         a
     };
@@ -1198,7 +1222,7 @@ async fn run_bench(
 
 #[cfg(test)]
 mod tests {
-    use super::{default_worker_threads, LegsSpec};
+    use super::{default_worker_threads, AeadLib, LegsSpec};
 
     #[test]
     fn default_workers_leave_one_core_free_and_never_fall_to_zero() {
@@ -1226,6 +1250,9 @@ mod tests {
         let s = LegsSpec::parse("tls/threads=1").unwrap();
         assert_eq!(s.threads, [Some(1), Some(1)]);
         assert_eq!(s.name(), "halfpipe (tls legs, 1 threads)");
+        let s = LegsSpec::parse("tls/aead=aws-lc").unwrap();
+        assert_eq!(s.aead, Some(AeadLib::AwsLc));
+        assert_eq!(s.name(), "halfpipe (tls legs, aws-lc AEAD)");
         let s = LegsSpec::parse("tls/threads=1:auto").unwrap();
         assert_eq!(s.threads, [Some(1), None]);
         assert_eq!(s.name(), "halfpipe (tls legs, threads 1:auto)");
@@ -1242,6 +1269,7 @@ mod tests {
             "tls/triple",
             "tls/threads=0",
             "tls/threads=1:many",
+            "tls/aead=openssl",
         ] {
             assert!(LegsSpec::parse(bad).is_err(), "{bad} accepted");
         }
