@@ -59,6 +59,15 @@ pub struct SessionConfig {
     pub ack_every: u64,
 }
 
+impl SessionConfig {
+    /// One of `sessions` sessions' equal share of `total` (a window or retransmit cap the
+    /// sessions share), but never less than one stream's window, so that every session can
+    /// still move a stream at full speed.
+    pub fn share(&self, total: u64, sessions: usize) -> u64 {
+        (total / sessions.max(1) as u64).max(self.stream_window)
+    }
+}
+
 impl Default for SessionConfig {
     fn default() -> Self {
         Self {
@@ -848,6 +857,20 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Changes how many bytes the peer may have in flight to this side across all streams
+    /// (an exit shares one window among a user's sessions). Credit already granted stays
+    /// granted; a smaller window takes effect as the application consumes it, a larger one
+    /// at once.
+    pub fn set_session_window(&mut self, window: u64) {
+        self.config.session_window = window;
+        self.update_session_credit();
+    }
+
+    /// The current session window (see [`Session::set_session_window`]).
+    pub fn session_window(&self) -> u64 {
+        self.config.session_window
     }
 
     // ---- timers --------------------------------------------------------------------

@@ -758,3 +758,62 @@ fn acks_are_delayed_until_count_or_timer_then_ride_along() {
     }
     assert!(sim.server.wants_transmit());
 }
+
+#[test]
+fn a_shrunk_session_window_bounds_the_peer_once_granted_credit_is_used_and_a_larger_one_at_once() {
+    let config = SessionConfig {
+        stream_window: 300_000,
+        session_window: 2_000_000,
+        ..SessionConfig::default()
+    };
+    assert_eq!(config.share(config.session_window, 4), 500_000);
+    assert_eq!(
+        config.share(config.session_window, 16),
+        300_000,
+        "never below a stream"
+    );
+    assert_eq!(config.share(config.session_window, 0), 2_000_000);
+    let mut sim = Sim::new(config);
+    let ids: Vec<u32> = (0..4).map(|_| sim.open()).collect();
+    let mut pendings = vec![Bytes::from(pattern(20_000_000, 5)); ids.len()];
+    // Sends until the windows stop the client, then returns what the exit holds.
+    let mut fill = |sim: &mut Sim| {
+        for _ in 0..50 {
+            for (id, p) in ids.iter().zip(pendings.iter_mut()) {
+                let _ = sim.client.send(*id, p).unwrap();
+            }
+            sim.settle();
+        }
+        sim.server.buffered()
+    };
+    let drain = |sim: &mut Sim| {
+        for id in 1..=4 {
+            while let Ok(Recv::Data(_)) = sim.server.recv(id) {}
+        }
+        sim.settle();
+    };
+    let before = fill(&mut sim);
+    assert!(
+        before > 1_000_000,
+        "four streams filled their windows: {before}"
+    );
+    sim.server.set_session_window(500_000);
+    assert_eq!(sim.server.session_window(), 500_000);
+    // Credit granted under the old window is used up first, then the new one holds.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        drain(&mut sim);
+        held.push(fill(&mut sim));
+    }
+    assert!(held[2] <= 500_000, "the shrunk window held {held:?}");
+    assert!(held[2] >= 250_000, "credit still flows: {held:?}");
+    drain(&mut sim);
+    sim.server.set_session_window(2_000_000);
+    sim.settle();
+    // (Each stream's own credit, granted in halves of its window, now bounds it.)
+    let after = fill(&mut sim);
+    assert!(
+        after > 500_000,
+        "a larger window is granted at once: {after}"
+    );
+}

@@ -265,10 +265,10 @@ impl Exit {
     /// session gets less than one stream's window.
     fn pooled_session_config(&self) -> SessionConfig {
         let c = &self.settings.session;
-        let n = self.slots.len() as u64;
+        let n = self.slots.len();
         SessionConfig {
-            session_window: (c.session_window / n).max(c.stream_window),
-            max_unacked: (c.max_unacked / n).max(c.stream_window),
+            session_window: c.share(c.session_window, n),
+            max_unacked: c.share(c.max_unacked, n),
             ..c.clone()
         }
     }

@@ -43,6 +43,11 @@ const APP_READ: usize = 128 * 1024;
 /// What a stream's read buffer starts at: an idle or interactive stream never needs more,
 /// and one that fills its buffer doubles it up to [`APP_READ`].
 const APP_READ_MIN: usize = 16 * 1024;
+/// Most bytes a tunnel's pumps may hold between reading them from applications and the
+/// session taking them (it takes none while its window is full) before each pump's reads
+/// shrink to [`APP_READ_MIN`]. One bulk stream never reaches it (it holds at most
+/// [`APP_READ`]); without it, 64 streams against a full window held 8 MiB, 1024 held 128.
+const READ_AHEAD_BUDGET: usize = 1024 * 1024;
 
 /// A throttle's answer for a batch of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,8 +178,57 @@ pub struct Tunnel {
     send_leg: Mutex<LegSlot>,
     recv_leg: Mutex<LegSlot>,
     timer_wake: Notify,
+    /// Bytes the pumps read that the session has not taken yet.
+    read_ahead: ReadAhead,
     /// Counters for status and tests.
     pub stats: Stats,
+}
+
+/// The bytes a tunnel's pumps hold outside the session (see [`READ_AHEAD_BUDGET`]).
+#[derive(Default)]
+struct ReadAhead(std::sync::atomic::AtomicUsize);
+
+impl ReadAhead {
+    /// How much a pump that would read `want` bytes may read now.
+    fn allowance(&self, want: usize) -> usize {
+        read_allowance(want, self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Counts `n` bytes a pump now holds, until the returned guard lets them go.
+    fn hold(&self, n: usize) -> HeldBytes<'_> {
+        self.0.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        HeldBytes { ahead: self, n }
+    }
+}
+
+/// Bytes one pump holds outside the session; released as the session takes them, and the
+/// rest when the pump ends.
+struct HeldBytes<'a> {
+    ahead: &'a ReadAhead,
+    n: usize,
+}
+
+impl HeldBytes<'_> {
+    /// The pump now holds `left` bytes (the session took the others).
+    fn shrink_to(&mut self, left: usize) {
+        let taken = self.n.saturating_sub(left);
+        self.ahead
+            .0
+            .fetch_sub(taken, std::sync::atomic::Ordering::Relaxed);
+        self.n -= taken;
+    }
+}
+
+impl Drop for HeldBytes<'_> {
+    fn drop(&mut self) {
+        self.shrink_to(0);
+    }
+}
+
+/// A read of `want` bytes cut to what the budget has left with `held` bytes already held
+/// by the tunnel's pumps, but never below [`APP_READ_MIN`] (so no pump waits for others).
+fn read_allowance(want: usize, held: usize) -> usize {
+    want.min(READ_AHEAD_BUDGET.saturating_sub(held).max(APP_READ_MIN))
 }
 
 /// Byte counters of a tunnel.
@@ -236,6 +290,7 @@ impl Tunnel {
             send_leg: slot(),
             recv_leg: slot(),
             timer_wake: Notify::new(),
+            read_ahead: ReadAhead::default(),
             stats: Stats::default(),
         });
         tokio::spawn(Arc::clone(&t).run_timer());
@@ -261,6 +316,17 @@ impl Tunnel {
     /// Number of open streams.
     pub fn stream_count(&self) -> usize {
         lock(&self.inner).session.stream_count()
+    }
+
+    /// Changes the session's receive window (see `Session::set_session_window`); new
+    /// credit leaves on the next write.
+    pub fn set_session_window(&self, window: u64) {
+        self.with_session(|s| s.set_session_window(window));
+    }
+
+    /// The session's receive window.
+    pub fn session_window(&self) -> u64 {
+        lock(&self.inner).session.session_window()
     }
 
     /// Bytes buffered for applications plus bytes held for retransmission.
@@ -902,6 +968,7 @@ impl Tunnel {
         initial: Bytes,
         throttle: Option<Arc<dyn Throttle>>,
     ) -> (tokio::net::tcp::OwnedReadHalf, PumpEnd) {
+        let mut held = self.read_ahead.hold(initial.len());
         let mut pending = initial;
         // One buffer, refilled in place: `split` hands the filled part to the session and
         // `reserve` reclaims the allocation once the session has released it.
@@ -910,6 +977,7 @@ impl Tunnel {
         loop {
             while !pending.is_empty() {
                 let (sent, wants_tx) = self.locked(|g| g.session.send(stream, &mut pending));
+                held.shrink_to(pending.len());
                 if wants_tx {
                     self.transmit_inline().await;
                 }
@@ -925,11 +993,13 @@ impl Tunnel {
             if sig.is_reset() {
                 return (rd, PumpEnd::Reset);
             }
-            buf.reserve(want);
+            let allowed = self.read_ahead.allowance(want);
+            buf.reserve(allowed);
             // A reset arriving while the application is quiet must not wait for its next
             // byte (`read_buf` is cancel-safe: nothing read is lost).
+            let mut limited = (&mut rd).take(allowed as u64);
             let read = tokio::select! {
-                r = rd.read_buf(&mut buf) => r,
+                r = limited.read_buf(&mut buf) => r,
                 _ = sig.writable.notified() => continue,
             };
             match read {
@@ -938,14 +1008,16 @@ impl Tunnel {
                     return (rd, PumpEnd::Done);
                 }
                 Ok(n) => {
-                    want = next_read_size(want, n);
+                    // A read the budget cut short says nothing about the stream's rate.
+                    want = next_read_size(want, n + (want - allowed));
                     if let Some(t) = &throttle {
                         if !pace(|| t.read_from_socket(n)).await {
                             self.reset_stream(stream, &sig, ResetCode::LimitReached);
                             return (rd, PumpEnd::Reset);
                         }
                     }
-                    pending = buf.split().freeze()
+                    pending = buf.split().freeze();
+                    held = self.read_ahead.hold(pending.len());
                 }
                 Err(e) => {
                     tracing::debug!(stream, error = %e, "application socket read failed: stream reset");
@@ -1110,6 +1182,62 @@ fn seal_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_shrink_to_the_minimum_as_the_pumps_hold_the_read_ahead_budget() {
+        assert_eq!(
+            read_allowance(APP_READ, 0),
+            APP_READ,
+            "one bulk stream reads fully"
+        );
+        assert_eq!(
+            read_allowance(APP_READ, READ_AHEAD_BUDGET - APP_READ),
+            APP_READ
+        );
+        assert_eq!(
+            read_allowance(APP_READ, READ_AHEAD_BUDGET - 40_000),
+            40_000,
+            "cut to what is left"
+        );
+        for held in [
+            READ_AHEAD_BUDGET - 1,
+            READ_AHEAD_BUDGET,
+            64 * READ_AHEAD_BUDGET,
+        ] {
+            assert_eq!(
+                read_allowance(APP_READ, held),
+                APP_READ_MIN,
+                "never below the minimum"
+            );
+        }
+        assert_eq!(
+            read_allowance(APP_READ_MIN / 2, 0),
+            APP_READ_MIN / 2,
+            "never above want"
+        );
+    }
+
+    #[test]
+    fn held_bytes_are_released_as_the_session_takes_them_and_when_the_pump_ends() {
+        let ahead = ReadAhead::default();
+        let held_now = || ahead.0.load(std::sync::atomic::Ordering::Relaxed);
+        let mut a = ahead.hold(100_000);
+        {
+            let mut b = ahead.hold(50_000);
+            assert_eq!(held_now(), 150_000);
+            b.shrink_to(20_000);
+            assert_eq!(held_now(), 120_000);
+            assert_eq!(ahead.allowance(APP_READ), APP_READ);
+        } // b's pump ended holding 20 000
+        assert_eq!(held_now(), 100_000);
+        a.shrink_to(0);
+        a.shrink_to(5); // cannot grow back
+        assert_eq!(held_now(), 0);
+        drop(a);
+        assert_eq!(held_now(), 0);
+        let _many: Vec<_> = (0..64).map(|_| ahead.hold(APP_READ)).collect();
+        assert_eq!(ahead.allowance(APP_READ), APP_READ_MIN);
+    }
 
     #[test]
     fn read_buffers_grow_with_full_reads_and_shrink_with_small_ones() {

@@ -129,6 +129,11 @@ async fn streams_spread_over_the_session_pool_up_to_its_size() {
             "stream {n} opens session {n}"
         );
         assert_eq!(h.server.session_count(), n);
+        // The user's sessions share the exit's window, as the client's pool shares its own.
+        let config = SessionConfig::default();
+        let share = config.share(config.session_window, n);
+        assert!(share < config.session_window || n == 1);
+        assert_eq!(h.server.session_windows(), vec![share; n], "{n} sessions");
     }
     // The pool is full: the fourth and fifth streams share the least-loaded sessions.
     held.push(held_stream(h.socks, echo).await);

@@ -332,6 +332,15 @@ impl ServerHandle {
             .collect()
     }
 
+    /// The receive window of each live session (a user's sessions share one; see
+    /// `share_user_window`).
+    pub fn session_windows(&self) -> Vec<u64> {
+        lock(&self.state.sessions)
+            .values()
+            .map(|e| e.tunnel.session_window())
+            .collect()
+    }
+
     /// Bytes the exit holds for all sessions (receive buffers plus retransmit buffers).
     pub fn buffered_bytes(&self) -> u64 {
         lock(&self.state.sessions)
@@ -620,6 +629,7 @@ fn admit(state: &Arc<State>, peer: SocketAddr, acc: &AcceptedHello, scheme: Sche
             transports,
         },
     );
+    share_user_window(&sessions, &acc.client_static, &state.session);
     drop(sessions);
     state
         .control
@@ -867,7 +877,29 @@ async fn run_session(
             }
         }
     }
-    lock(&state.sessions).remove(&id);
+    let mut sessions = lock(&state.sessions);
+    if let Some(gone) = sessions.remove(&id) {
+        share_user_window(&sessions, &gone.user_key, &state.session);
+    }
+}
+
+/// Gives each of a user's sessions an equal share of the configured session window, as a
+/// client's pool shares its own: a client spreading its streams over several sessions
+/// can then have no more bytes waiting at the exit than one session could.
+fn share_user_window(
+    sessions: &HashMap<SessionId, SessionEntry>,
+    user_key: &[u8; 32],
+    config: &SessionConfig,
+) {
+    let mine: Vec<&Arc<Tunnel>> = sessions
+        .values()
+        .filter(|e| &e.user_key == user_key)
+        .map(|e| &e.tunnel)
+        .collect();
+    let window = config.share(config.session_window, mine.len());
+    for tunnel in mine {
+        tunnel.set_session_window(window);
+    }
 }
 
 /// Unseals the key store and builds the handshake keys from it.
