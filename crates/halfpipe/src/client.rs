@@ -477,12 +477,13 @@ impl Exit {
         mut control: mpsc::Receiver<Control>,
     ) {
         let mut rekey = RekeyBudget::new(&tunnel);
-        let mut check = tokio::time::interval(REKEY_CHECK.min(self.settings.rekey_after));
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let every = REKEY_CHECK.min(self.settings.rekey_after);
+        let mut check_at = std::time::Instant::now() + every;
         loop {
             let c = tokio::select! {
                 c = control.recv() => c,
-                _ = check.tick() => {
+                _ = crate::timer::sleep_until(check_at) => {
+                    check_at = std::time::Instant::now() + every;
                     for role in rekey.due(&self.settings, &tunnel) {
                         // Make before break: the new leg is dialled while the old one
                         // still carries traffic, and replaces it when it attaches; the

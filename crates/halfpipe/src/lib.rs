@@ -8,6 +8,7 @@
 //! | [`transport`], [`tls_stream`] | dial/accept `tcp://` and `tls://` leg pipes |
 //! | [`leg`] | the Noise handshake over a pipe |
 //! | [`tunnel`] | the async session driver shared by client and exit |
+//! | `timer` | long-lived deadlines on a thread of their own, off the runtime's timer |
 //! | [`client`] | session upkeep and local inbounds (SOCKS5, HTTP CONNECT, forwards) |
 //! | [`server`] | leg admission, session table, outbound connects |
 //! | [`control`] | the control plane driven: modes, tripwires, rate limits, tokens, audit |
@@ -40,6 +41,7 @@ pub mod quickstart;
 
 pub mod server;
 pub mod socks5;
+mod timer;
 pub mod tls;
 pub mod tls_stream;
 pub mod transport;

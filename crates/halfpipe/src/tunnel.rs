@@ -830,9 +830,8 @@ impl Tunnel {
             };
             match deadline {
                 Some(d) => {
-                    let d = tokio::time::Instant::from_std(d);
                     tokio::select! {
-                        _ = tokio::time::sleep_until(d) => {}
+                        _ = crate::timer::sleep_until(d) => {}
                         _ = self.timer_wake.notified() => continue,
                     }
                 }

@@ -913,10 +913,8 @@ fn open_store(
 
 /// Once a second: the control plane's clock check and state flush.
 async fn tick_loop(state: Arc<State>) {
-    let mut every = tokio::time::interval(Duration::from_secs(1));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        every.tick().await;
+        crate::timer::sleep(Duration::from_secs(1)).await;
         let handle = ServerHandle {
             state: state.clone(),
         };
