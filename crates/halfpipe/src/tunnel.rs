@@ -43,6 +43,9 @@ const APP_READ: usize = 128 * 1024;
 /// What a stream's read buffer starts at: an idle or interactive stream never needs more,
 /// and one that fills its buffer doubles it up to [`APP_READ`].
 const APP_READ_MIN: usize = 16 * 1024;
+/// The shortest wait of a tunnel's timer between two firings (the granularity the session
+/// timers had on `tokio::time`).
+const TIMER_MIN_INTERVAL: Duration = Duration::from_millis(1);
 /// Most bytes a tunnel's pumps may hold between reading them from applications and the
 /// session taking them (it takes none while its window is full) before each pump's reads
 /// shrink to [`APP_READ_MIN`]. One bulk stream never reaches it (it holds at most
@@ -819,6 +822,9 @@ impl Tunnel {
     }
 
     async fn run_timer(self: Arc<Self>) {
+        // A deadline the timeout does not move (a keepalive that cannot leave yet) must not
+        // make this loop spin: it waits at least TIMER_MIN_INTERVAL between firings.
+        let mut not_before = Instant::now();
         loop {
             let deadline = {
                 let mut g = lock(&self.inner);
@@ -831,13 +837,14 @@ impl Tunnel {
             match deadline {
                 Some(d) => {
                     tokio::select! {
-                        _ = crate::timer::sleep_until(d) => {}
+                        _ = crate::timer::sleep_until(d.max(not_before)) => {}
                         _ = self.timer_wake.notified() => continue,
                     }
                 }
                 None => self.timer_wake.notified().await,
             }
             let now = Instant::now();
+            not_before = now + TIMER_MIN_INTERVAL;
             let keepalive = self.with_session(|s| {
                 s.handle_timeout(now);
                 s.keepalive_due(now)
