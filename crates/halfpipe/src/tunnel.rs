@@ -1302,6 +1302,40 @@ mod tests {
         (client_keys, server_keys)
     }
 
+    #[test]
+    fn a_keepalive_that_cannot_leave_does_not_stall_the_runtime() {
+        // A peer that never reads blocks the writer, so an overdue keepalive stays overdue.
+        // The timer task must still yield: on a one-thread runtime, the other task below
+        // runs only if it does.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let config = SessionConfig {
+                    keepalive: Duration::from_millis(2),
+                    ..SessionConfig::default()
+                };
+                let (tunnel, _control) = Tunnel::new(Side::Client, config);
+                let (client_keys, _) = leg_keys();
+                let (io, _never_read) = tokio::io::duplex(16);
+                tunnel
+                    .attach_leg(LegRole::Up, Box::new(io), &client_keys, 0)
+                    .unwrap();
+                for _ in 0..25 {
+                    tokio::time::sleep(Duration::from_millis(4)).await;
+                }
+                assert!(!tunnel.is_closed());
+            });
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the runtime stalled: the timer task never yielded");
+    }
+
     #[tokio::test]
     async fn a_handshake_ack_beyond_what_was_sent_closes_the_session() {
         let (tunnel, _control) = Tunnel::new(Side::Client, SessionConfig::default());
