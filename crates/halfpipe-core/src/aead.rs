@@ -25,6 +25,9 @@ pub enum AeadLib {
 static CHOSEN: OnceLock<AeadLib> = OnceLock::new();
 
 impl AeadLib {
+    /// Every library, in the order names are listed.
+    pub const ALL: [AeadLib; 2] = [AeadLib::AwsLc, AeadLib::Ring];
+
     /// The library for this process: the one [`AeadLib::prefer`] set, else the faster one
     /// on this CPU ([`AeadLib::for_cpu`]).
     pub fn current() -> Self {
@@ -76,17 +79,18 @@ impl AeadLib {
 
     /// Parses [`AeadLib::name`].
     pub fn from_name(name: &str) -> Option<Self> {
-        [AeadLib::AwsLc, AeadLib::Ring]
-            .into_iter()
-            .find(|l| l.name() == name)
+        Self::ALL.into_iter().find(|l| l.name() == name)
     }
 }
 
 /// An AEAD algorithm the record layer uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Algorithm {
+pub enum Algorithm {
+    /// AES-128-GCM (a TLS 1.3 suite).
     Aes128Gcm,
+    /// AES-256-GCM.
     Aes256Gcm,
+    /// ChaCha20-Poly1305.
     ChaCha20Poly1305,
 }
 
@@ -94,107 +98,97 @@ pub(crate) enum Algorithm {
 // ring's key holds its expanded AES key and GHASH table inline; every AeadKey lives in a
 // boxed record key (`Keyed`, `TlsKeyed`), so the size costs one allocation per leg.
 #[allow(clippy::large_enum_variant)]
-pub(crate) enum AeadKey {
+pub enum AeadKey {
+    /// An aws-lc key.
     AwsLc(aws_lc_rs::aead::LessSafeKey),
+    /// A ring key.
     Ring(ring::aead::LessSafeKey),
+}
+
+/// Runs `$body` once per library, with `$aead` naming that library's `aead` module: the two
+/// libraries' APIs are the same, their types are not. The first form picks by library
+/// (`$wrap` is the `AeadKey` variant that holds its key), the second by a key (`$k`).
+macro_rules! per_lib {
+    (lib $lib:expr, |$aead:ident, $wrap:ident| $body:expr) => {
+        match $lib {
+            AeadLib::AwsLc => {
+                use aws_lc_rs::aead as $aead;
+                let $wrap = AeadKey::AwsLc;
+                $body
+            }
+            AeadLib::Ring => {
+                use ring::aead as $aead;
+                let $wrap = AeadKey::Ring;
+                $body
+            }
+        }
+    };
+    (key $key:expr, |$aead:ident, $k:ident| $body:expr) => {
+        match $key {
+            AeadKey::AwsLc($k) => {
+                use aws_lc_rs::aead as $aead;
+                $body
+            }
+            AeadKey::Ring($k) => {
+                use ring::aead as $aead;
+                $body
+            }
+        }
+    };
 }
 
 impl AeadKey {
     /// A key for `algorithm` from this process's library.
-    pub(crate) fn new(algorithm: Algorithm, key: &[u8]) -> Result<Self, RecordError> {
+    pub fn new(algorithm: Algorithm, key: &[u8]) -> Result<Self, RecordError> {
         Self::with_lib(AeadLib::current(), algorithm, key)
     }
 
     /// A key for `algorithm` from `lib`.
-    pub(crate) fn with_lib(
-        lib: AeadLib,
-        algorithm: Algorithm,
-        key: &[u8],
-    ) -> Result<Self, RecordError> {
-        match lib {
-            AeadLib::AwsLc => {
-                use aws_lc_rs::aead as a;
-                let alg = match algorithm {
-                    Algorithm::Aes128Gcm => &a::AES_128_GCM,
-                    Algorithm::Aes256Gcm => &a::AES_256_GCM,
-                    Algorithm::ChaCha20Poly1305 => &a::CHACHA20_POLY1305,
-                };
-                let unbound = a::UnboundKey::new(alg, key).map_err(|_| RecordError::BadKey)?;
-                Ok(AeadKey::AwsLc(a::LessSafeKey::new(unbound)))
-            }
-            AeadLib::Ring => {
-                use ring::aead as r;
-                let alg = match algorithm {
-                    Algorithm::Aes128Gcm => &r::AES_128_GCM,
-                    Algorithm::Aes256Gcm => &r::AES_256_GCM,
-                    Algorithm::ChaCha20Poly1305 => &r::CHACHA20_POLY1305,
-                };
-                let unbound = r::UnboundKey::new(alg, key).map_err(|_| RecordError::BadKey)?;
-                Ok(AeadKey::Ring(r::LessSafeKey::new(unbound)))
-            }
-        }
+    pub fn with_lib(lib: AeadLib, algorithm: Algorithm, key: &[u8]) -> Result<Self, RecordError> {
+        per_lib!(lib lib, |aead, wrap| {
+            let alg = match algorithm {
+                Algorithm::Aes128Gcm => &aead::AES_128_GCM,
+                Algorithm::Aes256Gcm => &aead::AES_256_GCM,
+                Algorithm::ChaCha20Poly1305 => &aead::CHACHA20_POLY1305,
+            };
+            let unbound = aead::UnboundKey::new(alg, key).map_err(|_| RecordError::BadKey)?;
+            Ok(wrap(aead::LessSafeKey::new(unbound)))
+        })
     }
 
     /// Encrypts `plain` in place under `nonce` with `aad`, and writes the tag into
     /// `tag_room` (which must be the tag's length).
-    pub(crate) fn seal(
+    pub fn seal(
         &self,
         nonce: [u8; 12],
         aad: &[u8],
         plain: &mut [u8],
         tag_room: &mut [u8],
     ) -> Result<(), RecordError> {
-        match self {
-            AeadKey::AwsLc(k) => {
-                use aws_lc_rs::aead as a;
-                let tag = k
-                    .seal_in_place_separate_tag(
-                        a::Nonce::assume_unique_for_key(nonce),
-                        a::Aad::from(aad),
-                        plain,
-                    )
-                    .map_err(|_| RecordError::BadKey)?;
-                tag_room.copy_from_slice(tag.as_ref());
-            }
-            AeadKey::Ring(k) => {
-                use ring::aead as r;
-                let tag = k
-                    .seal_in_place_separate_tag(
-                        r::Nonce::assume_unique_for_key(nonce),
-                        r::Aad::from(aad),
-                        plain,
-                    )
-                    .map_err(|_| RecordError::BadKey)?;
-                tag_room.copy_from_slice(tag.as_ref());
-            }
-        }
+        per_lib!(key self, |aead, k| {
+            let nonce = aead::Nonce::assume_unique_for_key(nonce);
+            let tag = k
+                .seal_in_place_separate_tag(nonce, aead::Aad::from(aad), plain)
+                .map_err(|_| RecordError::BadKey)?;
+            tag_room.copy_from_slice(tag.as_ref());
+        });
         Ok(())
     }
 
     /// Decrypts `sealed` (ciphertext then tag) in place and returns the plaintext's length;
     /// [`RecordError::BadTag`] when it does not authenticate.
-    pub(crate) fn open(
+    pub fn open(
         &self,
         nonce: [u8; 12],
         aad: &[u8],
         sealed: &mut [u8],
     ) -> Result<usize, RecordError> {
-        match self {
-            AeadKey::AwsLc(k) => {
-                use aws_lc_rs::aead as a;
-                let nonce = a::Nonce::assume_unique_for_key(nonce);
-                k.open_in_place(nonce, a::Aad::from(aad), sealed)
-                    .map(|p| p.len())
-                    .map_err(|_| RecordError::BadTag)
-            }
-            AeadKey::Ring(k) => {
-                use ring::aead as r;
-                let nonce = r::Nonce::assume_unique_for_key(nonce);
-                k.open_in_place(nonce, r::Aad::from(aad), sealed)
-                    .map(|p| p.len())
-                    .map_err(|_| RecordError::BadTag)
-            }
-        }
+        per_lib!(key self, |aead, k| {
+            let nonce = aead::Nonce::assume_unique_for_key(nonce);
+            k.open_in_place(nonce, aead::Aad::from(aad), sealed)
+                .map(|p| p.len())
+                .map_err(|_| RecordError::BadTag)
+        })
     }
 }
 
@@ -202,7 +196,7 @@ impl AeadKey {
 mod tests {
     use super::*;
 
-    const LIBS: [AeadLib; 2] = [AeadLib::AwsLc, AeadLib::Ring];
+    const LIBS: [AeadLib; 2] = AeadLib::ALL;
     const ALGORITHMS: [(Algorithm, usize); 3] = [
         (Algorithm::Aes128Gcm, 16),
         (Algorithm::Aes256Gcm, 32),

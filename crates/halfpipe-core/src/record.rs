@@ -23,7 +23,6 @@
 use bytes::{Bytes, BytesMut};
 
 use crate::aead::{AeadKey, Algorithm};
-
 use crate::frame::MAX_RECORD_PAYLOAD;
 
 /// Length of the record header.

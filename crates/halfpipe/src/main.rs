@@ -24,8 +24,8 @@ struct Cli {
     threads: Option<u16>,
     /// The library that seals and opens records: `ring` or `aws-lc` (default: the faster on
     /// this CPU; both write the same bytes, so each end chooses alone).
-    #[arg(long, global = true, env = "HALFPIPE_AEAD_LIB", value_parser = ["ring", "aws-lc"])]
-    aead_lib: Option<String>,
+    #[arg(long, global = true, env = "HALFPIPE_AEAD_LIB", value_parser = parse_aead_lib)]
+    aead_lib: Option<AeadLib>,
     #[command(subcommand)]
     command: Command,
 }
@@ -402,6 +402,14 @@ fn tune_allocator() {
     }
 }
 
+/// `--aead-lib`: a library by its name.
+fn parse_aead_lib(name: &str) -> Result<AeadLib, String> {
+    AeadLib::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = AeadLib::ALL.iter().map(|l| l.name()).collect();
+        format!("not one of {}", names.join(", "))
+    })
+}
+
 /// The runtime's worker threads when `--threads` is not given, on a machine with `cores`
 /// cores: one per core but one, and at least one. Every byte a tunnel end moves also costs
 /// kernel time in socket calls, and the application and the other end run beside it; a
@@ -417,7 +425,7 @@ fn main() -> std::process::ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     init_logging();
-    if let Some(lib) = cli.aead_lib.as_deref().and_then(AeadLib::from_name) {
+    if let Some(lib) = cli.aead_lib {
         // Before any key exists, so this cannot be refused.
         let _ = AeadLib::prefer(lib);
     }
@@ -1005,9 +1013,9 @@ impl<'a> LegsSpec<'a> {
                     ),
                 },
                 Some(("aead", lib)) => {
-                    spec.aead = Some(AeadLib::from_name(lib).ok_or_else(|| {
-                        anyhow!("--legs {legs:?}: /aead= takes ring or aws-lc")
-                    })?)
+                    spec.aead = Some(
+                        parse_aead_lib(lib).map_err(|e| anyhow!("--legs {legs:?}: /aead={e}"))?,
+                    )
                 }
                 _ => bail!("--legs {legs:?}: unknown suffix /{suffix} (use /double, /payload=N, /threads=N, /sessions=N or /aead=LIB)"),
             }

@@ -163,17 +163,27 @@ mod tests {
     #[tokio::test]
     async fn sleeps_end_at_their_deadlines_in_deadline_order() {
         let start = Instant::now();
-        let order = Mutex::new(Vec::new());
-        let wait = |ms: u64| {
-            let order = &order;
-            async move {
-                sleep(Duration::from_millis(ms)).await;
-                assert!(start.elapsed() >= Duration::from_millis(ms), "early");
-                order.lock().unwrap().push(ms);
-            }
-        };
-        // Registered latest-first, so each new one is the earliest and wakes the thread.
-        tokio::join!(wait(60), wait(40), wait(20), wait(0));
+        let order = std::sync::Arc::new(Mutex::new(Vec::new()));
+        // One task each, registered latest-first, so each new one is the earliest and
+        // wakes the thread. The thread wakes due tasks in deadline order and this one-thread
+        // runtime runs woken tasks in wake order, so the order holds however late it is.
+        let tasks: Vec<_> = [60u64, 40, 20, 0]
+            .into_iter()
+            .map(|ms| {
+                let order = order.clone();
+                tokio::spawn(async move {
+                    sleep(Duration::from_millis(ms)).await;
+                    assert!(start.elapsed() >= Duration::from_millis(ms), "early");
+                    order.lock().unwrap().push(ms);
+                })
+            })
+            .collect();
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("a sleep ended within 10 s")
+                .unwrap();
+        }
         assert_eq!(*order.lock().unwrap(), [0, 20, 40, 60]);
     }
 

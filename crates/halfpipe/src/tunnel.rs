@@ -1331,9 +1331,15 @@ mod tests {
             });
             let _ = done.send(());
         });
-        finished
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the runtime stalled: the timer task never yielded");
+        match finished.recv_timeout(Duration::from_secs(20)) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("the runtime stalled: the timer task never yielded")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("the runtime's thread panicked (see its message above)")
+            }
+        }
     }
 
     #[tokio::test]

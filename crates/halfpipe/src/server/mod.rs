@@ -600,10 +600,7 @@ fn admit(state: &Arc<State>, peer: SocketAddr, acc: &AcceptedHello, scheme: Sche
         tracing::warn!(%peer, user, limit = limits.max_sessions, "session limit hit");
         return Admission::Refuse(HelloStatus::SessionLimit);
     }
-    let per_user = sessions
-        .values()
-        .filter(|e| e.user_key == acc.client_static)
-        .count();
+    let per_user = sessions_of(&sessions, &acc.client_static).count();
     let per_user_limit = policy
         .max_sessions
         .map_or(limits.max_sessions_per_user, |m| m as usize);
@@ -891,15 +888,21 @@ fn share_user_window(
     user_key: &[u8; 32],
     config: &SessionConfig,
 ) {
-    let mine: Vec<&Arc<Tunnel>> = sessions
-        .values()
-        .filter(|e| &e.user_key == user_key)
-        .map(|e| &e.tunnel)
-        .collect();
-    let window = config.share(config.session_window, mine.len());
-    for tunnel in mine {
-        tunnel.set_session_window(window);
+    let window = config.share(
+        config.session_window,
+        sessions_of(sessions, user_key).count(),
+    );
+    for e in sessions_of(sessions, user_key) {
+        e.tunnel.set_session_window(window);
     }
+}
+
+/// The live sessions of the user with `user_key`.
+fn sessions_of<'a>(
+    sessions: &'a HashMap<SessionId, SessionEntry>,
+    user_key: &'a [u8; 32],
+) -> impl Iterator<Item = &'a SessionEntry> {
+    sessions.values().filter(move |e| &e.user_key == user_key)
 }
 
 /// Unseals the key store and builds the handshake keys from it.
@@ -955,4 +958,62 @@ fn close_sessions(state: &State, which: impl Fn(&str) -> bool, why: &str) -> usi
         tracing::warn!(count = tunnels.len(), why, "sessions closed");
     }
     tunnels.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(user_key: [u8; 32]) -> (SessionId, SessionEntry) {
+        let (tunnel, _control) = Tunnel::new(Side::Server, SessionConfig::default());
+        let e = SessionEntry {
+            user: "u".into(),
+            user_key,
+            epochs: [0; 2],
+            tunnel,
+            peer: ([127, 0, 0, 1], 1).into(),
+            opened: Instant::now(),
+            transports: [None; 2],
+        };
+        (SessionId::random(), e)
+    }
+
+    #[tokio::test]
+    async fn a_users_sessions_share_the_window_and_get_it_back_as_others_close() {
+        let config = SessionConfig::default();
+        let windows = |s: &HashMap<SessionId, SessionEntry>, key: [u8; 32]| -> Vec<u64> {
+            sessions_of(s, &key)
+                .map(|e| e.tunnel.session_window())
+                .collect()
+        };
+        let (alice, bob) = ([1; 32], [2; 32]);
+        let mut sessions = HashMap::new();
+        for _ in 0..3 {
+            let (id, e) = entry(alice);
+            sessions.insert(id, e);
+            share_user_window(&sessions, &alice, &config);
+        }
+        let (bob_id, e) = entry(bob);
+        sessions.insert(bob_id, e);
+        share_user_window(&sessions, &bob, &config);
+        let third = config.share(config.session_window, 3);
+        assert_eq!(windows(&sessions, alice), vec![third; 3]);
+        assert_eq!(
+            windows(&sessions, bob),
+            vec![config.session_window],
+            "others untouched"
+        );
+        // One of alice's sessions closes: the other two grow back to half each.
+        let gone = *sessions
+            .iter()
+            .find(|(_, e)| e.user_key == alice)
+            .unwrap()
+            .0;
+        let e = sessions.remove(&gone).unwrap();
+        share_user_window(&sessions, &e.user_key, &config);
+        let half = config.share(config.session_window, 2);
+        assert!(half > third);
+        assert_eq!(windows(&sessions, alice), vec![half; 2]);
+        assert_eq!(windows(&sessions, bob), vec![config.session_window]);
+    }
 }
