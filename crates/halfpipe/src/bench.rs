@@ -4,8 +4,9 @@
 //! Measures single- and multi-stream throughput both ways, request/response latency
 //! (p50/p99 at 1 byte and 1 KiB), new connections per second, CPU seconds per GB of both
 //! ends together (from `/proc/<pid>/stat`), and the peak resident memory of each end
-//! (`VmHWM`). Systems are interleaved round by round and medians reported, because shared
-//! machines are noisy.
+//! (`VmHWM`). Systems are interleaved round by round, and within a round the round-trip
+//! measurement takes turns between them every few hundred exchanges; medians are reported,
+//! because shared machines are noisy.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -309,66 +310,151 @@ pub async fn throughput(
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
-/// What `count` request/response exchanges of `size` bytes took.
-#[derive(Clone, Debug)]
+/// What request/response exchanges of one size took on one system, gathered over the
+/// blocks of [`round_trips`].
+#[derive(Clone, Debug, Default)]
 pub struct Latency {
     /// Round-trip time of each exchange, µs.
     pub rtts: Vec<f64>,
-    /// CPU time of the system's processes (both ends) per exchange, µs; 0 for the
+    /// CPU seconds of the system's processes (both ends) over the exchanges; 0 for the
     /// direct connection, which has none. `/proc` counts in 10 ms ticks, so this means
     /// something only over thousands of exchanges (the full plan's 5000, not the quick
     /// plan's 500).
-    pub cpu_us: f64,
-    /// TCP segments sent on the whole machine per exchange (`/proc/net/snmp` OutSegs,
-    /// loopback counts both ways); NaN where the counter cannot be read.
-    pub segments: f64,
+    pub cpu_seconds: f64,
+    /// TCP segments sent on the whole machine over the exchanges (`/proc/net/snmp`
+    /// OutSegs, loopback counts both ways); `None` where the counter cannot be read.
+    pub segments: Option<u64>,
 }
 
-/// Times `count` request/response exchanges of `size` bytes through `sys` (after 50
-/// warm-up exchanges), with what they cost its processes and the kernel's TCP.
-pub async fn latency(
-    sys: &System,
+impl Latency {
+    /// An empty record, counting segments from zero.
+    fn new() -> Self {
+        Self {
+            segments: Some(0),
+            ..Self::default()
+        }
+    }
+
+    /// Adds what one block cost: `cpu` seconds, and the OutSegs counter before and after
+    /// it (a counter that went backwards adds 0; one that could not be read loses the
+    /// count for good).
+    fn add_cost(&mut self, cpu: f64, (before, after): (Option<u64>, Option<u64>)) {
+        self.cpu_seconds += cpu;
+        self.segments = match (self.segments, before, after) {
+            (Some(sum), Some(a), Some(b)) => Some(sum + b.saturating_sub(a)),
+            _ => None,
+        };
+    }
+
+    /// CPU µs of both ends and TCP segments per exchange (NaN segments where the counter
+    /// could not be read).
+    pub fn per_exchange(&self) -> (f64, f64) {
+        let n = self.rtts.len().max(1) as f64;
+        let segments = self.segments.map_or(f64::NAN, |s| s as f64 / n);
+        (self.cpu_seconds * 1e6 / n, segments)
+    }
+}
+
+/// Exchanges (warm-up) at the start of every block of [`round_trips`], not timed: the first
+/// exchanges after a system was idle pay for cold caches and sleeping cores.
+const BLOCK_WARM_UP: usize = 5;
+
+/// One echo connection through a system, kept open across the blocks of [`round_trips`].
+struct EchoLink {
+    s: TcpStream,
+    msg: Vec<u8>,
+    back: Vec<u8>,
+}
+
+impl EchoLink {
+    /// Connects through `sys` to the target's echo and runs 50 warm-up exchanges.
+    async fn open(sys: &System, target: SocketAddr, size: usize) -> Result<Self, BenchError> {
+        let mut s = connect(sys.socks, target).await?;
+        s.write_u8(CMD_ECHO).await.map_err(io_err("echo"))?;
+        let mut link = Self {
+            s,
+            msg: vec![7u8; size],
+            back: vec![0u8; size],
+        };
+        for _ in 0..50 {
+            link.exchange().await?;
+        }
+        Ok(link)
+    }
+
+    async fn exchange(&mut self) -> Result<(), BenchError> {
+        self.s
+            .write_all(&self.msg)
+            .await
+            .map_err(io_err("echo write"))?;
+        self.s
+            .read_exact(&mut self.back)
+            .await
+            .map_err(io_err("echo read"))?;
+        Ok(())
+    }
+
+    /// Times `count` exchanges into `into`, with what they cost `sys`'s processes and the
+    /// kernel's TCP.
+    async fn block(
+        &mut self,
+        sys: &System,
+        count: usize,
+        into: &mut Latency,
+    ) -> Result<(), BenchError> {
+        for _ in 0..BLOCK_WARM_UP {
+            self.exchange().await?;
+        }
+        let (cpu0, seg0) = (sys.cpu_seconds(), tcp_out_segments());
+        for _ in 0..count {
+            let t = Instant::now();
+            self.exchange().await?;
+            into.rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        let (cpu1, seg1) = (sys.cpu_seconds(), tcp_out_segments());
+        into.add_cost(cpu1 - cpu0, (seg0, seg1));
+        Ok(())
+    }
+}
+
+/// Times `plan.rtt_count` request/response exchanges of `size` bytes through each of
+/// `systems`, in blocks of `plan.rtt_block` that take turns system by system. A shared
+/// machine has fast and slow spells seconds long; taking turns this finely spreads each
+/// spell over every system, so the ratios between them hold still from run to run.
+async fn interleaved_latency(
+    systems: &[System],
     target: SocketAddr,
     size: usize,
-    count: usize,
-) -> Result<Latency, BenchError> {
-    let mut s = connect(sys.socks, target).await?;
-    s.write_u8(CMD_ECHO).await.map_err(io_err("echo"))?;
-    let msg = vec![7u8; size];
-    let mut back = vec![0u8; size];
-    let mut exchange = async |s: &mut TcpStream| {
-        s.write_all(&msg).await.map_err(io_err("echo write"))?;
-        s.read_exact(&mut back).await.map_err(io_err("echo read"))?;
-        Ok::<(), BenchError>(())
-    };
-    for _ in 0..50 {
-        exchange(&mut s).await?;
+    plan: &Plan,
+) -> Result<Vec<Latency>, BenchError> {
+    let mut links = Vec::with_capacity(systems.len());
+    for sys in systems {
+        links.push(EchoLink::open(sys, target, size).await?);
     }
-    let (cpu0, seg0) = (sys.cpu_seconds(), tcp_out_segments());
-    let mut rtts = Vec::with_capacity(count);
-    for _ in 0..count {
-        let t = Instant::now();
-        exchange(&mut s).await?;
-        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+    let mut out: Vec<Latency> = systems.iter().map(|_| Latency::new()).collect();
+    let block = plan.rtt_block.max(1);
+    let mut left = plan.rtt_count;
+    while left > 0 {
+        let n = left.min(block);
+        for ((sys, link), into) in systems.iter().zip(&mut links).zip(&mut out) {
+            link.block(sys, n, into).await?;
+        }
+        left -= n;
     }
-    let (cpu1, seg1) = (sys.cpu_seconds(), tcp_out_segments());
-    let (cpu_us, segments) = per_exchange(cpu1 - cpu0, (seg0, seg1), count);
-    Ok(Latency {
-        rtts,
-        cpu_us,
-        segments,
-    })
+    Ok(out)
 }
 
-/// CPU µs and TCP segments per exchange from what `count` exchanges used: `cpu` seconds,
-/// and the OutSegs counter before and after (NaN segments when either is missing).
-fn per_exchange(cpu: f64, segs: (Option<u64>, Option<u64>), count: usize) -> (f64, f64) {
-    let n = count.max(1) as f64;
-    let segments = match segs {
-        (Some(a), Some(b)) => b.saturating_sub(a) as f64 / n,
-        _ => f64::NAN,
-    };
-    (cpu * 1e6 / n, segments)
+/// The round trips of one round: 1-byte and 1 KiB exchanges through every system,
+/// interleaved (see [`interleaved_latency`]); one `(1 B, 1 KiB)` pair per system, in the
+/// order of `systems`.
+pub async fn round_trips(
+    systems: &[System],
+    target: SocketAddr,
+    plan: &Plan,
+) -> Result<Vec<(Latency, Latency)>, BenchError> {
+    let one = interleaved_latency(systems, target, 1, plan).await?;
+    let kib = interleaved_latency(systems, target, 1024, plan).await?;
+    Ok(one.into_iter().zip(kib).collect())
 }
 
 /// TCP segments this machine has sent (`/proc/net/snmp`), if readable.
@@ -472,6 +558,8 @@ pub struct Plan {
     pub per64: u64,
     /// Exchanges per latency measurement.
     pub rtt_count: usize,
+    /// Exchanges per turn when the systems take turns at the latency measurement.
+    pub rtt_block: usize,
     /// Duration of the connection-rate measurement.
     pub cps_time: Duration,
 }
@@ -484,6 +572,7 @@ impl Plan {
             per8: 128 << 20,
             per64: 16 << 20,
             rtt_count: 5000,
+            rtt_block: 250,
             cps_time: Duration::from_secs(3),
         }
     }
@@ -495,6 +584,7 @@ impl Plan {
             per8: 8 << 20,
             per64: 1 << 20,
             rtt_count: 500,
+            rtt_block: 100,
             cps_time: Duration::from_millis(500),
         }
     }
@@ -588,7 +678,9 @@ async fn probed<T>(
     out
 }
 
-/// Runs one round against `sys`.
+/// Runs one round of the transfers and the connection rate against `sys`; its round
+/// trips are measured for all systems at once by [`round_trips`] and added with
+/// [`Round::with_round_trips`].
 pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Round, BenchError> {
     let s = sys.socks;
     let cpu0 = sys.cpu_seconds();
@@ -609,12 +701,6 @@ pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Roun
     let up64 = transfer(64, plan.per64, false).await?;
     let cpu = sys.cpu_seconds() - cpu0;
     let moved = (2 * (plan.single + 8 * plan.per8 + 64 * plan.per64)) as f64;
-    let rtt = |size: usize| {
-        let what = format!("rtt{size}");
-        probed(sys, what, 0, latency(sys, target, size, plan.rtt_count))
-    };
-    let mut r1 = rtt(1).await?;
-    let mut r1k = rtt(1024).await?;
     let cps = probed(
         sys,
         "conn".into(),
@@ -629,13 +715,24 @@ pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Roun
         up8,
         down64,
         up64,
-        rtt1: (quantile(&mut r1.rtts, 0.5), quantile(&mut r1.rtts, 0.99)),
-        rtt1k: (quantile(&mut r1k.rtts, 0.5), quantile(&mut r1k.rtts, 0.99)),
-        rtt1_cpu_us: r1.cpu_us,
-        rtt1_segments: r1.segments,
         cps,
         cpu_per_gb: cpu / (moved / 1e9),
+        ..Round::default()
     })
+}
+
+impl Round {
+    /// This round with its round-trip figures, from [`round_trips`].
+    pub fn with_round_trips(self, (mut one, mut kib): (Latency, Latency)) -> Self {
+        let (rtt1_cpu_us, rtt1_segments) = one.per_exchange();
+        Self {
+            rtt1: (quantile(&mut one.rtts, 0.5), quantile(&mut one.rtts, 0.99)),
+            rtt1k: (quantile(&mut kib.rtts, 0.5), quantile(&mut kib.rtts, 0.99)),
+            rtt1_cpu_us,
+            rtt1_segments,
+            ..self
+        }
+    }
 }
 
 /// Medians over rounds, plus peak memory.
@@ -783,17 +880,26 @@ mod tests {
     }
 
     #[test]
-    fn per_exchange_cost_divides_by_the_count_and_says_nan_for_a_missing_counter() {
-        assert_eq!(
-            per_exchange(0.4, (Some(1000), Some(41_000)), 5000),
-            (80.0, 8.0)
-        );
-        let (cpu, segs) = per_exchange(0.4, (Some(1000), None), 5000);
+    fn round_trip_cost_adds_up_over_blocks_and_says_nan_for_a_missing_counter() {
+        let with_rtts = |n: usize| Latency {
+            rtts: vec![100.0; n],
+            ..Latency::new()
+        };
+        let mut l = with_rtts(5000);
+        l.add_cost(0.3, (Some(1000), Some(31_000)));
+        l.add_cost(0.1, (Some(50_000), Some(60_000)));
+        assert_eq!(l.per_exchange(), (80.0, 8.0));
+        // A counter that went backwards adds nothing.
+        l.add_cost(0.0, (Some(9), Some(3)));
+        assert_eq!(l.per_exchange(), (80.0, 8.0));
+        // One unreadable counter loses the count for good.
+        l.add_cost(0.0, (None, Some(5)));
+        l.add_cost(0.0, (Some(1), Some(5)));
+        let (cpu, segs) = l.per_exchange();
         assert_eq!(cpu, 80.0);
         assert!(segs.is_nan());
-        assert!(per_exchange(0.1, (None, Some(5)), 5000).1.is_nan());
-        // No exchanges: no division by zero; a counter that went backwards counts 0.
-        assert_eq!(per_exchange(0.0, (Some(9), Some(3)), 0), (0.0, 0.0));
+        // No exchanges: no division by zero.
+        assert_eq!(with_rtts(0).per_exchange(), (0.0, 0.0));
     }
 
     fn summary(name: &str, ends: bool, rtt1_cpu_us: f64) -> Summary {

@@ -1196,13 +1196,24 @@ async fn run_bench(
     }
     let mut results: Vec<Vec<bench::Round>> = vec![Vec::new(); systems.len()];
     for r in 0..rounds {
-        for (i, sys) in systems.iter().enumerate() {
+        let mut this_round = Vec::with_capacity(systems.len());
+        for sys in &systems {
             eprintln!("round {}/{rounds}: {}", r + 1, sys.name);
             let round = bench::round(sys, target, &plan).await.with_context(|| {
                 format!("benchmarking {} (logs in {})", sys.name, base.display())
             })?;
-            results[i].push(round);
+            this_round.push(round);
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!(
+            "round {}/{rounds}: round trips, the systems taking turns",
+            r + 1
+        );
+        let trips = bench::round_trips(&systems, target, &plan)
+            .await
+            .with_context(|| format!("measuring round trips (logs in {})", base.display()))?;
+        for ((done, round), trips) in results.iter_mut().zip(this_round).zip(trips) {
+            done.push(round.with_round_trips(trips));
         }
     }
     let summaries: Vec<bench::Summary> = systems
