@@ -767,6 +767,9 @@ impl Tunnel {
         // What the transport read past the handshake is opened before anything new.
         let mut buf = unread;
         let mut records = Vec::new();
+        // A receive leg carries data one way only, so its ACKs ride on nothing: keep the
+        // kernel sending them late and few (see `DelayedAcks`).
+        let mut delayed_acks = crate::transport::tcp::DelayedAcks::default();
         loop {
             loop {
                 match opener.open_next(&mut buf) {
@@ -809,6 +812,9 @@ impl Tunnel {
                     return;
                 }
                 Ok(n) => {
+                    if let Some(tcp) = rd.tcp() {
+                        delayed_acks.after_read(tcp, Instant::now());
+                    }
                     self.stats
                         .bytes_received
                         .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);

@@ -50,9 +50,18 @@ pub trait LegIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn hand_over_tls_keys(&mut self) -> Option<io::Result<crate::tls_stream::HandedOver>> {
         None
     }
+
+    /// The TCP socket this pipe reads and writes directly, where there is one.
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
 }
 
-impl LegIo for TcpStream {}
+impl LegIo for TcpStream {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
 
 /// In-memory pipes, for tests of the layers above the transports.
 impl LegIo for tokio::io::DuplexStream {}
@@ -64,6 +73,10 @@ impl<C: crate::tls_stream::TlsSide> LegIo for crate::tls_stream::TlsStream<C> {
 
     fn hand_over_tls_keys(&mut self) -> Option<io::Result<crate::tls_stream::HandedOver>> {
         Some(self.hand_over_keys())
+    }
+
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.get_ref())
     }
 }
 
@@ -103,6 +116,10 @@ impl LegIo for Counted {
 
     fn hand_over_tls_keys(&mut self) -> Option<io::Result<crate::tls_stream::HandedOver>> {
         self.inner.hand_over_tls_keys()
+    }
+
+    fn tcp(&self) -> Option<&TcpStream> {
+        self.inner.tcp()
     }
 }
 

@@ -3,7 +3,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -121,5 +121,113 @@ impl TcpLegListener {
             }
         });
         Ok((peer, upgrade))
+    }
+}
+
+/// Keeps the TCP ACKs of a one-way receive leg delayed.
+///
+/// On a connection that carries data both ways, the kernel notices the exchange
+/// ("ping-pong" mode) and lets the ACK of each request ride on the response. A halfpipe
+/// receive leg never sends data, so the kernel would ACK every small segment with a
+/// segment of its own, inside the very `recv` that the data waits on. Setting
+/// `TCP_QUICKACK` off puts the socket in ping-pong mode: the kernel then ACKs every second
+/// small segment (or a full one at once), which saves one segment per request/response
+/// exchange. The kernel leaves that mode when its delayed-ACK timer fires (at least
+/// 20 ms after a segment arrived, on a quiet leg), so the mode is set again after any
+/// read that follows a quiet spell, and every [`DelayedAcks::REARM_EVERY`] reads in case
+/// something else took it away. The sender is never held back: the kernel still ACKs at
+/// least every second segment and at once when more than a full segment is unacknowledged.
+#[derive(Debug, Default)]
+pub struct DelayedAcks {
+    /// The last read, and reads since the mode was last set; `None` before the first read.
+    last: Option<(Instant, u32)>,
+}
+
+impl DelayedAcks {
+    /// A quiet spell after which the kernel may have left delayed-ACK mode: shorter than its
+    /// shortest delayed-ACK timer.
+    pub const QUIET: Duration = Duration::from_millis(10);
+    /// Reads after which the mode is set again anyway.
+    pub const REARM_EVERY: u32 = 256;
+
+    /// Call after each read from `tcp` at `now`; sets the mode when it may have been lost.
+    /// Returns whether it did. A failure to set it costs only speed, so it is ignored.
+    pub fn after_read(&mut self, tcp: &TcpStream, now: Instant) -> bool {
+        let rearm = match self.last {
+            None => true,
+            Some((at, reads)) => {
+                now.saturating_duration_since(at) >= Self::QUIET || reads >= Self::REARM_EVERY
+            }
+        };
+        if rearm {
+            let _ = socket2::SockRef::from(tcp).set_quickack(false);
+        }
+        let reads = match self.last {
+            Some((_, reads)) if !rearm => reads + 1,
+            _ => 1,
+        };
+        self.last = Some((now, reads));
+        rearm
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connected loopback pair.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// Whether the kernel delays this socket's ACKs (ping-pong mode).
+    fn delays_acks(tcp: &TcpStream) -> bool {
+        !socket2::SockRef::from(tcp).quickack().unwrap()
+    }
+
+    /// What the kernel's delayed-ACK timer does when it fires on a quiet leg.
+    fn kernel_leaves_the_mode(tcp: &TcpStream) {
+        socket2::SockRef::from(tcp).set_quickack(true).unwrap();
+        assert!(!delays_acks(tcp));
+    }
+
+    #[tokio::test]
+    async fn delayed_acks_are_set_on_the_first_read_and_after_a_quiet_spell() {
+        let (leg, _peer) = pair().await;
+        assert!(!delays_acks(&leg), "a new connection ACKs at once");
+        let mut acks = DelayedAcks::default();
+        let t0 = Instant::now();
+        assert!(acks.after_read(&leg, t0));
+        assert!(delays_acks(&leg));
+
+        kernel_leaves_the_mode(&leg);
+        // Reads closer together than the kernel's shortest timer leave the socket alone...
+        let busy = t0 + DelayedAcks::QUIET / 2;
+        assert!(!acks.after_read(&leg, busy));
+        assert!(!delays_acks(&leg));
+        // ...and the first read after a quiet spell sets the mode again.
+        assert!(acks.after_read(&leg, busy + DelayedAcks::QUIET));
+        assert!(delays_acks(&leg));
+    }
+
+    #[tokio::test]
+    async fn delayed_acks_are_set_again_every_so_many_reads_of_a_busy_leg() {
+        let (leg, _peer) = pair().await;
+        let mut acks = DelayedAcks::default();
+        let t0 = Instant::now();
+        assert!(acks.after_read(&leg, t0));
+        kernel_leaves_the_mode(&leg);
+        let step = Duration::from_micros(100);
+        let rearmed: Vec<u32> = (1..=2 * DelayedAcks::REARM_EVERY)
+            .filter(|&i| acks.after_read(&leg, t0 + step * i))
+            .collect();
+        assert_eq!(
+            rearmed,
+            [DelayedAcks::REARM_EVERY, 2 * DelayedAcks::REARM_EVERY]
+        );
+        assert!(delays_acks(&leg));
     }
 }
