@@ -428,8 +428,17 @@ async fn interleaved_latency(
     plan: &Plan,
 ) -> Result<Vec<Latency>, BenchError> {
     let mut links = Vec::with_capacity(systems.len());
+    // Which system failed is the first thing a failed run must say.
+    let named = |sys: &System| {
+        let name = sys.name.clone();
+        move |e: BenchError| BenchError::Setup(format!("{name}: {e}"))
+    };
     for sys in systems {
-        links.push(EchoLink::open(sys, target, size).await?);
+        links.push(
+            EchoLink::open(sys, target, size)
+                .await
+                .map_err(named(sys))?,
+        );
     }
     let mut out: Vec<Latency> = systems.iter().map(|_| Latency::new()).collect();
     let block = plan.rtt_block.max(1);
@@ -437,7 +446,7 @@ async fn interleaved_latency(
     while left > 0 {
         let n = left.min(block);
         for ((sys, link), into) in systems.iter().zip(&mut links).zip(&mut out) {
-            link.block(sys, n, into).await?;
+            link.block(sys, n, into).await.map_err(named(sys))?;
         }
         left -= n;
     }
