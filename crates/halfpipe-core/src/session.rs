@@ -328,6 +328,11 @@ pub struct Session {
     max_data_advertised: u64,
 
     last_tx: Instant,
+    /// A keepalive fell due and the driver was told (`handle_timeout`); nothing has been
+    /// sent since. Its deadline then no longer counts in `poll_timeout`: a writer held up
+    /// by a peer that does not read cannot send it, and the timer must not fire on it
+    /// again and again until the writer can.
+    keepalive_wanted: bool,
     last_rx: Instant,
     silence_reported: bool,
     last_activity: Instant,
@@ -362,6 +367,7 @@ impl Session {
             data_consumed: 0,
             max_data_advertised: INITIAL_SESSION_CREDIT,
             last_tx: now,
+            keepalive_wanted: false,
             last_rx: now,
             silence_reported: false,
             last_activity: now,
@@ -436,6 +442,7 @@ impl Session {
         self.max_data_dirty = true;
         self.credit_updates = self.streams.keys().copied().collect();
         self.last_tx = now;
+        self.keepalive_wanted = false;
         Ok(())
     }
 
@@ -675,6 +682,7 @@ impl Session {
         }
         if out.len() > start {
             self.last_tx = now;
+            self.keepalive_wanted = false;
         }
         out.len() - start
     }
@@ -883,7 +891,9 @@ impl Session {
         let mut t: Option<Instant> = None;
         let mut consider = |x: Instant| t = Some(t.map_or(x, |t| t.min(x)));
         if self.send_attached {
-            consider(self.last_tx + self.config.keepalive);
+            if !self.keepalive_wanted {
+                consider(self.last_tx + self.config.keepalive);
+            }
             if let Some(due) = self.ack_due.filter(|_| !self.ack_now) {
                 consider(due);
             }
@@ -911,6 +921,9 @@ impl Session {
         }
         if self.ack_due.is_some_and(|due| now >= due) {
             self.ack_now = true;
+        }
+        if self.keepalive_due(now) {
+            self.keepalive_wanted = true;
         }
         if let Some(since) = self.leg_down_since() {
             if now >= since + self.config.resume_window {

@@ -679,6 +679,39 @@ fn timers_keepalive_silence_idle_and_resume_window() {
 }
 
 #[test]
+fn an_overdue_keepalive_stops_being_a_deadline_until_something_is_sent() {
+    let config = SessionConfig {
+        keepalive: Duration::from_secs(10),
+        leg_silence: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(100),
+        ..SessionConfig::default()
+    };
+    let mut sim = Sim::new(config);
+    sim.settle();
+    sim.now += Duration::from_secs(10);
+    assert!(
+        sim.client.poll_timeout().unwrap() <= sim.now,
+        "keepalive due"
+    );
+    // The driver is told; its writer cannot send yet (a peer that does not read).
+    sim.client.handle_timeout(sim.now);
+    assert!(sim.client.keepalive_due(sim.now));
+    let next = sim.client.poll_timeout().unwrap();
+    assert!(
+        next > sim.now,
+        "the overdue keepalive still counts: {next:?}"
+    );
+    // Once the writer sends (here the PING itself), the next keepalive counts again.
+    sim.now += Duration::from_secs(1);
+    let mut out = Vec::new();
+    assert_eq!(sim.client.poll_transmit(sim.now, &mut out), 1);
+    assert_eq!(
+        sim.client.poll_timeout(),
+        Some(sim.now + Duration::from_secs(10))
+    );
+}
+
+#[test]
 fn stream_limit_refuses_excess_streams() {
     let config = SessionConfig {
         max_streams: 2,

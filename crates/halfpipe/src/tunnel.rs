@@ -141,6 +141,19 @@ struct Inner {
     recv_generation: u64,
 }
 
+impl Inner {
+    /// Whether the session's next deadline comes before the one the timer task sleeps
+    /// towards (a delayed ACK, a new leg's silence timer, a keepalive that counts again
+    /// once something was sent), so that the timer task must be woken.
+    fn timer_is_late(&self) -> bool {
+        match (self.session.poll_timeout(), self.timer_at) {
+            (Some(t), Some(at)) => t < at,
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
+}
+
 struct LegSlot {
     generation: u64,
     task: Option<JoinHandle<()>>,
@@ -359,13 +372,7 @@ impl Tunnel {
         let (r, events, wants_tx, timer_early) = {
             let mut g = lock(&self.inner);
             let r = f(&mut g);
-            // A deadline earlier than the one the timer sleeps towards (a delayed ACK, a
-            // new leg's silence timer) must wake it.
-            let timer_early = match (g.session.poll_timeout(), g.timer_at) {
-                (Some(t), Some(at)) => t < at,
-                (Some(_), None) => true,
-                _ => false,
-            };
+            let timer_early = g.timer_is_late();
             let mut events = Vec::new();
             while let Some(e) = g.session.poll_event() {
                 let sig = match &e {
@@ -697,7 +704,7 @@ impl Tunnel {
             } = leg;
             out.clear();
             starts.clear();
-            let closed = {
+            let (closed, timer_early) = {
                 let mut g = lock(&self.inner);
                 if g.send_generation != *generation {
                     return Transmitted::Gone; // replaced by a newer leg
@@ -712,8 +719,11 @@ impl Tunnel {
                     sealer.reserve_tag(out);
                     starts.push(start);
                 }
-                g.session.is_closed()
+                (g.session.is_closed(), g.timer_is_late())
             };
+            if timer_early {
+                self.timer_wake.notify_one();
+            }
             if out.is_empty() {
                 return match closed {
                     true => Transmitted::Closed,
@@ -1346,6 +1356,49 @@ mod tests {
                 panic!("the runtime's thread panicked (see its message above)")
             }
         }
+    }
+
+    #[tokio::test]
+    async fn keepalives_resume_on_time_once_a_blocked_writer_can_send_again() {
+        let config = SessionConfig {
+            keepalive: Duration::from_millis(20),
+            ..SessionConfig::default()
+        };
+        let (tunnel, _control) = Tunnel::new(Side::Client, config);
+        let (client_keys, _) = leg_keys();
+        // A peer that reads nothing for a while: the writer blocks on its first record,
+        // and the keepalive falls due behind it.
+        let (io, mut peer) = tokio::io::duplex(16);
+        tunnel
+            .attach_leg(LegRole::Up, Box::new(io), &client_keys, 0)
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Now the peer reads. The writer's backlog leaves, and then keepalives must go on
+        // leaving every 20 ms: the timer has to learn that the keepalive counts again.
+        let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = received.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = peer.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let count = || received.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let after_backlog = count();
+        // Bounded wait: at least one more record within 5 s (a keepalive is due every
+        // 20 ms; without the wake the timer would sleep until the idle timeout).
+        let more = tokio::time::timeout(Duration::from_secs(5), async {
+            while count() == after_backlog {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(more.is_ok(), "no keepalive left after the writer was freed");
+        assert!(!tunnel.is_closed());
     }
 
     #[tokio::test]
