@@ -407,7 +407,16 @@ impl<C: TlsSide> TlsStream<C> {
     fn step(&mut self, mut dst: Option<&mut ReadBuf<'_>>) -> io::Result<Step> {
         let conn = self.conn.as_mut().ok_or_else(handed_over)?;
         let UnbufferedStatus { mut discard, state } = conn.process(self.incoming.window());
-        let step = match state.map_err(tls_err)? {
+        let state = match state {
+            Ok(state) => state,
+            Err(e) => {
+                // What rustls consumed before failing goes even on an error: fed again,
+                // the failed bytes would fail again (and rustls sends one fatal alert).
+                self.incoming.discard(discard);
+                return Err(tls_err(e));
+            }
+        };
+        let step = match state {
             ConnectionState::ReadTraffic(mut traffic) => {
                 while let Some(record) = traffic.next_record() {
                     let record = record.map_err(tls_err)?;
@@ -479,8 +488,15 @@ impl<C: TlsSide> TlsStream<C> {
                 Ok(self)
             }
             Err(e) => {
-                // Tell the peer why (rustls queues a fatal alert), best effort.
-                while let Ok(Step::Send) = self.step(None) {}
+                // Tell the peer why (rustls queues a fatal alert), best effort. Stop once
+                // the alert is encoded: the next call would go on deframing the bytes
+                // that failed, fail again and try a second fatal alert.
+                let before = self.outgoing.buf.len();
+                while self.outgoing.buf.len() == before {
+                    if !matches!(self.step(None), Ok(Step::Send)) {
+                        break;
+                    }
+                }
                 let _ = self.flush_outgoing().await;
                 Err(e)
             }
@@ -819,11 +835,18 @@ mod tests {
         // Random bytes where a ServerHello should be.
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
+        let peer = tokio::spawn(async move {
             let (mut s, _) = l.accept().await.unwrap();
-            let mut hello = [0u8; 512];
-            let _ = s.read(&mut hello).await;
+            // The ClientHello is one record: its header says how long it is.
+            let mut header = [0u8; 5];
+            s.read_exact(&mut header).await.unwrap();
+            let mut hello = vec![0u8; u16::from_be_bytes([header[3], header[4]]) as usize];
+            s.read_exact(&mut hello).await.unwrap();
             let _ = s.write_all(&pattern(4096, 9)).await;
+            // What the client answers before it closes.
+            let mut answer = Vec::new();
+            let _ = s.read_to_end(&mut answer).await;
+            answer
         });
         let cfg = crate::tls::client_config(&crate::tls::ServerTrust::WebRoots).unwrap();
         let tcp = TcpStream::connect(addr).await.unwrap();
@@ -832,6 +855,13 @@ mod tests {
             .err()
             .expect("garbage accepted as a handshake");
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        // The client told the peer why, once: one fatal alert record (type 21, level 2).
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(5), peer)
+            .await
+            .expect("the client closed within 5 s")
+            .unwrap();
+        assert_eq!(answer.len(), 7, "one alert record: {answer:?}");
+        assert_eq!((answer[0], answer[5]), (21, 2), "a fatal alert: {answer:?}");
 
         // A peer that vanishes in the middle of a record: an application-data header
         // announcing 16 KiB, 500 bytes of it, then end of stream.
