@@ -328,11 +328,12 @@ pub struct Session {
     max_data_advertised: u64,
 
     last_tx: Instant,
-    /// A keepalive fell due and the driver was told (`handle_timeout`); nothing has been
-    /// sent since. Its deadline then no longer counts in `poll_timeout`: a writer held up
-    /// by a peer that does not read cannot send it, and the timer must not fire on it
-    /// again and again until the writer can.
-    keepalive_wanted: bool,
+    /// When a keepalive fell due and the driver was told (`handle_timeout`), if nothing
+    /// has been sent since. The next keepalive deadline then counts from here, not from
+    /// `last_tx`: a writer held up by a peer that does not read cannot send it, and the
+    /// timer must not fire on it again and again until the writer can. Since the writer
+    /// sends no earlier than this, sending never moves the deadline earlier.
+    keepalive_asked: Option<Instant>,
     last_rx: Instant,
     silence_reported: bool,
     last_activity: Instant,
@@ -367,7 +368,7 @@ impl Session {
             data_consumed: 0,
             max_data_advertised: INITIAL_SESSION_CREDIT,
             last_tx: now,
-            keepalive_wanted: false,
+            keepalive_asked: None,
             last_rx: now,
             silence_reported: false,
             last_activity: now,
@@ -442,7 +443,7 @@ impl Session {
         self.max_data_dirty = true;
         self.credit_updates = self.streams.keys().copied().collect();
         self.last_tx = now;
-        self.keepalive_wanted = false;
+        self.keepalive_asked = None;
         Ok(())
     }
 
@@ -682,7 +683,7 @@ impl Session {
         }
         if out.len() > start {
             self.last_tx = now;
-            self.keepalive_wanted = false;
+            self.keepalive_asked = None;
         }
         out.len() - start
     }
@@ -891,9 +892,7 @@ impl Session {
         let mut t: Option<Instant> = None;
         let mut consider = |x: Instant| t = Some(t.map_or(x, |t| t.min(x)));
         if self.send_attached {
-            if !self.keepalive_wanted {
-                consider(self.last_tx + self.config.keepalive);
-            }
+            consider(self.keepalive_asked.unwrap_or(self.last_tx) + self.config.keepalive);
             if let Some(due) = self.ack_due.filter(|_| !self.ack_now) {
                 consider(due);
             }
@@ -923,7 +922,7 @@ impl Session {
             self.ack_now = true;
         }
         if self.keepalive_due(now) {
-            self.keepalive_wanted = true;
+            self.keepalive_asked = Some(now);
         }
         if let Some(since) = self.leg_down_since() {
             if now >= since + self.config.resume_window {

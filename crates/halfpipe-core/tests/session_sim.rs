@@ -679,7 +679,7 @@ fn timers_keepalive_silence_idle_and_resume_window() {
 }
 
 #[test]
-fn an_overdue_keepalive_stops_being_a_deadline_until_something_is_sent() {
+fn an_overdue_keepalive_is_asked_for_again_one_interval_later_not_at_once() {
     let config = SessionConfig {
         keepalive: Duration::from_secs(10),
         leg_silence: Duration::from_secs(30),
@@ -700,6 +700,11 @@ fn an_overdue_keepalive_stops_being_a_deadline_until_something_is_sent() {
     assert!(
         next > sim.now,
         "the overdue keepalive still counts: {next:?}"
+    );
+    assert_eq!(
+        next,
+        sim.now + Duration::from_secs(10),
+        "asked again an interval on"
     );
     // Once the writer sends (here the PING itself), the next keepalive counts again.
     sim.now += Duration::from_secs(1);

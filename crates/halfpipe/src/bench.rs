@@ -312,7 +312,7 @@ pub async fn throughput(
 
 /// What request/response exchanges of one size took on one system, gathered over the
 /// blocks of [`round_trips`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Latency {
     /// Round-trip time of each exchange, µs.
     pub rtts: Vec<f64>,
@@ -330,8 +330,9 @@ impl Latency {
     /// An empty record, counting segments from zero.
     fn new() -> Self {
         Self {
+            rtts: Vec::new(),
+            cpu_seconds: 0.0,
             segments: Some(0),
-            ..Self::default()
         }
     }
 

@@ -143,8 +143,8 @@ struct Inner {
 
 impl Inner {
     /// Whether the session's next deadline comes before the one the timer task sleeps
-    /// towards (a delayed ACK, a new leg's silence timer, a keepalive that counts again
-    /// once something was sent), so that the timer task must be woken.
+    /// towards (a delayed ACK, a new leg's silence timer), so that the timer task must be
+    /// woken. Sending never moves a deadline earlier, so the writer need not ask.
     fn timer_is_late(&self) -> bool {
         match (self.session.poll_timeout(), self.timer_at) {
             (Some(t), Some(at)) => t < at,
@@ -704,7 +704,7 @@ impl Tunnel {
             } = leg;
             out.clear();
             starts.clear();
-            let (closed, timer_early) = {
+            let closed = {
                 let mut g = lock(&self.inner);
                 if g.send_generation != *generation {
                     return Transmitted::Gone; // replaced by a newer leg
@@ -719,11 +719,8 @@ impl Tunnel {
                     sealer.reserve_tag(out);
                     starts.push(start);
                 }
-                (g.session.is_closed(), g.timer_is_late())
+                g.session.is_closed()
             };
-            if timer_early {
-                self.timer_wake.notify_one();
-            }
             if out.is_empty() {
                 return match closed {
                     true => Transmitted::Closed,
@@ -822,9 +819,7 @@ impl Tunnel {
                     return;
                 }
                 Ok(n) => {
-                    if let Some(tcp) = rd.tcp() {
-                        delayed_acks.after_read(tcp, Instant::now());
-                    }
+                    delayed_acks.after_read(Instant::now(), || rd.tcp());
                     self.stats
                         .bytes_received
                         .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
@@ -1390,7 +1385,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let after_backlog = count();
         // Bounded wait: at least one more record within 5 s (a keepalive is due every
-        // 20 ms; without the wake the timer would sleep until the idle timeout).
+        // 20 ms; a timer that lost the keepalive would sleep until the idle timeout).
         let more = tokio::time::timeout(Duration::from_secs(5), async {
             while count() == after_backlog {
                 tokio::time::sleep(Duration::from_millis(10)).await;

@@ -139,8 +139,10 @@ impl TcpLegListener {
 /// least every second segment and at once when more than a full segment is unacknowledged.
 #[derive(Debug, Default)]
 pub struct DelayedAcks {
-    /// The last read, and reads since the mode was last set; `None` before the first read.
-    last: Option<(Instant, u32)>,
+    /// The last read; `None` before the first.
+    last_read: Option<Instant>,
+    /// Reads since the mode was last set.
+    reads: u32,
 }
 
 impl DelayedAcks {
@@ -150,23 +152,25 @@ impl DelayedAcks {
     /// Reads after which the mode is set again anyway.
     pub const REARM_EVERY: u32 = 256;
 
-    /// Call after each read from `tcp` at `now`; sets the mode when it may have been lost.
+    /// Call after each read, at `now`; when the mode may have been lost, sets it on the
+    /// socket `tcp` gives (asked only then; a leg with no TCP socket under it gives none).
     /// Returns whether it did. A failure to set it costs only speed, so it is ignored.
-    pub fn after_read(&mut self, tcp: &TcpStream, now: Instant) -> bool {
-        let rearm = match self.last {
-            None => true,
-            Some((at, reads)) => {
-                now.saturating_duration_since(at) >= Self::QUIET || reads >= Self::REARM_EVERY
-            }
-        };
+    pub fn after_read<'a>(
+        &mut self,
+        now: Instant,
+        tcp: impl FnOnce() -> Option<&'a TcpStream>,
+    ) -> bool {
+        let rearm = self.reads >= Self::REARM_EVERY
+            || self
+                .last_read
+                .is_none_or(|at| now.saturating_duration_since(at) >= Self::QUIET);
+        self.last_read = Some(now);
+        self.reads = if rearm { 1 } else { self.reads + 1 };
         if rearm {
-            let _ = socket2::SockRef::from(tcp).set_quickack(false);
+            if let Some(tcp) = tcp() {
+                let _ = socket2::SockRef::from(tcp).set_quickack(false);
+            }
         }
-        let reads = match self.last {
-            Some((_, reads)) if !rearm => reads + 1,
-            _ => 1,
-        };
-        self.last = Some((now, reads));
         rearm
     }
 }
@@ -200,16 +204,16 @@ mod tests {
         assert!(!delays_acks(&leg), "a new connection ACKs at once");
         let mut acks = DelayedAcks::default();
         let t0 = Instant::now();
-        assert!(acks.after_read(&leg, t0));
+        assert!(acks.after_read(t0, || Some(&leg)));
         assert!(delays_acks(&leg));
 
         kernel_leaves_the_mode(&leg);
         // Reads closer together than the kernel's shortest timer leave the socket alone...
         let busy = t0 + DelayedAcks::QUIET / 2;
-        assert!(!acks.after_read(&leg, busy));
+        assert!(!acks.after_read(busy, || Some(&leg)));
         assert!(!delays_acks(&leg));
         // ...and the first read after a quiet spell sets the mode again.
-        assert!(acks.after_read(&leg, busy + DelayedAcks::QUIET));
+        assert!(acks.after_read(busy + DelayedAcks::QUIET, || Some(&leg)));
         assert!(delays_acks(&leg));
     }
 
@@ -218,16 +222,24 @@ mod tests {
         let (leg, _peer) = pair().await;
         let mut acks = DelayedAcks::default();
         let t0 = Instant::now();
-        assert!(acks.after_read(&leg, t0));
+        assert!(acks.after_read(t0, || Some(&leg)));
         kernel_leaves_the_mode(&leg);
         let step = Duration::from_micros(100);
+        // The socket is looked up only when the mode is set: not on every read.
+        let mut lookups = 0;
         let rearmed: Vec<u32> = (1..=2 * DelayedAcks::REARM_EVERY)
-            .filter(|&i| acks.after_read(&leg, t0 + step * i))
+            .filter(|&i| {
+                acks.after_read(t0 + step * i, || {
+                    lookups += 1;
+                    Some(&leg)
+                })
+            })
             .collect();
         assert_eq!(
             rearmed,
             [DelayedAcks::REARM_EVERY, 2 * DelayedAcks::REARM_EVERY]
         );
+        assert_eq!(lookups, rearmed.len());
         assert!(delays_acks(&leg));
     }
 }
