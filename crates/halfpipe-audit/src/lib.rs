@@ -19,7 +19,9 @@
 //! write poisons the log: it accepts nothing more until reopened (and so re-verified). An
 //! existing log whose head file is missing is refused (its tail could have been cut), as is
 //! a head file whose log is missing; an empty log with no head file (a crash right after
-//! creation) is initialized. One writer per log at a time.
+//! creation) is initialized. One writer per log at a time; readers ([`tail`], [`verify`])
+//! may run beside it, in any process: an advisory lock on the log makes them wait for a
+//! batch being appended instead of reading half of it.
 //!
 //! [`AuditWriter::spawn`] moves the log to a thread; [`AuditHandle::record`] queues a record
 //! without blocking (a full queue or a failed writer is an error) and the thread writes
@@ -138,6 +140,7 @@
 
 mod error;
 mod key;
+mod live;
 mod log;
 mod record;
 mod tail;

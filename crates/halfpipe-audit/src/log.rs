@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::AuditError;
 use crate::key::AuditKey;
+use crate::live::AppendLock;
 use crate::record::{
     check_new_record, checkpoint_message, genesis_record, Record, CHECKPOINT_KIND, MAX_LINE_BYTES,
 };
@@ -480,11 +481,14 @@ impl AuditLog {
     }
 
     fn write_out_inner(&mut self, buf: &str, checkpoint: Option<&str>) -> Result<(), AuditError> {
-        #[cfg(test)]
-        self.hooks.before_write(&self.path)?;
-        self.file
-            .write_all(buf.as_bytes())
-            .map_err(|e| AuditError::io(&self.path, "write", e))?;
+        {
+            let _whole = AppendLock::take(&self.file);
+            #[cfg(test)]
+            self.hooks.before_write(&self.path)?;
+            (&self.file)
+                .write_all(buf.as_bytes())
+                .map_err(|e| AuditError::io(&self.path, "write", e))?;
+        }
         self.file
             .sync_data()
             .map_err(|e| AuditError::io(&self.path, "fdatasync", e))?;

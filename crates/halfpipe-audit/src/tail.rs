@@ -5,6 +5,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use crate::error::AuditError;
+use crate::live::settled_len;
 use crate::record::{Record, MAX_LINE_BYTES};
 
 const CHUNK: u64 = 64 * 1024;
@@ -13,7 +14,8 @@ const CHUNK: u64 = 64 * 1024;
 ///
 /// Reads backwards from the end, so it is cheap on a large log. It parses the records but
 /// does not verify the chain (use [`crate::verify`] for that); a line that does not parse, or
-/// a last line cut short by a crash, is an error.
+/// a last line cut short by a crash, is an error. A batch the writer is appending right now
+/// is waited for, not read half-written.
 pub fn tail(log_path: &Path, n: usize) -> Result<Vec<Record>, AuditError> {
     if n == 0 {
         return Ok(Vec::new());
@@ -24,7 +26,7 @@ pub fn tail(log_path: &Path, n: usize) -> Result<Vec<Record>, AuditError> {
         reason,
     };
     let mut f = File::open(log_path).map_err(io("open"))?;
-    let len = f.metadata().map_err(io("stat"))?.len();
+    let len = settled_len(&f).map_err(io("stat"))?;
     if len == 0 {
         return Ok(Vec::new());
     }

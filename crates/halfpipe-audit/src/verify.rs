@@ -9,6 +9,7 @@ use std::path::Path;
 
 use ed25519_dalek::VerifyingKey;
 
+use crate::live::settled_len;
 use crate::record::{parse_genesis, Checkpoint, Record, CHECKPOINT_KIND, GENESIS_KIND};
 use crate::MAX_LINE_BYTES;
 
@@ -458,11 +459,15 @@ impl fmt::Display for Report {
 /// With `head_file`, also checks the log against the checkpoint held there (tail truncation,
 /// rewrites after it). With `expected_key`, checkpoints must be signed by that key and the
 /// genesis record must name it; without, the key named by the genesis record is trusted.
-/// Never panics, whatever the files hold.
+/// On a live log, a batch the writer is appending is waited for, then left out: the report
+/// covers the log as it was. Never panics, whatever the files hold.
 pub fn verify(log_path: &Path, head_file: Option<&Path>, expected_key: Option<[u8; 32]>) -> Report {
+    // The head file first: the writer replaces it only after the log holds the checkpoint,
+    // so the log read next is never behind it.
     let head = head_file.map(read_head_file);
-    match File::open(log_path) {
-        Ok(f) => analyze(BufReader::new(f), head, expected_key).report,
+    let opened = File::open(log_path).and_then(|f| Ok((settled_len(&f)?, f)));
+    match opened {
+        Ok((len, f)) => analyze(BufReader::new(f.take(len)), head, expected_key).report,
         Err(e) => Report {
             findings: vec![Finding::LogUnreadable {
                 reason: format!("{}: {e}", log_path.display()),

@@ -388,7 +388,6 @@ mod tests {
         h.record("tripwire", user("x")).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            // (A read racing the writer may see half a line: only the end state counts.)
             let report = verify(&log_path, Some(&head_path), None);
             if report.is_ok() && report.records == 4 && report.unsigned_tail == 0 {
                 break;

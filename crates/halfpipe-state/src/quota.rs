@@ -111,7 +111,7 @@ pub fn days_from_civil(year: u64, month: u32, day: u32) -> Option<u64> {
 
 /// Whether `year` is a Gregorian leap year.
 pub fn is_leap_year(year: u64) -> bool {
-    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
+    year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400))
 }
 
 /// Days in `month` (1–12) of `year`; 0 for a month outside 1–12.
