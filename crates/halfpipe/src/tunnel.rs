@@ -9,6 +9,11 @@
 //! busy). The leg's pipe and record layer sit behind one async mutex, taken for a whole
 //! collect-seal-write, so records leave in order whoever writes them.
 //!
+//! The receive side mirrors it: a stream pump waiting for data lends its socket writer
+//! ([`Lent`]), and the receive leg's reader writes the data it opened for that stream
+//! itself, waking the pump only for what the socket cannot take at once or the stream's
+//! end. An interactive exchange then costs no task hand-off on either side.
+//!
 //! Both the client and the exit use this driver; they differ only in who dials legs and who
 //! opens streams. What a side must decide (a new stream to connect, a leg gone, the session
 //! over) arrives on its bounded control channel.
@@ -104,6 +109,26 @@ struct StreamSignals {
     /// and the application's socket is closed with a TCP reset, never a clean FIN, so a
     /// cut-short stream cannot pass for a complete one.
     reset: std::sync::atomic::AtomicBool,
+    /// The application socket's writer, while the stream's pump lends it (see [`Lent`]).
+    lent: Mutex<Lent>,
+}
+
+/// A stream's application-socket writer, lent by its pump while the pump waits for data,
+/// so that whoever makes the stream readable (the receive leg's reader) writes the bytes
+/// itself, as a one-task relay would, instead of waking the pump: one task hand-off fewer
+/// per record, which is most of an interactive exchange's cost. Whatever that delivery
+/// cannot finish at once it leaves here, and wakes the pump, which takes the writer back
+/// and goes on from there.
+#[derive(Default)]
+struct Lent {
+    /// The write half, while the pump waits (a throttled stream's pump never lends it).
+    wr: Option<tokio::net::tcp::OwnedWriteHalf>,
+    /// Data a delivery took from the session that the socket did not take at once, in order:
+    /// the pump writes it before anything newer.
+    unwritten: Vec<Bytes>,
+    /// The stream's end (FIN or gone) that a delivery took from the session: the pump acts on
+    /// it after writing `unwritten`, without asking the session again.
+    end: Option<Drained>,
 }
 
 impl StreamSignals {
@@ -254,6 +279,12 @@ pub struct Stats {
     pub bytes_sent: std::sync::atomic::AtomicU64,
     /// Record bytes read from receive legs.
     pub bytes_received: std::sync::atomic::AtomicU64,
+    /// Stream data the receive leg's reader wrote to a waiting stream's socket itself, all of
+    /// it (see [`Lent`]), counted per delivery.
+    pub delivered_by_reader: std::sync::atomic::AtomicU64,
+    /// Deliveries the reader began and left to the stream's pump: the socket was full, or
+    /// the stream ended.
+    pub left_to_pump: std::sync::atomic::AtomicU64,
 }
 
 /// Why a freshly handshaken leg could not join the session. The session is closed with a
@@ -397,7 +428,13 @@ impl Tunnel {
 
     fn dispatch(&self, e: Event, sig: Option<Arc<StreamSignals>>) {
         match e {
-            Event::Readable(_) => sig.iter().for_each(|s| s.readable.notify_one()),
+            Event::Readable(stream) => {
+                if let Some(s) = sig {
+                    if !self.deliver(stream, &s) {
+                        s.readable.notify_one();
+                    }
+                }
+            }
             Event::Writable(_) => sig.iter().for_each(|s| s.writable.notify_one()),
             Event::Connected { status, .. } => {
                 if let Some(s) = sig {
@@ -428,6 +465,40 @@ impl Tunnel {
                 self.send_control(Control::Closed(reason));
             }
         }
+    }
+
+    /// Writes `stream`'s readable data straight to its application socket if its pump has
+    /// lent the writer (see [`Lent`]). True when all of it was written and the pump may go on
+    /// waiting; false when the pump must be woken (no writer lent, the socket full, the
+    /// stream's end, or more than a batch).
+    fn deliver(&self, stream: StreamId, sig: &StreamSignals) -> bool {
+        // Busy means the pump is taking the writer back, or this is a delivery's own event.
+        let Ok(mut lent) = sig.lent.try_lock() else {
+            return false;
+        };
+        let lent = &mut *lent;
+        let Some(wr) = &lent.wr else {
+            return false;
+        };
+        if lent.end.is_some() || !lent.unwritten.is_empty() {
+            return false; // already handed to the pump
+        }
+        let drained = self.with_session(|s| drain(s, stream, &mut lent.unwritten));
+        write_now(wr.as_ref(), &mut lent.unwritten);
+        let whole = match drained {
+            Drained::Empty => lent.unwritten.is_empty(),
+            Drained::More => false,
+            end @ (Drained::Fin | Drained::Gone) => {
+                lent.end = Some(end);
+                false
+            }
+        };
+        let count = match whole {
+            true => &self.stats.delivered_by_reader,
+            false => &self.stats.left_to_pump,
+        };
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        whole
     }
 
     fn send_control(&self, c: Control) {
@@ -966,7 +1037,7 @@ impl Tunnel {
         let down = Arc::clone(&self).pump_session_to_app(stream, sig, wr, throttle);
         let ((rd, up_end), (wr, down_end)) = tokio::join!(up, down);
         lock(&self.inner).signals.remove(&stream);
-        if up_end == PumpEnd::Reset || down_end == PumpEnd::Reset {
+        if let (Some(wr), true) = (wr, up_end == PumpEnd::Reset || down_end == PumpEnd::Reset) {
             abort_socket(rd, wr);
         }
     }
@@ -1051,42 +1122,56 @@ impl Tunnel {
         sig: Arc<StreamSignals>,
         mut wr: tokio::net::tcp::OwnedWriteHalf,
         throttle: Option<Arc<dyn Throttle>>,
-    ) -> (tokio::net::tcp::OwnedWriteHalf, PumpEnd) {
+    ) -> (Option<tokio::net::tcp::OwnedWriteHalf>, PumpEnd) {
         let mut chunks: Vec<Bytes> = Vec::with_capacity(MAX_WRITE_CHUNKS);
+        // The stream's end as a delivery found it (then the session has nothing more).
+        let mut delivered_end = None;
         loop {
             // Take what is readable (up to a batch) under one lock, then write it with
             // vectored writes.
-            let next = self.with_session(|s| {
-                while chunks.len() < MAX_WRITE_CHUNKS {
-                    match s.recv(stream) {
-                        Ok(Recv::Data(d)) => chunks.push(d),
-                        Ok(Recv::Blocked) => return Drained::Empty,
-                        Ok(Recv::Fin) => return Drained::Fin,
-                        Err(_) => return Drained::Gone,
-                    }
-                }
-                Drained::More
-            });
+            let next = match delivered_end.take() {
+                Some(end) => end,
+                None => self.with_session(|s| drain(s, stream, &mut chunks)),
+            };
             if let (Some(t), false) = (&throttle, chunks.is_empty()) {
                 let n = chunks.iter().map(Bytes::len).sum();
                 if !pace(|| t.write_to_socket(n)).await {
                     self.reset_stream(stream, &sig, ResetCode::LimitReached);
-                    return (wr, PumpEnd::Reset);
+                    return (Some(wr), PumpEnd::Reset);
                 }
             }
             if !chunks.is_empty() {
                 if let Err(e) = write_all_chunks(&mut wr, &mut chunks).await {
                     tracing::debug!(stream, error = %e, "application socket write failed: stream reset");
                     self.reset_stream(stream, &sig, ResetCode::Cancelled);
-                    return (wr, PumpEnd::Reset);
+                    return (Some(wr), PumpEnd::Reset);
                 }
             }
             match next {
                 Drained::More => {}
-                Drained::Empty => sig.readable.notified().await,
+                Drained::Empty if throttle.is_some() => sig.readable.notified().await,
+                Drained::Empty => {
+                    lock(&sig.lent).wr = Some(wr);
+                    sig.readable.notified().await;
+                    let mut lent = lock(&sig.lent);
+                    let Some(back) = lent.wr.take() else {
+                        // Deliveries borrow the writer only under this lock, so this is a bug;
+                        // the stream cannot go on without its writer.
+                        drop(lent);
+                        tracing::error!(
+                            stream,
+                            "a stream's lent writer went missing: stream reset"
+                        );
+                        self.reset_stream(stream, &sig, ResetCode::Cancelled);
+                        return (None, PumpEnd::Reset);
+                    };
+                    wr = back;
+                    chunks.append(&mut lent.unwritten);
+                    delivered_end = lent.end.take();
+                }
                 Drained::Fin => {
                     let _ = wr.shutdown().await;
-                    return (wr, PumpEnd::Done);
+                    return (Some(wr), PumpEnd::Done);
                 }
                 Drained::Gone => {
                     tracing::debug!(
@@ -1094,7 +1179,7 @@ impl Tunnel {
                         "stream gone while receiving (reset or session closed)"
                     );
                     sig.mark_reset(); // the read pump may be waiting on the application
-                    return (wr, PumpEnd::Reset);
+                    return (Some(wr), PumpEnd::Reset);
                 }
             }
         }
@@ -1134,6 +1219,7 @@ async fn pace(mut ask: impl FnMut() -> Pace) -> bool {
 }
 
 /// What draining a stream's receive queue ended on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Drained {
     /// The batch is full; more may be queued.
     More,
@@ -1145,6 +1231,47 @@ enum Drained {
     Gone,
 }
 
+/// Moves what `stream` has readable in `session` onto `chunks`, up to
+/// [`MAX_WRITE_CHUNKS`].
+fn drain(session: &mut Session, stream: StreamId, chunks: &mut Vec<Bytes>) -> Drained {
+    while chunks.len() < MAX_WRITE_CHUNKS {
+        match session.recv(stream) {
+            Ok(Recv::Data(d)) => chunks.push(d),
+            Ok(Recv::Blocked) => return Drained::Empty,
+            Ok(Recv::Fin) => return Drained::Fin,
+            Err(_) => return Drained::Gone,
+        }
+    }
+    Drained::More
+}
+
+/// Writes what `socket` takes now of `chunks` without waiting, removing what it took. An
+/// error leaves the chunks for the pump, whose own write then reports it.
+fn write_now(socket: &TcpStream, chunks: &mut Vec<Bytes>) {
+    while !chunks.is_empty() {
+        let Ok(n) = socket.try_write_vectored(&io_slices(chunks)) else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        consume(chunks, n);
+    }
+}
+
+/// Removes the first `n` bytes of `chunks`.
+fn consume(chunks: &mut Vec<Bytes>, mut n: usize) {
+    let mut whole = 0;
+    while whole < chunks.len() && n >= chunks[whole].len() {
+        n -= chunks[whole].len();
+        whole += 1;
+    }
+    chunks.drain(..whole);
+    if n > 0 {
+        chunks[0] = chunks[0].slice(n..);
+    }
+}
+
 /// Most chunks gathered for one vectored write to an application socket.
 const MAX_WRITE_CHUNKS: usize = 32;
 
@@ -1153,26 +1280,19 @@ async fn write_all_chunks(
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
     chunks: &mut Vec<Bytes>,
 ) -> std::io::Result<()> {
-    let mut first = 0;
-    while first < chunks.len() {
-        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..]
-            .iter()
-            .map(|c| std::io::IoSlice::new(c))
-            .collect();
-        let mut n = wr.write_vectored(&slices).await?;
+    while !chunks.is_empty() {
+        let n = wr.write_vectored(&io_slices(chunks)).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        while first < chunks.len() && n >= chunks[first].len() {
-            n -= chunks[first].len();
-            first += 1;
-        }
-        if n > 0 {
-            chunks[first] = chunks[first].slice(n..);
-        }
+        consume(chunks, n);
     }
-    chunks.clear();
     Ok(())
+}
+
+/// `chunks` as one vectored write.
+fn io_slices(chunks: &[Bytes]) -> Vec<std::io::IoSlice<'_>> {
+    chunks.iter().map(|c| std::io::IoSlice::new(c)).collect()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -1394,6 +1514,190 @@ mod tests {
         .await;
         assert!(more.is_ok(), "no keepalive left after the writer was freed");
         assert!(!tunnel.is_closed());
+    }
+
+    /// A client and an exit tunnel joined by two in-memory legs, with one stream open
+    /// between an application socket and a target socket (loopback TCP). The sockets'
+    /// buffers are as small as the kernel allows when `small_buffers`.
+    struct StreamPair {
+        client: Arc<Tunnel>,
+        exit: Arc<Tunnel>,
+        client_stream: StreamId,
+        exit_stream: StreamId,
+        app: TcpStream,
+        target: TcpStream,
+    }
+
+    /// Two connected loopback sockets; the first one's receive buffer and the second's send
+    /// buffer are shrunk first when `small_buffers`.
+    async fn socket_pair(small_buffers: bool) -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if small_buffers {
+            socket.set_recv_buffer_size(4096).unwrap();
+        }
+        let (near, far) = tokio::join!(socket.connect(listener.local_addr().unwrap()), async {
+            listener.accept().await.unwrap().0
+        });
+        if small_buffers {
+            socket2::SockRef::from(&far)
+                .set_send_buffer_size(4096)
+                .unwrap();
+        }
+        (near.unwrap(), far)
+    }
+
+    async fn stream_pair(small_buffers: bool) -> StreamPair {
+        let (client, _client_control) = Tunnel::new(Side::Client, SessionConfig::default());
+        let (exit, mut control) = Tunnel::new(Side::Server, SessionConfig::default());
+        for role in [LegRole::Up, LegRole::Down] {
+            let (client_keys, exit_keys) = leg_keys();
+            let (a, b) = tokio::io::duplex(256 * 1024);
+            client
+                .attach_leg(role, Box::new(a), &client_keys, 0)
+                .unwrap();
+            exit.attach_leg(role, Box::new(b), &exit_keys, 0).unwrap();
+        }
+        let opener = client.clone();
+        let opening = tokio::spawn(async move {
+            let target = TargetAddr::Domain("example.test".into(), 80);
+            opener.open_stream(target, Duration::from_secs(20)).await
+        });
+        let exit_stream = match tokio::time::timeout(Duration::from_secs(20), control.recv()).await
+        {
+            Ok(Some(Control::StreamOpened { stream, .. })) => stream,
+            other => panic!("expected a stream to open, got {other:?}"),
+        };
+        exit.open_result(exit_stream, ConnectStatus::Succeeded)
+            .unwrap();
+        let (client_stream, status) = opening.await.unwrap().unwrap();
+        assert_eq!(status, ConnectStatus::Succeeded);
+        let (app, client_end) = socket_pair(small_buffers).await;
+        let (exit_end, target) = socket_pair(false).await;
+        tokio::spawn(
+            client
+                .clone()
+                .pump(client_stream, client_end, Bytes::new(), None),
+        );
+        tokio::spawn(exit.clone().pump(exit_stream, exit_end, Bytes::new(), None));
+        StreamPair {
+            client,
+            exit,
+            client_stream,
+            exit_stream,
+            app,
+            target,
+        }
+    }
+
+    /// Waits (bounded) until `stream`'s pump has lent its socket writer.
+    async fn until_lent(tunnel: &Tunnel, stream: StreamId) {
+        let lent = || {
+            let sig = lock(&tunnel.inner).signals.get(&stream).cloned();
+            sig.is_some_and(|s| lock(&s.lent).wr.is_some())
+        };
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !lent() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the pump never lent its writer");
+    }
+
+    fn count(c: &std::sync::atomic::AtomicU64) -> u64 {
+        c.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_streams_data_is_written_by_the_reader_and_its_fin_goes_to_the_pump() {
+        let mut p = stream_pair(false).await;
+        for round in 0..3u8 {
+            until_lent(&p.exit, p.exit_stream).await;
+            until_lent(&p.client, p.client_stream).await;
+            let (exit_before, client_before) = (
+                count(&p.exit.stats.delivered_by_reader),
+                count(&p.client.stats.delivered_by_reader),
+            );
+            p.app.write_all(&[round; 3]).await.unwrap();
+            let mut got = [0u8; 3];
+            p.target.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, [round; 3]);
+            p.target.write_all(&[round + 100]).await.unwrap();
+            p.app.read_exact(&mut got[..1]).await.unwrap();
+            assert_eq!(got[0], round + 100);
+            // Each way, the reader wrote the bytes itself, in one delivery.
+            assert_eq!(count(&p.exit.stats.delivered_by_reader), exit_before + 1);
+            assert_eq!(
+                count(&p.client.stats.delivered_by_reader),
+                client_before + 1
+            );
+        }
+        // The application finishes first; then the target's last bytes and FIN reach it as
+        // a clean end (the FIN, delivered last, also ends the stream in the session).
+        p.app.shutdown().await.unwrap();
+        let mut none = Vec::new();
+        p.target.read_to_end(&mut none).await.unwrap();
+        assert!(none.is_empty());
+        until_lent(&p.client, p.client_stream).await;
+        p.target.write_all(b"last").await.unwrap();
+        p.target.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        p.app
+            .read_to_end(&mut rest)
+            .await
+            .expect("a clean end, not a reset");
+        assert_eq!(rest, b"last");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_a_full_socket_cannot_take_is_left_to_the_pump_in_order() {
+        let mut p = stream_pair(true).await;
+        until_lent(&p.client, p.client_stream).await;
+        // The application reads nothing until the target has sent it all: the socket
+        // fills during a delivery, and the pump must write the rest, in order.
+        const LEN: usize = 3 << 20;
+        let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+        let expected = data.clone();
+        let mut target = p.target;
+        let sending = tokio::spawn(async move {
+            target.write_all(&data).await.unwrap();
+            target.shutdown().await.unwrap();
+            target
+        });
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while count(&p.client.stats.left_to_pump) == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("no delivery was left to the pump although the socket was full");
+        let mut got = Vec::with_capacity(LEN);
+        tokio::time::timeout(Duration::from_secs(60), p.app.read_to_end(&mut got))
+            .await
+            .expect("the stream stalled")
+            .expect("a clean end, not a reset");
+        assert!(
+            got == expected,
+            "bytes lost or out of order ({} of {LEN})",
+            got.len()
+        );
+        let _target = sending.await.unwrap();
+    }
+
+    #[test]
+    fn consumed_bytes_leave_whole_chunks_and_cut_the_next() {
+        let mut chunks: Vec<Bytes> = vec![
+            b"abc".to_vec().into(),
+            b"de".to_vec().into(),
+            b"f".to_vec().into(),
+        ];
+        consume(&mut chunks, 0);
+        assert_eq!(chunks.len(), 3);
+        consume(&mut chunks, 4);
+        assert_eq!(chunks, [Bytes::from_static(b"e"), Bytes::from_static(b"f")]);
+        consume(&mut chunks, 2);
+        assert!(chunks.is_empty());
     }
 
     #[tokio::test]
