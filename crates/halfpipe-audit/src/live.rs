@@ -11,10 +11,18 @@
 //! `halfpipe log tail` or `log verify` on a running server's log is just as safe.
 //!
 //! On a filesystem without `flock` both sides go on unlocked: records are never refused
-//! for it, and readers merely lose the promise above.
+//! for it, and readers merely lose the promise above. Nor does the writer wait long for a
+//! reader: one that holds the lock past [`WRITER_PATIENCE`] (a reader stopped inside its
+//! `fstat`) is not allowed to stall the log, so the writer appends without the lock.
 
-use std::fs::File;
+use std::fs::{File, TryLockError};
 use std::io;
+use std::time::{Duration, Instant};
+
+/// How long the writer waits for readers to let go of the lock before it appends without
+/// it. A reader holds the lock for one `fstat`, so this is only ever reached by a reader
+/// that was stopped (`SIGSTOP`, a debugger) while holding it.
+pub(crate) const WRITER_PATIENCE: Duration = Duration::from_secs(1);
 
 /// The log file's lock, held exclusively by the writer while it appends a batch; let go
 /// when dropped.
@@ -23,10 +31,20 @@ pub(crate) struct AppendLock<'a> {
 }
 
 impl<'a> AppendLock<'a> {
-    /// Waits for readers taking the length of the log `file`, then holds them off.
+    /// Waits (up to [`WRITER_PATIENCE`]) for readers taking the length of the log `file`,
+    /// then holds them off.
     pub(crate) fn take(file: &'a File) -> Self {
-        AppendLock {
-            locked: file.lock().is_ok().then_some(file),
+        let start = Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => return AppendLock { locked: Some(file) },
+                Err(TryLockError::WouldBlock) if start.elapsed() < WRITER_PATIENCE => {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(TryLockError::Error(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                // No flock here, or a reader that does not let go: append unlocked.
+                Err(_) => return AppendLock { locked: None },
+            }
         }
     }
 }
@@ -43,7 +61,12 @@ impl Drop for AppendLock<'_> {
 
 /// The length of the log `file` in whole batches: waits for a batch being appended.
 pub(crate) fn settled_len(file: &File) -> io::Result<u64> {
-    let locked = file.lock_shared().is_ok();
+    let locked = loop {
+        match file.lock_shared() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            result => break result.is_ok(),
+        }
+    };
     let len = file.metadata().map(|m| m.len());
     if locked {
         let _ = file.unlock();
@@ -64,7 +87,7 @@ mod tests {
     /// How many `flock` requests wait on the inode `ino` (Linux's `/proc/locks` marks a
     /// waiting request with `->`).
     fn waiters_for_a_lock_on(ino: u64) -> usize {
-        let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+        let locks = std::fs::read_to_string("/proc/locks").expect("read /proc/locks (Linux)");
         let needle = format!(":{ino} ");
         locks
             .lines()
@@ -127,6 +150,43 @@ mod tests {
         let report = verifier.join().unwrap();
         assert!(report.is_ok(), "{report}");
         tail_reader.join().unwrap();
+    }
+
+    #[test]
+    fn a_reader_that_does_not_let_go_delays_the_writer_only_its_patience() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("audit.log");
+        let head_path = dir.path().join("audit.head");
+        let key = AuditKey::generate();
+        let public = key.public_bytes();
+        let mut log = AuditLog::open(&log_path, &head_path, key, CheckpointPolicy::default())
+            .expect("open a new log");
+        // A reader stopped while it holds the lock.
+        let stuck = std::fs::File::open(&log_path).unwrap();
+        stuck.lock_shared().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let start = Instant::now();
+        std::thread::spawn(move || {
+            let _ = tx.send(log.append("tripwire", &[], 1).map(|_| log));
+        });
+        let log = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the writer stalled behind the reader")
+            .expect("the append goes on without the lock");
+        let waited = start.elapsed();
+        assert!(
+            waited >= super::WRITER_PATIENCE,
+            "it did not wait at all: {waited:?}"
+        );
+        stuck.unlock().unwrap();
+        drop(log);
+        let report = crate::verify(&log_path, Some(&head_path), Some(public));
+        assert!(report.is_ok(), "{report}");
+        assert_eq!(
+            crate::tail(&log_path, 1).unwrap()[0].kind,
+            "tripwire",
+            "the record is in the log"
+        );
     }
 
     #[test]

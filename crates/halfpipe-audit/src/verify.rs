@@ -459,8 +459,9 @@ impl fmt::Display for Report {
 /// With `head_file`, also checks the log against the checkpoint held there (tail truncation,
 /// rewrites after it). With `expected_key`, checkpoints must be signed by that key and the
 /// genesis record must name it; without, the key named by the genesis record is trusted.
-/// On a live log, a batch the writer is appending is waited for, then left out: the report
-/// covers the log as it was. Never panics, whatever the files hold.
+/// On a live log, a batch the writer is appending is waited for; batches appended after
+/// that are left out, so the report covers the log as it was when the length was taken.
+/// Never panics, whatever the files hold.
 pub fn verify(log_path: &Path, head_file: Option<&Path>, expected_key: Option<[u8; 32]>) -> Report {
     // The head file first: the writer replaces it only after the log holds the checkpoint,
     // so the log read next is never behind it.

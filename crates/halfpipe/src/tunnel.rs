@@ -279,12 +279,12 @@ pub struct Stats {
     pub bytes_sent: std::sync::atomic::AtomicU64,
     /// Record bytes read from receive legs.
     pub bytes_received: std::sync::atomic::AtomicU64,
-    /// Stream data the receive leg's reader wrote to a waiting stream's socket itself, all of
-    /// it (see [`Lent`]), counted per delivery.
+    /// Deliveries of stream data that the receive leg's reader wrote to a waiting stream's
+    /// socket itself, all of it (see [`Lent`]).
     pub delivered_by_reader: std::sync::atomic::AtomicU64,
-    /// Deliveries the reader began and left to the stream's pump: the socket was full, or
-    /// the stream ended.
-    pub left_to_pump: std::sync::atomic::AtomicU64,
+    /// Deliveries the reader left partly unwritten, for the stream's pump, because the
+    /// application's socket was full.
+    pub left_unwritten: std::sync::atomic::AtomicU64,
 }
 
 /// Why a freshly handshaken leg could not join the session. The session is closed with a
@@ -484,21 +484,23 @@ impl Tunnel {
             return false; // already handed to the pump
         }
         let drained = self.with_session(|s| drain(s, stream, &mut lent.unwritten));
+        let data = !lent.unwritten.is_empty();
         write_now(wr.as_ref(), &mut lent.unwritten);
-        let whole = match drained {
+        let count = match lent.unwritten.is_empty() {
+            true => &self.stats.delivered_by_reader,
+            false => &self.stats.left_unwritten,
+        };
+        if data {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        match drained {
             Drained::Empty => lent.unwritten.is_empty(),
             Drained::More => false,
             end @ (Drained::Fin | Drained::Gone) => {
                 lent.end = Some(end);
                 false
             }
-        };
-        let count = match whole {
-            true => &self.stats.delivered_by_reader,
-            false => &self.stats.left_to_pump,
-        };
-        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        whole
+        }
     }
 
     fn send_control(&self, c: Control) {
@@ -1609,6 +1611,21 @@ mod tests {
         c.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Waits (bounded) until the counter `c` reaches `n`.
+    async fn until_counted(c: &std::sync::atomic::AtomicU64, n: u64) {
+        let reached = tokio::time::timeout(Duration::from_secs(20), async {
+            while count(c) < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(
+            reached.is_ok(),
+            "the count stayed at {} (wanted {n})",
+            count(c)
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_waiting_streams_data_is_written_by_the_reader_and_its_fin_goes_to_the_pump() {
         let mut p = stream_pair(false).await;
@@ -1626,7 +1643,10 @@ mod tests {
             p.target.write_all(&[round + 100]).await.unwrap();
             p.app.read_exact(&mut got[..1]).await.unwrap();
             assert_eq!(got[0], round + 100);
-            // Each way, the reader wrote the bytes itself, in one delivery.
+            // Each way, the reader wrote the bytes itself, in one delivery (counted just after
+            // the write, so perhaps after the bytes arrived).
+            until_counted(&p.exit.stats.delivered_by_reader, exit_before + 1).await;
+            until_counted(&p.client.stats.delivered_by_reader, client_before + 1).await;
             assert_eq!(count(&p.exit.stats.delivered_by_reader), exit_before + 1);
             assert_eq!(
                 count(&p.client.stats.delivered_by_reader),
@@ -1665,13 +1685,7 @@ mod tests {
             target.shutdown().await.unwrap();
             target
         });
-        tokio::time::timeout(Duration::from_secs(20), async {
-            while count(&p.client.stats.left_to_pump) == 0 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .expect("no delivery was left to the pump although the socket was full");
+        until_counted(&p.client.stats.left_unwritten, 1).await;
         let mut got = Vec::with_capacity(LEN);
         tokio::time::timeout(Duration::from_secs(60), p.app.read_to_end(&mut got))
             .await
