@@ -409,6 +409,13 @@ impl Session {
         self.data_received - self.data_consumed
     }
 
+    /// Bytes buffered for the application on `stream` (0 for a stream that is gone).
+    pub fn buffered_on(&self, stream: StreamId) -> u64 {
+        self.streams
+            .get(&stream)
+            .map_or(0, |s| s.received - s.consumed)
+    }
+
     /// Whether a send leg is attached.
     pub fn send_leg_attached(&self) -> bool {
         self.send_attached

@@ -348,6 +348,10 @@ fn window_exhaustion_bounds_buffers_and_writable_follows_reading() {
         "{}",
         sim.server.buffered()
     );
+    // All of it on the one stream, none on another.
+    assert_eq!(sim.server.buffered_on(id), sim.server.buffered());
+    assert!(sim.server.buffered_on(id) > 0);
+    assert_eq!(sim.server.buffered_on(id + 4), 0);
     assert!(pending.len() >= 5_000_000 - 300_000);
     assert!(sim.client.unacked().1 == 0, "everything sent was acked");
     // Reading frees credit, and the blocked writer is woken.

@@ -16,6 +16,9 @@ use tokio::sync::Notify;
 use super::Tunnel;
 use crate::locks::lock;
 
+/// Most bytes the receive leg's reader writes to a waiting stream's socket itself (see
+/// [`Lent`]); more is bulk, which the pump writes.
+const DELIVERY_MAX: u64 = 8 * 1024;
 /// Most bytes read from an application socket at once.
 const APP_READ: usize = 128 * 1024;
 /// What a stream's read buffer starts at: an idle or interactive stream never needs more,
@@ -68,7 +71,8 @@ pub(super) struct StreamSignals {
 /// A stream's application-socket writer, lent by its pump while the pump waits for data,
 /// so that whoever makes the stream readable (the receive leg's reader) writes the bytes
 /// itself, as a one-task relay would, instead of waking the pump: one task hand-off fewer
-/// per record. Whatever that delivery
+/// per record. Only small deliveries are made so (up to [`DELIVERY_MAX`]): bulk data is the
+/// pump's, which waits properly for a full socket. Whatever that delivery
 /// cannot finish at once it leaves here, and wakes the pump, which takes the writer back
 /// and goes on from there.
 #[derive(Default)]
@@ -154,8 +158,8 @@ fn read_allowance(want: usize, held: usize) -> usize {
 impl Tunnel {
     /// Writes `stream`'s readable data straight to its application socket if its pump has
     /// lent the writer (see [`Lent`]). True when all of it was written and the pump may go on
-    /// waiting; false when the pump must be woken (no writer lent, the socket full, the
-    /// stream's end, or more than a batch).
+    /// waiting; false when the pump must be woken (no writer lent, more than
+    /// [`DELIVERY_MAX`], the socket full, or the stream's end).
     pub(super) fn deliver(&self, stream: StreamId, sig: &StreamSignals) -> bool {
         // Busy means the pump is taking the writer back, or this is a delivery's own event.
         let Ok(mut lent) = sig.lent.try_lock() else {
@@ -168,7 +172,12 @@ impl Tunnel {
         if lent.end.is_some() || !lent.unwritten.is_empty() {
             return false; // already handed to the pump
         }
-        let drained = self.with_session(|s| drain(s, stream, &mut lent.unwritten));
+        let drained = self.with_session(|s| {
+            (s.buffered_on(stream) <= DELIVERY_MAX).then(|| drain(s, stream, &mut lent.unwritten))
+        });
+        let Some(drained) = drained else {
+            return false; // bulk: the pump writes it, with a proper wait for a full socket
+        };
         let data = !lent.unwritten.is_empty();
         write_now(wr.as_ref(), &mut lent.unwritten);
         let count = match lent.unwritten.is_empty() {
@@ -709,30 +718,52 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn what_a_full_socket_cannot_take_is_left_to_the_pump_in_order() {
         let mut p = stream_pair(true).await;
-        until_lent(&p.client, p.client_stream).await;
-        // The application reads nothing until the target has sent it all: the socket
-        // fills during a delivery, and the pump must write the rest, in order.
-        const LEN: usize = 3 << 20;
-        let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
-        let expected = data.clone();
-        let mut target = p.target;
-        let sending = tokio::spawn(async move {
-            target.write_all(&data).await.unwrap();
-            target.shutdown().await.unwrap();
-            target
-        });
-        until_counted(&p.client.stats.left_unwritten, 1).await;
-        let mut got = Vec::with_capacity(LEN);
+        // The application reads nothing. The target sends small pieces, each once the last
+        // one was delivered, so the reader writes every piece itself, until the socket is
+        // full in the middle of one; the pump must then write the rest of it first.
+        const PIECE: usize = 4096;
+        let mut sent: Vec<u8> = Vec::new();
+        let stats = &p.client.stats;
+        let mut filled = false;
+        for i in 0..4096 {
+            until_lent(&p.client, p.client_stream).await;
+            let whole = count(&stats.delivered_by_reader);
+            let piece: Vec<u8> = (0..PIECE).map(|j| ((i * PIECE + j) % 251) as u8).collect();
+            p.target.write_all(&piece).await.unwrap();
+            sent.extend_from_slice(&piece);
+            let delivered = tokio::time::timeout(Duration::from_secs(20), async {
+                loop {
+                    if count(&stats.left_unwritten) > 0 {
+                        return true;
+                    }
+                    if count(&stats.delivered_by_reader) > whole {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await;
+            if delivered.expect("a piece was neither delivered nor left to the pump") {
+                filled = true;
+                break;
+            }
+        }
+        assert!(filled, "16 MiB went into a socket with a 4 KiB buffer");
+        // More behind it, then the end; the application reads it all, in order.
+        sent.extend_from_slice(&[7; 100_000]);
+        p.target.write_all(&[7; 100_000]).await.unwrap();
+        p.target.shutdown().await.unwrap();
+        let mut got = Vec::with_capacity(sent.len());
         tokio::time::timeout(Duration::from_secs(60), p.app.read_to_end(&mut got))
             .await
             .expect("the stream stalled")
             .expect("a clean end, not a reset");
         assert!(
-            got == expected,
-            "bytes lost or out of order ({} of {LEN})",
-            got.len()
+            got == sent,
+            "bytes lost or out of order ({} of {})",
+            got.len(),
+            sent.len()
         );
-        let _target = sending.await.unwrap();
     }
 
     #[test]
