@@ -156,3 +156,30 @@ pub use record::{
 pub use tail::tail;
 pub use verify::{verify, verify_bytes, Finding, Notice, Report};
 pub use writer::{AuditHandle, AuditWriter, FailureHook};
+
+#[cfg(test)]
+mod testing {
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use crate::{AuditKey, AuditLog, CheckpointPolicy};
+
+    /// A new log `audit.log` (head file `audit.head`) in `dir`, signed by a fresh key, with
+    /// a checkpoint every `every_records` records (0: none by count) and hourly; returns it,
+    /// its two paths and the public key.
+    pub(crate) fn open_log(
+        dir: &Path,
+        every_records: u64,
+    ) -> (AuditLog, PathBuf, PathBuf, [u8; 32]) {
+        let log_path = dir.join("audit.log");
+        let head_path = dir.join("audit.head");
+        let key = AuditKey::generate();
+        let public = key.public_bytes();
+        let policy = CheckpointPolicy {
+            every_records,
+            every: Duration::from_secs(3600),
+        };
+        let log = AuditLog::open(&log_path, &head_path, key, policy).expect("open a new log");
+        (log, log_path, head_path, public)
+    }
+}

@@ -82,7 +82,7 @@ mod tests {
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
-    use crate::{AuditKey, AuditLog, CheckpointPolicy};
+    use crate::testing::open_log;
 
     /// How many `flock` requests wait on the inode `ino` (Linux's `/proc/locks` marks a
     /// waiting request with `->`).
@@ -98,12 +98,7 @@ mod tests {
     #[test]
     fn readers_of_a_live_log_wait_for_the_batch_being_written() {
         let dir = tempfile::tempdir().unwrap();
-        let log_path = dir.path().join("audit.log");
-        let head_path = dir.path().join("audit.head");
-        let key = AuditKey::generate();
-        let public = key.public_bytes();
-        let mut log = AuditLog::open(&log_path, &head_path, key, CheckpointPolicy::default())
-            .expect("open a new log");
+        let (mut log, log_path, head_path, public) = open_log(dir.path(), 0);
         log.append("tripwire", &[], 1).unwrap();
         // Stand in for the writer halfway through a batch: the lock held, half a line out.
         let writer = OpenOptions::new().append(true).open(&log_path).unwrap();
@@ -155,12 +150,7 @@ mod tests {
     #[test]
     fn a_reader_that_does_not_let_go_delays_the_writer_only_its_patience() {
         let dir = tempfile::tempdir().unwrap();
-        let log_path = dir.path().join("audit.log");
-        let head_path = dir.path().join("audit.head");
-        let key = AuditKey::generate();
-        let public = key.public_bytes();
-        let mut log = AuditLog::open(&log_path, &head_path, key, CheckpointPolicy::default())
-            .expect("open a new log");
+        let (mut log, log_path, head_path, public) = open_log(dir.path(), 0);
         // A reader stopped while it holds the lock.
         let stuck = std::fs::File::open(&log_path).unwrap();
         stuck.lock_shared().unwrap();
@@ -192,15 +182,7 @@ mod tests {
     #[test]
     fn the_writer_holds_the_lock_while_it_appends() {
         let dir = tempfile::tempdir().unwrap();
-        let log_path = dir.path().join("audit.log");
-        let head_path = dir.path().join("audit.head");
-        let mut log = AuditLog::open(
-            &log_path,
-            &head_path,
-            AuditKey::generate(),
-            CheckpointPolicy::default(),
-        )
-        .unwrap();
+        let (mut log, log_path, _, _) = open_log(dir.path(), 0);
         let gate = std::sync::Arc::new(crate::log::hooks::Gate::default());
         log.hooks.gate = Some(std::sync::Arc::clone(&gate));
         let writing = std::thread::spawn(move || log.append("tripwire", &[], 1).map(|_| log));

@@ -273,32 +273,14 @@ impl AuditHandle {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
 
     use super::*;
     use crate::log::hooks::Gate;
+    use crate::testing::open_log;
     use crate::{verify, AuditKey, CheckpointPolicy};
-
-    fn open(dir: &std::path::Path, every_records: u64) -> (AuditLog, PathBuf, PathBuf, [u8; 32]) {
-        let log_path = dir.join("audit.log");
-        let head_path = dir.join("audit.head");
-        let key = AuditKey::generate();
-        let public = key.public_bytes();
-        let log = AuditLog::open(
-            &log_path,
-            &head_path,
-            key,
-            CheckpointPolicy {
-                every_records,
-                every: Duration::from_secs(3600),
-            },
-        )
-        .unwrap();
-        (log, log_path, head_path, public)
-    }
 
     fn user(name: &str) -> Vec<(String, String)> {
         vec![("user".to_owned(), name.to_owned())]
@@ -307,7 +289,7 @@ mod tests {
     #[test]
     fn full_queue_is_an_error_and_blocked_records_land_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, log_path, head_path, public) = open(dir.path(), 0);
+        let (mut log, log_path, head_path, public) = open_log(dir.path(), 0);
         let gate = Arc::new(Gate::default());
         log.hooks.gate = Some(Arc::clone(&gate));
         let syncs = Arc::clone(&log.hooks.syncs);
@@ -337,7 +319,7 @@ mod tests {
     #[test]
     fn failed_write_calls_the_hook_once_and_later_records_fail() {
         let dir = tempfile::tempdir().unwrap();
-        let (log, log_path, head_path, public) = open(dir.path(), 0);
+        let (log, log_path, head_path, public) = open_log(dir.path(), 0);
         let fail = Arc::clone(&log.hooks.fail_writes);
         let calls = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel();

@@ -252,6 +252,11 @@ impl Stream {
     fn is_done(&self) -> bool {
         self.fin_sent && self.fin_delivered
     }
+
+    /// Bytes received and not yet taken by the application.
+    fn unread(&self) -> u64 {
+        self.received - self.consumed
+    }
 }
 
 /// Per-direction retransmit buffer: frames from `base_seq` on, not yet acknowledged.
@@ -411,9 +416,7 @@ impl Session {
 
     /// Bytes buffered for the application on `stream` (0 for a stream that is gone).
     pub fn buffered_on(&self, stream: StreamId) -> u64 {
-        self.streams
-            .get(&stream)
-            .map_or(0, |s| s.received - s.consumed)
+        self.streams.get(&stream).map_or(0, Stream::unread)
     }
 
     /// Whether a send leg is attached.
@@ -1060,7 +1063,7 @@ impl Session {
     /// Removes a stream, returning its unread bytes to the session credit.
     fn drop_stream(&mut self, stream: StreamId) {
         if let Some(s) = self.streams.remove(&stream) {
-            let unread = s.received - s.consumed;
+            let unread = s.unread();
             self.data_consumed += unread;
             self.update_session_credit();
         }

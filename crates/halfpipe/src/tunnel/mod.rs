@@ -154,7 +154,7 @@ pub struct Stats {
     /// Record bytes read from receive legs.
     pub bytes_received: std::sync::atomic::AtomicU64,
     /// Deliveries of stream data that the receive leg's reader wrote to a waiting stream's
-    /// socket itself, all of it (see [`Lent`]).
+    /// socket itself, all of it (see `stream::Lent`).
     pub delivered_by_reader: std::sync::atomic::AtomicU64,
     /// Deliveries the reader left partly unwritten, for the stream's pump, because the
     /// application's socket was full.
@@ -688,6 +688,8 @@ impl Tunnel {
         // A receive leg carries data one way only, so its ACKs ride on nothing: keep the
         // kernel sending them late and few (see `DelayedAcks`).
         let mut delayed_acks = crate::transport::tcp::DelayedAcks::default();
+        // When the bytes being opened arrived: one clock read per read serves both.
+        let mut read_at = Instant::now();
         loop {
             loop {
                 match opener.open_next(&mut buf) {
@@ -706,9 +708,8 @@ impl Tunnel {
                     if g.recv_generation != generation {
                         return Ok(false); // replaced by a newer leg
                     }
-                    let now = Instant::now();
                     for r in records.drain(..) {
-                        g.session.handle_record(now, r)?;
+                        g.session.handle_record(read_at, r)?;
                     }
                     Ok::<bool, SessionError>(true)
                 });
@@ -730,7 +731,8 @@ impl Tunnel {
                     return;
                 }
                 Ok(n) => {
-                    delayed_acks.after_read(Instant::now(), || rd.tcp());
+                    read_at = Instant::now();
+                    delayed_acks.after_read(read_at, || rd.tcp());
                     self.stats
                         .bytes_received
                         .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
@@ -744,8 +746,10 @@ impl Tunnel {
     }
 
     async fn run_timer(self: Arc<Self>) {
-        // A deadline the timeout does not move (a keepalive that cannot leave yet) must not
-        // make this loop spin: it waits at least TIMER_MIN_INTERVAL between firings.
+        // A deadline that handling the timeout does not move must not make this loop spin:
+        // it waits at least TIMER_MIN_INTERVAL between firings. (The session moves every
+        // deadline it reports, an overdue keepalive included; this is the guard against a
+        // session that would not.)
         let mut not_before = Instant::now();
         loop {
             let deadline = {
@@ -975,7 +979,8 @@ mod tests {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Now the peer reads. The writer's backlog leaves, and then keepalives must go on
-        // leaving every 20 ms: the timer has to learn that the keepalive counts again.
+        // leaving every 20 ms: the keepalive asked for while the writer was blocked must
+        // not have put the next one off for good.
         let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = received.clone();
         tokio::spawn(async move {

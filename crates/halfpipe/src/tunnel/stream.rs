@@ -637,19 +637,28 @@ mod tests {
         }
     }
 
-    /// Waits (bounded) until `stream`'s pump has lent its socket writer.
-    async fn until_lent(tunnel: &Tunnel, stream: StreamId) {
-        let lent = || {
-            let sig = lock(&tunnel.inner).signals.get(&stream).cloned();
-            sig.is_some_and(|s| lock(&s.lent).wr.is_some())
-        };
-        tokio::time::timeout(Duration::from_secs(20), async {
-            while !lent() {
+    /// Waits (20 s at most, else fails saying `what` never happened) until `done`.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(20), async {
+            while !done() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         })
-        .await
-        .expect("the pump never lent its writer");
+        .await;
+        assert!(waited.is_ok(), "{what} never happened");
+    }
+
+    /// `stream`'s signals in `tunnel`, while its pumps run.
+    fn signals(tunnel: &Tunnel, stream: StreamId) -> Option<Arc<StreamSignals>> {
+        lock(&tunnel.inner).signals.get(&stream).cloned()
+    }
+
+    /// Waits (bounded) until `stream`'s pump has lent its socket writer.
+    async fn until_lent(tunnel: &Tunnel, stream: StreamId) {
+        until("the pump lending its writer", || {
+            signals(tunnel, stream).is_some_and(|s| lock(&s.lent).wr.is_some())
+        })
+        .await;
     }
 
     fn count(c: &std::sync::atomic::AtomicU64) -> u64 {
@@ -658,17 +667,7 @@ mod tests {
 
     /// Waits (bounded) until the counter `c` reaches `n`.
     async fn until_counted(c: &std::sync::atomic::AtomicU64, n: u64) {
-        let reached = tokio::time::timeout(Duration::from_secs(20), async {
-            while count(c) < n {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await;
-        assert!(
-            reached.is_ok(),
-            "the count stayed at {} (wanted {n})",
-            count(c)
-        );
+        until(&format!("a count of {n}"), || count(c) >= n).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -731,19 +730,11 @@ mod tests {
             let piece: Vec<u8> = (0..PIECE).map(|j| ((i * PIECE + j) % 251) as u8).collect();
             p.target.write_all(&piece).await.unwrap();
             sent.extend_from_slice(&piece);
-            let delivered = tokio::time::timeout(Duration::from_secs(20), async {
-                loop {
-                    if count(&stats.left_unwritten) > 0 {
-                        return true;
-                    }
-                    if count(&stats.delivered_by_reader) > whole {
-                        return false;
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
+            until("the piece delivered, or left to the pump", || {
+                count(&stats.left_unwritten) > 0 || count(&stats.delivered_by_reader) > whole
             })
             .await;
-            if delivered.expect("a piece was neither delivered nor left to the pump") {
+            if count(&stats.left_unwritten) > 0 {
                 filled = true;
                 break;
             }
@@ -764,6 +755,31 @@ mod tests {
             got.len(),
             sent.len()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lent_writer_gone_missing_resets_the_stream_and_the_rest_goes_on() {
+        let mut p = stream_pair(false).await;
+        until_lent(&p.client, p.client_stream).await;
+        // What no code path does: the writer vanishes from the slot while lent.
+        let sig = signals(&p.client, p.client_stream).expect("the stream's signals");
+        drop(lock(&sig.lent).wr.take());
+        p.target.write_all(b"x").await.unwrap();
+        // The pump notices when it wakes: the stream is reset, not a panic or a hang.
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(20), p.app.read(&mut buf))
+            .await
+            .expect("the application was left hanging");
+        assert!(
+            !matches!(read, Ok(n) if n > 0),
+            "the application got data through a missing writer: {read:?}"
+        );
+        until("the stream's pumps ending", || {
+            signals(&p.client, p.client_stream).is_none()
+        })
+        .await;
+        // The session itself goes on.
+        assert!(!p.client.is_closed() && !p.exit.is_closed());
     }
 
     #[test]
