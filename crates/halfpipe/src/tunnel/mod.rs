@@ -29,6 +29,7 @@ use halfpipe_core::handshake::{LegKeys, LegRole};
 use halfpipe_core::record::{RecordError, RecordOpener, RecordSealer};
 use halfpipe_core::session::{CloseReason, Event, Session, SessionConfig, SessionError, Side};
 use halfpipe_core::{ConnectStatus, TargetAddr};
+use smallvec::SmallVec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -278,7 +279,8 @@ impl Tunnel {
             let mut g = lock(&self.inner);
             let r = f(&mut g);
             let timer_early = g.timer_is_late();
-            let mut events = Vec::new();
+            // Usually none or one (a stream's data): kept on the stack.
+            let mut events: SmallVec<[_; 4]> = SmallVec::new();
             while let Some(e) = g.session.poll_event() {
                 let sig = match &e {
                     Event::Readable(id)

@@ -433,7 +433,7 @@ fn drain(session: &mut Session, stream: StreamId, chunks: &mut Vec<Bytes>) -> Dr
 /// error leaves the chunks for the pump, whose own write then reports it.
 fn write_now(socket: &TcpStream, chunks: &mut Vec<Bytes>) {
     while !chunks.is_empty() {
-        let Ok(n) = socket.try_write_vectored(&io_slices(chunks)) else {
+        let Ok(n) = socket.try_write_vectored(IoSlices::of(chunks).get()) else {
             return;
         };
         if n == 0 {
@@ -465,7 +465,7 @@ async fn write_all_chunks(
     chunks: &mut Vec<Bytes>,
 ) -> std::io::Result<()> {
     while !chunks.is_empty() {
-        let n = wr.write_vectored(&io_slices(chunks)).await?;
+        let n = wr.write_vectored(IoSlices::of(chunks).get()).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -474,9 +474,26 @@ async fn write_all_chunks(
     Ok(())
 }
 
-/// `chunks` as one vectored write.
-fn io_slices(chunks: &[Bytes]) -> Vec<std::io::IoSlice<'_>> {
-    chunks.iter().map(|c| std::io::IoSlice::new(c)).collect()
+/// The first [`MAX_WRITE_CHUNKS`] of `chunks` as one vectored write, kept on the stack (a
+/// round trip writes one small chunk at each end; an allocation per write was measurable).
+struct IoSlices<'a> {
+    slices: [std::io::IoSlice<'a>; MAX_WRITE_CHUNKS],
+    len: usize,
+}
+
+impl<'a> IoSlices<'a> {
+    fn of(chunks: &'a [Bytes]) -> Self {
+        let mut slices = [std::io::IoSlice::new(&[]); MAX_WRITE_CHUNKS];
+        let len = chunks.len().min(MAX_WRITE_CHUNKS);
+        for (slot, chunk) in slices.iter_mut().zip(chunks) {
+            *slot = std::io::IoSlice::new(chunk);
+        }
+        Self { slices, len }
+    }
+
+    fn get(&self) -> &[std::io::IoSlice<'a>] {
+        &self.slices[..self.len]
+    }
 }
 
 #[cfg(test)]
