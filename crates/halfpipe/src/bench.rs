@@ -74,7 +74,15 @@ impl System {
 
     /// Total CPU seconds (user + system) used so far by the system's processes.
     pub fn cpu_seconds(&self) -> f64 {
-        self.children.iter().map(|c| proc_cpu_seconds(c.id())).sum()
+        self.cpu().total()
+    }
+
+    /// CPU time used so far by the system's processes, user and kernel apart.
+    pub fn cpu(&self) -> CpuTime {
+        self.children
+            .iter()
+            .map(|c| proc_cpu(c.id()))
+            .fold(CpuTime::default(), |a, b| a + b)
     }
 
     /// Peak resident memory of each process, in bytes.
@@ -86,18 +94,66 @@ impl System {
     }
 }
 
+/// CPU seconds a process used, in user space and in the kernel on its behalf.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CpuTime {
+    /// Seconds in user space.
+    pub user: f64,
+    /// Seconds in the kernel (system calls, and the network stack's work they carry).
+    pub system: f64,
+}
+
+impl CpuTime {
+    /// User and kernel together.
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Add for CpuTime {
+    type Output = Self;
+    fn add(self, o: Self) -> Self {
+        Self {
+            user: self.user + o.user,
+            system: self.system + o.system,
+        }
+    }
+}
+
+impl std::ops::Sub for CpuTime {
+    type Output = Self;
+    fn sub(self, o: Self) -> Self {
+        Self {
+            user: self.user - o.user,
+            system: self.system - o.system,
+        }
+    }
+}
+
 fn proc_cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
+    proc_cpu(pid).total()
+}
+
+fn proc_cpu(pid: u32) -> CpuTime {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| parse_proc_cpu(&stat))
+        .unwrap_or_default()
+}
+
+/// The user and system time in a `/proc/PID/stat` line (zero where it cannot be read).
+fn parse_proc_cpu(stat: &str) -> CpuTime {
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let Some(rest) = stat.rsplit_once(')').map(|x| x.1) else {
-        return 0.0;
+        return CpuTime::default();
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let seconds =
+        |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / clock_ticks();
     // rest starts at field 3 (state), so utime (14) is index 11 and stime (15) index 12.
-    (ticks(11) + ticks(12)) / clock_ticks()
+    CpuTime {
+        user: seconds(11),
+        system: seconds(12),
+    }
 }
 
 fn clock_ticks() -> f64 {
@@ -320,7 +376,7 @@ pub struct Latency {
     /// direct connection, which has none. `/proc` counts in 10 ms ticks, so this means
     /// something only over thousands of exchanges (the full plan's 5000, not the quick
     /// plan's 500).
-    pub cpu_seconds: f64,
+    pub cpu: CpuTime,
     /// TCP segments sent on the whole machine over the exchanges (`/proc/net/snmp`
     /// OutSegs, loopback counts both ways); `None` where the counter cannot be read.
     pub segments: Option<u64>,
@@ -331,29 +387,42 @@ impl Latency {
     fn new() -> Self {
         Self {
             rtts: Vec::new(),
-            cpu_seconds: 0.0,
+            cpu: CpuTime::default(),
             segments: Some(0),
         }
     }
 
-    /// Adds what one block cost: `cpu` seconds, and the OutSegs counter before and after
+    /// Adds what one block cost: `cpu` time, and the OutSegs counter before and after
     /// it (a counter that went backwards adds 0; one that could not be read loses the
     /// count for good).
-    fn add_cost(&mut self, cpu: f64, (before, after): (Option<u64>, Option<u64>)) {
-        self.cpu_seconds += cpu;
+    fn add_cost(&mut self, cpu: CpuTime, (before, after): (Option<u64>, Option<u64>)) {
+        self.cpu = self.cpu + cpu;
         self.segments = match (self.segments, before, after) {
             (Some(sum), Some(a), Some(b)) => Some(sum + b.saturating_sub(a)),
             _ => None,
         };
     }
 
-    /// CPU µs of both ends and TCP segments per exchange (NaN segments where the counter
-    /// could not be read).
-    pub fn per_exchange(&self) -> (f64, f64) {
+    /// What one exchange cost (NaN segments where the counter could not be read).
+    pub fn per_exchange(&self) -> ExchangeCost {
         let n = self.rtts.len().max(1) as f64;
-        let segments = self.segments.map_or(f64::NAN, |s| s as f64 / n);
-        (self.cpu_seconds * 1e6 / n, segments)
+        ExchangeCost {
+            cpu_us: self.cpu.total() * 1e6 / n,
+            user_us: self.cpu.user * 1e6 / n,
+            segments: self.segments.map_or(f64::NAN, |s| s as f64 / n),
+        }
     }
+}
+
+/// What one request/response exchange cost.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ExchangeCost {
+    /// CPU µs of both ends, user and kernel.
+    pub cpu_us: f64,
+    /// The part of `cpu_us` spent in user space.
+    pub user_us: f64,
+    /// TCP segments sent on the whole machine.
+    pub segments: f64,
 }
 
 /// Exchanges (warm-up) at the start of every block of [`round_trips`], not timed: the first
@@ -406,13 +475,13 @@ impl EchoLink {
         for _ in 0..BLOCK_WARM_UP {
             self.exchange().await?;
         }
-        let (cpu0, seg0) = (sys.cpu_seconds(), tcp_out_segments());
+        let (cpu0, seg0) = (sys.cpu(), tcp_out_segments());
         for _ in 0..count {
             let t = Instant::now();
             self.exchange().await?;
             into.rtts.push(t.elapsed().as_secs_f64() * 1e6);
         }
-        let (cpu1, seg1) = (sys.cpu_seconds(), tcp_out_segments());
+        let (cpu1, seg1) = (sys.cpu(), tcp_out_segments());
         into.add_cost(cpu1 - cpu0, (seg0, seg1));
         Ok(())
     }
@@ -549,6 +618,8 @@ pub struct Round {
     pub rtt1k: (f64, f64),
     /// CPU µs of both ends per 1-byte round trip.
     pub rtt1_cpu_us: f64,
+    /// The user-space part of [`Round::rtt1_cpu_us`].
+    pub rtt1_user_us: f64,
     /// TCP segments sent (machine-wide) per 1-byte round trip.
     pub rtt1_segments: f64,
     /// New connections per second.
@@ -734,12 +805,13 @@ pub async fn round(sys: &System, target: SocketAddr, plan: &Plan) -> Result<Roun
 impl Round {
     /// This round with its round-trip figures, from [`round_trips`].
     pub fn with_round_trips(self, (mut one, mut kib): (Latency, Latency)) -> Self {
-        let (rtt1_cpu_us, rtt1_segments) = one.per_exchange();
+        let cost = one.per_exchange();
         Self {
             rtt1: (quantile(&mut one.rtts, 0.5), quantile(&mut one.rtts, 0.99)),
             rtt1k: (quantile(&mut kib.rtts, 0.5), quantile(&mut kib.rtts, 0.99)),
-            rtt1_cpu_us,
-            rtt1_segments,
+            rtt1_cpu_us: cost.cpu_us,
+            rtt1_user_us: cost.user_us,
+            rtt1_segments: cost.segments,
             ..self
         }
     }
@@ -779,6 +851,7 @@ pub fn summarize(name: &str, rounds: &[Round], peak_rss: Vec<u64>) -> Summary {
             rtt1: (m(|r| r.rtt1.0), m(|r| r.rtt1.1)),
             rtt1k: (m(|r| r.rtt1k.0), m(|r| r.rtt1k.1)),
             rtt1_cpu_us: m(|r| r.rtt1_cpu_us),
+            rtt1_user_us: m(|r| r.rtt1_user_us),
             rtt1_segments: m(|r| r.rtt1_segments),
             cps: m(|r| r.cps),
             cpu_per_gb: m(|r| r.cpu_per_gb),
@@ -792,7 +865,7 @@ pub fn summarize(name: &str, rounds: &[Round], peak_rss: Vec<u64>) -> Summary {
 pub fn render(summaries: &[Summary]) -> String {
     let gbs = |v: f64| format!("{:.2}", v / 1e9);
     let mut out = String::from(
-        "| system | down 1 GB/s | up 1 GB/s | down 8 GB/s | up 8 GB/s | down 64 GB/s | up 64 GB/s | RTT 1 B p50/p99 µs | RTT 1 KiB p50/p99 µs | 1 B round trip: CPU µs (both ends), TCP segments | conn/s | CPU-s/GB (both ends) | peak RSS MiB (client, server) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| system | down 1 GB/s | up 1 GB/s | down 8 GB/s | up 8 GB/s | down 64 GB/s | up 64 GB/s | RTT 1 B p50/p99 µs | RTT 1 KiB p50/p99 µs | 1 B round trip: CPU µs (both ends, user part), TCP segments | conn/s | CPU-s/GB (both ends) | peak RSS MiB (client, server) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for s in summaries {
         let m = &s.median;
@@ -800,7 +873,7 @@ pub fn render(summaries: &[Summary]) -> String {
         let (cpu, rt_cpu) = if s.has_ends() {
             (
                 format!("{:.2}", m.cpu_per_gb),
-                format!("{:.1}", m.rtt1_cpu_us),
+                format!("{:.1} ({:.1} user)", m.rtt1_cpu_us, m.rtt1_user_us),
             )
         } else {
             ("-".to_string(), "-".to_string())
@@ -837,9 +910,10 @@ pub fn ratios(a: &Summary, b: &Summary) -> String {
     let (x, y) = (&a.median, &b.median);
     let cpu = if a.has_ends() && b.has_ends() {
         format!(
-            ", CPU-s/GB {:.2}x, CPU per round trip {:.2}x",
+            ", CPU-s/GB {:.2}x, CPU per round trip {:.2}x (user {:.2}x)",
             x.cpu_per_gb / y.cpu_per_gb,
-            x.rtt1_cpu_us / y.rtt1_cpu_us
+            x.rtt1_cpu_us / y.rtt1_cpu_us,
+            x.rtt1_user_us / y.rtt1_user_us
         )
     } else {
         String::new()
@@ -895,21 +969,42 @@ mod tests {
             rtts: vec![100.0; n],
             ..Latency::new()
         };
+        let cpu = |user: f64, system: f64| CpuTime { user, system };
+        let cost = |cpu_us: f64, user_us: f64, segments: f64| ExchangeCost {
+            cpu_us,
+            user_us,
+            segments,
+        };
         let mut l = with_rtts(5000);
-        l.add_cost(0.3, (Some(1000), Some(31_000)));
-        l.add_cost(0.1, (Some(50_000), Some(60_000)));
-        assert_eq!(l.per_exchange(), (80.0, 8.0));
+        l.add_cost(cpu(0.05, 0.25), (Some(1000), Some(31_000)));
+        l.add_cost(cpu(0.05, 0.05), (Some(50_000), Some(60_000)));
+        assert_eq!(l.per_exchange(), cost(80.0, 20.0, 8.0));
         // A counter that went backwards adds nothing.
-        l.add_cost(0.0, (Some(9), Some(3)));
-        assert_eq!(l.per_exchange(), (80.0, 8.0));
+        l.add_cost(CpuTime::default(), (Some(9), Some(3)));
+        assert_eq!(l.per_exchange(), cost(80.0, 20.0, 8.0));
         // One unreadable counter loses the count for good.
-        l.add_cost(0.0, (None, Some(5)));
-        l.add_cost(0.0, (Some(1), Some(5)));
-        let (cpu, segs) = l.per_exchange();
-        assert_eq!(cpu, 80.0);
-        assert!(segs.is_nan());
+        l.add_cost(CpuTime::default(), (None, Some(5)));
+        l.add_cost(CpuTime::default(), (Some(1), Some(5)));
+        let c = l.per_exchange();
+        assert_eq!((c.cpu_us, c.user_us), (80.0, 20.0));
+        assert!(c.segments.is_nan());
         // No exchanges: no division by zero.
-        assert_eq!(with_rtts(0).per_exchange(), (0.0, 0.0));
+        assert_eq!(with_rtts(0).per_exchange(), cost(0.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn proc_stat_gives_user_and_kernel_time_apart() {
+        // A command name with spaces and a parenthesis must not shift the fields.
+        let stat = "42 (halfpipe (x) y) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3";
+        assert_eq!(
+            parse_proc_cpu(stat),
+            CpuTime {
+                user: 2.5,
+                system: 0.75
+            }
+        );
+        assert_eq!(parse_proc_cpu("garbage"), CpuTime::default());
+        assert_eq!(parse_proc_cpu("1 (x) S 1"), CpuTime::default());
     }
 
     fn summary(name: &str, ends: bool, rtt1_cpu_us: f64) -> Summary {
@@ -925,6 +1020,7 @@ mod tests {
                 rtt1: (100.0, 150.0),
                 rtt1k: (110.0, 160.0),
                 rtt1_cpu_us,
+                rtt1_user_us: rtt1_cpu_us / 4.0,
                 rtt1_segments: 6.0,
                 cps: 4000.0,
                 cpu_per_gb: 1.5,
@@ -948,7 +1044,7 @@ mod tests {
             "{table}"
         );
         assert!(lines[2].contains("| -, 6.00 |"), "{table}");
-        assert!(lines[3].contains("| 80.0, 6.00 |"), "{table}");
+        assert!(lines[3].contains("| 80.0 (20.0 user), 6.00 |"), "{table}");
     }
 
     #[test]
@@ -958,7 +1054,7 @@ mod tests {
             summary("a", true, 90.0),
             summary("b", true, 60.0),
         );
-        assert!(ratios(&a, &b).contains("CPU per round trip 1.50x"));
+        assert!(ratios(&a, &b).contains("CPU per round trip 1.50x (user 1.50x)"));
         assert!(!ratios(&a, &direct).contains("CPU per round trip"));
     }
 }
