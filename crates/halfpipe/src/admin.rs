@@ -473,12 +473,14 @@ async fn dispatch(
             }
             let expires = match body.get("expires_in").and_then(Value::as_str) {
                 None => None,
-                Some(s) => Some(
-                    wall_ms()
-                        + humantime::parse_duration(s)
-                            .map_err(|e| Fail::bad(format!("expires_in {s:?}: {e}")))?
-                            .as_millis() as u64,
-                ),
+                Some(s) => {
+                    let d = humantime::parse_duration(s)
+                        .map_err(|e| Fail::bad(format!("expires_in {s:?}: {e}")))?;
+                    Some(
+                        crate::control::ms_after(wall_ms(), d)
+                            .ok_or_else(|| Fail::bad(format!("expires_in {s:?} is too long")))?,
+                    )
+                }
             };
             let (info, secret) = cp
                 .tokens()
@@ -555,10 +557,14 @@ async fn dispatch(
         Endpoint::KeysRotate => {
             let overlap = match body.get("overlap").and_then(Value::as_str) {
                 None => None,
-                Some(s) => Some(
-                    humantime::parse_duration(s)
-                        .map_err(|e| Fail::bad(format!("overlap {s:?}: {e}")))?,
-                ),
+                Some(s) => {
+                    let d = humantime::parse_duration(s)
+                        .map_err(|e| Fail::bad(format!("overlap {s:?}: {e}")))?;
+                    if crate::control::ms_after(wall_ms(), d).is_none() {
+                        return Err(Fail::bad(format!("overlap {s:?} is too long")));
+                    }
+                    Some(d)
+                }
             };
             server.rotate_keys(overlap).map_err(conflict)?
         }

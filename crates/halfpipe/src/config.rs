@@ -43,6 +43,9 @@ pub const ENV_PSK: &str = "HALFPIPE_PSK";
 
 /// The longest duration any setting accepts (timer arithmetic stays far from overflow).
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The largest count limit a config may set (sessions, streams, connections): each sizes a
+/// queue or a semaphore, and a larger one would only fail at the first session.
+const MAX_COUNT_LIMIT: usize = 1_000_000;
 
 const NOT_A_PUBLIC_KEY: &str =
     "not a public key (expected 44 characters of standard base64, as printed by 'halfpipe keys gen')";
@@ -144,6 +147,13 @@ impl<'a> Check<'a> {
         match v {
             Some(0) => {
                 self.err(key, "must be at least 1");
+                default
+            }
+            Some(n) if n > MAX_COUNT_LIMIT => {
+                self.err(
+                    key,
+                    format!("must be at most {MAX_COUNT_LIMIT} (it sizes queues and permits)"),
+                );
                 default
             }
             Some(n) => n,

@@ -784,12 +784,16 @@ async fn run_ctl(args: CtlArgs) -> Result<()> {
                     },
             } => {
                 let expires_at_ms = match expires_in {
-                    Some(d) => Some(
-                        halfpipe::control::wall_ms()
-                            + humantime::parse_duration(d)
-                                .map_err(|e| CtlError::Protocol(format!("--expires-in {d:?}: {e}")))?
-                                .as_millis() as u64,
-                    ),
+                    Some(d) => {
+                        let after = humantime::parse_duration(d)
+                            .map_err(|e| CtlError::Protocol(format!("--expires-in {d:?}: {e}")))?;
+                        Some(
+                            halfpipe::control::ms_after(halfpipe::control::wall_ms(), after)
+                                .ok_or_else(|| {
+                                    CtlError::Protocol(format!("--expires-in {d:?} is too long"))
+                                })?,
+                        )
+                    }
                     None => None,
                 };
                 let mut policy = json!({ "allowed_destinations": allow });

@@ -402,3 +402,34 @@ fn a_client_store_without_a_client_key_says_how_to_make_one() {
         .unwrap();
     assert!(e.to_string().contains("--save"), "{e}");
 }
+
+#[test]
+fn count_limits_too_large_to_size_a_queue_are_refused_by_name() {
+    let f = fixture();
+    let text = server_text(&f)
+        .replace(
+            "max_streams_per_session = 1024",
+            "max_streams_per_session = 2305843009213693952",
+        )
+        .replace(
+            "max_handshakes_in_flight = 64",
+            "max_handshakes_in_flight = 1000001",
+        )
+        .replace(
+            "max_connections_per_listener = 1024",
+            "max_connections_per_listener = 1000000",
+        );
+    let e = server_from_str(&f.dir.join("server.toml"), &text, &no_env)
+        .err()
+        .unwrap();
+    let keys = keys_of(e.clone());
+    assert_eq!(
+        keys,
+        vec![
+            "limits.max_handshakes_in_flight".to_string(),
+            "limits.max_streams_per_session".to_string()
+        ],
+        "{e}"
+    );
+    assert!(e.to_string().contains("must be at most 1000000"), "{e}");
+}

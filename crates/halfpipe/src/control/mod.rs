@@ -189,6 +189,14 @@ pub fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Unix milliseconds `d` after `now_ms`, or `None` when that does not fit in a `u64` (a
+/// duration typed as "600000000years" must be refused, not wrap around to the past).
+pub fn ms_after(now_ms: u64, d: std::time::Duration) -> Option<u64> {
+    u64::try_from(d.as_millis())
+        .ok()
+        .and_then(|ms| now_ms.checked_add(ms))
+}
+
 fn require(path: &std::path::Path, dir: &std::path::Path) -> Result<(), ControlError> {
     if path.exists() {
         Ok(())
@@ -725,5 +733,25 @@ impl ControlPlane {
         if let Err(e) = self.audit.close() {
             tracing::error!(error = %e, "cannot close the audit log cleanly");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::ms_after;
+
+    #[test]
+    fn a_deadline_past_what_milliseconds_can_hold_is_refused_not_wrapped() {
+        assert_eq!(ms_after(1_000, Duration::from_secs(2)), Some(3_000));
+        assert_eq!(
+            ms_after(u64::MAX - 5, Duration::from_millis(5)),
+            Some(u64::MAX)
+        );
+        assert_eq!(ms_after(u64::MAX - 5, Duration::from_millis(6)), None);
+        let far = humantime::parse_duration("600000000years").unwrap();
+        assert_eq!(ms_after(1_000, far), None);
+        assert_eq!(ms_after(0, Duration::MAX), None);
     }
 }

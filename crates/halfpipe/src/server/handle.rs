@@ -534,7 +534,7 @@ impl ServerHandle {
         let (old, new) = s
             .rotate(
                 halfpipe_keystore::KeyKind::ServerStatic,
-                overlap.as_millis() as u64,
+                u64::try_from(overlap.as_millis()).unwrap_or(u64::MAX),
                 now,
             )
             .map_err(|e| e.to_string())?;
@@ -549,7 +549,7 @@ impl ServerHandle {
             "old": old.id.as_str(),
             "new": new.id.as_str(),
             "public": public,
-            "old_accepted_until_ms": now + overlap.as_millis() as u64,
+            "old_accepted_until_ms": crate::control::ms_after(now, overlap).unwrap_or(u64::MAX),
         }))
     }
 
