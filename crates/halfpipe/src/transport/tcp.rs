@@ -11,6 +11,19 @@ use super::{tune_socket, BoxedLeg, TlsDialer, TransportError, Upgrade};
 use crate::leg_url::{LegUrl, Scheme};
 use crate::tls_stream::ClientTlsStream;
 
+/// How long a leg's sent bytes may stay unacknowledged, or unsent behind a peer's zero
+/// window, before the kernel drops the connection (`TCP_USER_TIMEOUT`). Keepalives do not
+/// catch a peer that answers probes but never reads, and the session watches only the
+/// receive leg for silence: without this, such a peer would hold the send leg's writer,
+/// and the session with it, for good. The leg is then re-dialled and the session resumes.
+pub const LEG_USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// [`tune_socket`], plus [`LEG_USER_TIMEOUT`]: the options of a leg's TCP connection.
+fn tune_leg_socket(tcp: &TcpStream) -> io::Result<()> {
+    tune_socket(tcp)?;
+    socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(LEG_USER_TIMEOUT))
+}
+
 /// Opens a TCP connection to `url`'s host and port, tuned.
 pub async fn connect(url: &LegUrl, timeout: Duration) -> Result<TcpStream, TransportError> {
     let addr = format!("{}:{}", url.host, url.port);
@@ -30,7 +43,7 @@ pub async fn connect(url: &LegUrl, timeout: Duration) -> Result<TcpStream, Trans
         }
         Ok(Ok(s)) => s,
     };
-    tune_socket(&tcp).map_err(|source| TransportError::Connect {
+    tune_leg_socket(&tcp).map_err(|source| TransportError::Connect {
         url: url.to_string(),
         source,
     })?;
@@ -104,7 +117,7 @@ impl TcpLegListener {
     /// Accepts a tuned TCP connection.
     pub async fn accept_tcp(&self) -> io::Result<(TcpStream, SocketAddr)> {
         let (s, peer) = self.tcp.accept().await?;
-        tune_socket(&s)?;
+        tune_leg_socket(&s)?;
         Ok((s, peer))
     }
 
@@ -178,6 +191,24 @@ impl DelayedAcks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn both_ends_of_a_leg_give_up_on_a_peer_that_stops_reading() {
+        // Leg URLs name a port: take a free one.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let url: LegUrl = format!("tcp://127.0.0.1:{port}").parse().unwrap();
+        let listener = TcpLegListener::bind(&url, None).await.unwrap();
+        let (dialled, accepted) =
+            tokio::join!(connect(&url, Duration::from_secs(5)), listener.accept_tcp());
+        for tcp in [&dialled.unwrap(), &accepted.unwrap().0] {
+            let sock = socket2::SockRef::from(tcp);
+            assert_eq!(sock.tcp_user_timeout().unwrap(), Some(LEG_USER_TIMEOUT));
+            assert!(sock.nodelay().unwrap());
+        }
+    }
 
     /// A connected loopback pair.
     async fn pair() -> (TcpStream, TcpStream) {
