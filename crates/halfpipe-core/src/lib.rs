@@ -17,6 +17,7 @@ pub mod frame;
 pub mod handshake;
 pub mod link;
 pub mod record;
+pub mod recv_queue;
 pub mod replay;
 pub mod session;
 pub mod target;

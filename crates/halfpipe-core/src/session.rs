@@ -27,6 +27,7 @@ use crate::frame::{
     CloseCode, Frame, FrameDecoder, FrameError, ResetCode, StreamId, DATA_CHUNK,
     MAX_RECORD_PAYLOAD, MIN_RECORD_PAYLOAD,
 };
+use crate::recv_queue::{BufferId, RecvQueue, SharedBuffers};
 use crate::target::{ConnectStatus, TargetAddr};
 
 /// Credit each side may assume for a new stream before any MAX_STREAM_DATA arrives.
@@ -201,6 +202,13 @@ pub enum SessionError {
     /// The session has ended.
     #[error("session closed")]
     SessionClosed,
+    /// The peer let the frames waiting for its acknowledgement outgrow twice the
+    /// retransmit cap: it stopped acknowledging while asking for replies (OPENs).
+    #[error("the peer left {frames} frames unacknowledged")]
+    PeerNotAcknowledging {
+        /// Frames held for retransmission.
+        frames: usize,
+    },
 }
 
 /// What [`Session::recv`] yields.
@@ -224,7 +232,7 @@ struct Stream {
     send_limit: u64,
     fin_sent: bool,
     writer_blocked: bool,
-    queue: VecDeque<Bytes>,
+    queue: RecvQueue,
     received: u64,
     consumed: u64,
     advertised: u64,
@@ -240,7 +248,7 @@ impl Stream {
             send_limit: INITIAL_STREAM_CREDIT,
             fin_sent: false,
             writer_blocked: false,
-            queue: VecDeque::new(),
+            queue: RecvQueue::default(),
             received: 0,
             consumed: 0,
             advertised: INITIAL_STREAM_CREDIT,
@@ -259,6 +267,19 @@ impl Stream {
     }
 }
 
+/// What a frame held for retransmission is charged against [`SessionConfig::max_unacked`]
+/// besides its DATA bytes: its place in the queue. Without it, 1-byte writes, or the
+/// replies to a peer's OPENs, could fill the queue with millions of frames while the peer
+/// withheld its ACKs.
+const FRAME_COST: u64 = 64;
+
+/// The DATA bytes that fit in `room` of the retransmit cap: each [`DATA_CHUNK`] of them
+/// is a frame, which costs its [`FRAME_COST`] besides.
+fn data_room(room: u64) -> u64 {
+    let per_frame = DATA_CHUNK as u64 + FRAME_COST;
+    (room / per_frame) * DATA_CHUNK as u64 + (room % per_frame).saturating_sub(FRAME_COST)
+}
+
 /// Per-direction retransmit buffer: frames from `base_seq` on, not yet acknowledged.
 #[derive(Debug, Default)]
 struct SendQueue {
@@ -271,6 +292,11 @@ struct SendQueue {
 impl SendQueue {
     fn next_seq(&self) -> u64 {
         self.base_seq + self.frames.len() as u64
+    }
+
+    /// What the queue holds, charged as in [`FRAME_COST`].
+    fn cost(&self) -> u64 {
+        self.unacked_data + self.frames.len() as u64 * FRAME_COST
     }
 
     fn push(&mut self, f: Frame) {
@@ -312,6 +338,13 @@ pub struct Session {
     highest_stream: StreamId,
 
     tx: SendQueue,
+    /// The read buffers received bulk holds, queued or with the application (see
+    /// `recv_queue`).
+    shared_buffers: SharedBuffers,
+    /// The read buffer of the record being handled.
+    record_buffer: BufferId,
+    /// Records handled without a buffer id, each counted as a buffer of its own.
+    records_alone: u64,
     send_attached: bool,
     need_resume: bool,
     /// Sequenced frames received since the last ACK sent.
@@ -357,6 +390,9 @@ impl Session {
             streams: HashMap::new(),
             highest_stream: 0,
             tx: SendQueue::default(),
+            shared_buffers: SharedBuffers::default(),
+            record_buffer: 0,
+            records_alone: 0,
             send_attached: false,
             need_resume: false,
             unacked_recv: 0,
@@ -498,7 +534,8 @@ impl Session {
         let id = self.highest_stream;
         self.streams
             .insert(id, Stream::new(Some(self.tx.next_seq())));
-        self.tx.push(Frame::Open { stream: id, target });
+        self.queue(Frame::Open { stream: id, target });
+        self.check_open()?; // the peer has stopped acknowledging (see `queue`)
         self.schedule_stream_credit(id);
         Ok(id)
     }
@@ -516,7 +553,7 @@ impl Session {
         if !self.streams.contains_key(&stream) {
             return Err(SessionError::StreamClosed(stream));
         }
-        self.tx.push(Frame::OpenResult { stream, status });
+        self.queue(Frame::OpenResult { stream, status });
         if status != ConnectStatus::Succeeded {
             self.drop_stream(stream);
         }
@@ -529,7 +566,7 @@ impl Session {
             Some(s) if !s.fin_sent && !self.closed => {
                 let stream_credit = s.send_limit.saturating_sub(s.sent);
                 let session_credit = self.peer_max_data.saturating_sub(self.data_sent);
-                let buffer_room = self.config.max_unacked.saturating_sub(self.tx.unacked_data);
+                let buffer_room = data_room(self.config.max_unacked.saturating_sub(self.tx.cost()));
                 stream_credit.min(session_credit).min(buffer_room)
             }
             _ => 0,
@@ -573,7 +610,7 @@ impl Session {
             .filter(|s| !s.fin_sent)
             .ok_or(SessionError::StreamClosed(stream))?;
         s.fin_sent = true;
-        self.tx.push(Frame::Fin { stream });
+        self.queue(Frame::Fin { stream });
         self.reap(stream);
         Ok(())
     }
@@ -584,7 +621,7 @@ impl Session {
         if !self.streams.contains_key(&stream) {
             return Err(SessionError::StreamClosed(stream));
         }
-        self.tx.push(Frame::Rst { stream, code });
+        self.queue(Frame::Rst { stream, code });
         self.drop_stream(stream);
         Ok(())
     }
@@ -594,7 +631,7 @@ impl Session {
         let Some(s) = self.streams.get_mut(&stream) else {
             return Err(SessionError::StreamClosed(stream));
         };
-        if let Some(chunk) = s.queue.pop_front() {
+        if let Some(chunk) = s.queue.pop() {
             let n = chunk.len() as u64;
             s.consumed += n;
             self.data_consumed += n;
@@ -699,8 +736,23 @@ impl Session {
     }
 
     /// Processes the plaintext of one record from the receive leg. An error is a protocol
-    /// violation: the session is closed and [`Event::Closed`] queued.
+    /// violation: the session is closed and [`Event::Closed`] queued. The record is taken
+    /// to be alone in its buffer (see [`Session::handle_record_in`]).
     pub fn handle_record(&mut self, now: Instant, record: Bytes) -> Result<(), SessionError> {
+        self.records_alone += 1;
+        self.handle_record_in(now, record, (1 << 63) | self.records_alone)
+    }
+
+    /// [`Session::handle_record`] for a record opened in read buffer `buffer`, an id below
+    /// 2^63 that the caller never gives again once that buffer is replaced. Bulk DATA stays
+    /// a slice of its buffer while the session's slices hold few buffers (`recv_queue`).
+    pub fn handle_record_in(
+        &mut self,
+        now: Instant,
+        record: Bytes,
+        buffer: BufferId,
+    ) -> Result<(), SessionError> {
+        self.record_buffer = buffer;
         if self.closed {
             return Err(SessionError::SessionClosed);
         }
@@ -715,6 +767,9 @@ impl Session {
 
     fn handle_frames(&mut self, now: Instant, record: Bytes) -> Result<(), SessionError> {
         for frame in FrameDecoder::new(record)? {
+            if self.closed {
+                break; // a reply closed the session (see `queue`): the rest is moot
+            }
             let frame = frame?;
             if frame.is_sequenced() {
                 let seq = self.leg_seq.ok_or(SessionError::MissingResume)?;
@@ -791,7 +846,7 @@ impl Session {
                 self.highest_stream = stream;
                 self.last_activity = now;
                 if self.streams.len() >= self.config.max_streams {
-                    self.tx.push(Frame::Rst {
+                    self.queue(Frame::Rst {
                         stream,
                         code: ResetCode::LimitReached,
                     });
@@ -870,7 +925,8 @@ impl Session {
         s.received += n;
         if n > 0 {
             let was_empty = s.queue.is_empty();
-            s.queue.push_back(data);
+            s.queue
+                .push(data, self.record_buffer, &mut self.shared_buffers);
             if was_empty {
                 self.events.push_back(Event::Readable(stream));
             }
@@ -1073,6 +1129,18 @@ impl Session {
     fn reap(&mut self, stream: StreamId) {
         if self.streams.get(&stream).is_some_and(Stream::is_done) {
             self.drop_stream(stream);
+        }
+    }
+
+    /// Queues a sequenced frame other than DATA (which [`Session::send_capacity`] bounds)
+    /// and CLOSE. Past twice the retransmit cap the peer has stopped acknowledging while
+    /// its OPENs keep asking for replies: the session closes rather than grow.
+    fn queue(&mut self, f: Frame) {
+        self.tx.push(f);
+        if self.tx.cost() > self.config.max_unacked.saturating_mul(2) {
+            self.close_for(SessionError::PeerNotAcknowledging {
+                frames: self.tx.frames.len(),
+            });
         }
     }
 

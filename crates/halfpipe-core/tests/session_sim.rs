@@ -380,7 +380,84 @@ fn retransmit_buffer_is_capped_when_peer_never_acks() {
         c.send(id, &mut data).unwrap();
         c.poll_transmit(now, &mut sink);
     }
-    assert_eq!(c.unacked().1, 200_000);
+    // The cap holds the DATA bytes and the frames' places in the queue (64 bytes each).
+    let (frames, data) = c.unacked();
+    assert!(
+        data + frames as u64 * 64 <= 200_000,
+        "{frames} frames, {data} bytes"
+    );
+    assert!(data > 190_000, "{data} bytes");
+}
+
+#[test]
+fn one_byte_writes_to_a_peer_that_never_acks_fill_the_cap_with_few_frames() {
+    let config = SessionConfig {
+        max_unacked: 64 * 1024,
+        ..SessionConfig::default()
+    };
+    let now = Instant::now();
+    let mut c = Session::new(Side::Client, config, now);
+    c.attach_send_leg(now, None).unwrap();
+    let id = c
+        .open_stream(TargetAddr::Ip("192.0.2.1:80".parse().unwrap()))
+        .unwrap();
+    let mut sink = Vec::new();
+    let mut writes = 0;
+    while c.send(id, &mut Bytes::from_static(b"x")).unwrap() == 1 {
+        c.poll_transmit(now, &mut sink);
+        sink.clear();
+        writes += 1;
+        assert!(writes < 100_000, "1-byte writes were never refused");
+    }
+    // Each frame is charged its place in the queue: 65 bytes of the cap, not 1.
+    let (frames, data) = c.unacked();
+    assert!(frames <= 64 * 1024 / 64, "{frames} frames held");
+    assert_eq!(data, writes);
+}
+
+#[test]
+fn a_peer_that_withholds_acks_while_opening_streams_is_closed_before_the_queue_grows() {
+    let config = SessionConfig {
+        max_streams: 1,
+        max_unacked: 64 * 1024,
+        ..SessionConfig::default()
+    };
+    let now = Instant::now();
+    let mut s = Session::new(Side::Server, config, now);
+    s.attach_recv_leg(now);
+    s.attach_send_leg(now, Some(0)).unwrap();
+    s.handle_record(now, record(&[Frame::Resume { seq: 0 }]))
+        .unwrap();
+    let mut sink = Vec::new();
+    let mut stream = 0;
+    while !s.is_closed() {
+        stream += 1;
+        assert!(stream < 100_000, "the session never closed");
+        // Past the first, every OPEN is refused with an RST the peer never acknowledges.
+        let open = Frame::Open {
+            stream,
+            target: TargetAddr::Domain("a.example".into(), 80),
+        };
+        s.handle_record(now, record(&[open])).unwrap();
+        s.poll_transmit(now, &mut sink);
+        sink.clear();
+    }
+    let (frames, _) = s.unacked();
+    assert!(frames <= 2 * 64 * 1024 / 64 + 2, "{frames} frames held");
+    assert!(
+        matches!(
+            closed_with(&mut s),
+            Some(CloseReason::ProtocolError(
+                SessionError::PeerNotAcknowledging { .. }
+            ))
+        ),
+        "closed for the wrong reason"
+    );
+    // A record after the close is refused, not processed.
+    assert_eq!(
+        s.handle_record(now, record(&[Frame::Ping])),
+        Err(SessionError::SessionClosed)
+    );
 }
 
 #[test]
@@ -743,7 +820,9 @@ fn writer_blocked_on_retransmit_room_is_woken_by_ack() {
     let mut sim = Sim::new(config);
     let id = sim.open();
     let mut data = Bytes::from(vec![5u8; 150_000]);
-    assert_eq!(sim.client.send(id, &mut data).unwrap(), 100_000);
+    // All of the cap but the frames' places in the queue (64 bytes each).
+    let taken = sim.client.send(id, &mut data).unwrap();
+    assert!((99_000..100_000).contains(&taken), "{taken}");
     assert_eq!(sim.client.send_capacity(id), 0);
     sim.client_events.clear();
     sim.settle();
@@ -858,4 +937,57 @@ fn a_shrunk_session_window_bounds_the_peer_once_granted_credit_is_used_and_a_lar
         after > 500_000,
         "a larger window is granted at once: {after}"
     );
+}
+
+#[test]
+fn small_data_queued_for_the_application_does_not_hold_the_record_it_came_in() {
+    let (mut s, now) = fresh_server();
+    let open = Frame::Open {
+        stream: 1,
+        target: TargetAddr::Domain("a.example".into(), 1),
+    };
+    let with_data = |len: usize| Frame::Data {
+        stream: 1,
+        data: Bytes::from(vec![9u8; len]),
+    };
+    let first = record(&[Frame::Resume { seq: 0 }, open, with_data(1)]);
+    s.handle_record(now, first.clone()).unwrap();
+    // The byte waits for the application, but as a copy: the record is free.
+    assert_eq!(s.buffered(), 1);
+    assert!(first.is_unique());
+    // Bulk stays a slice of its record (copying it would cost the download rate).
+    let bulk = record(&[with_data(16 * 1024)]);
+    s.handle_record(now, bulk.clone()).unwrap();
+    assert!(!bulk.is_unique());
+    assert!(matches!(s.recv(1), Ok(halfpipe_core::session::Recv::Data(d)) if d.len() == 1));
+    assert!(matches!(s.recv(1), Ok(halfpipe_core::session::Recv::Data(d)) if d.len() == 16 * 1024));
+    assert!(bulk.is_unique());
+}
+
+#[test]
+fn queued_bulk_holds_at_most_max_buffers_read_buffers() {
+    use halfpipe_core::recv_queue::{MAX_BUFFERS, SHARE_FROM};
+    let (mut s, now) = fresh_server();
+    let open = Frame::Open {
+        stream: 1,
+        target: TargetAddr::Domain("a.example".into(), 1),
+    };
+    s.handle_record(now, record(&[Frame::Resume { seq: 0 }, open]))
+        .unwrap();
+    // Each record alone in its buffer, each with one bulk-sized payload the application
+    // never reads, as a hostile peer would send them.
+    let records: Vec<Bytes> = (0..MAX_BUFFERS + 50)
+        .map(|_| {
+            record(&[Frame::Data {
+                stream: 1,
+                data: Bytes::from(vec![3u8; SHARE_FROM]),
+            }])
+        })
+        .collect();
+    for r in &records {
+        s.handle_record(now, r.clone()).unwrap();
+    }
+    assert_eq!(s.buffered(), ((MAX_BUFFERS + 50) * SHARE_FROM) as u64);
+    let held = records.iter().filter(|r| !r.is_unique()).count();
+    assert_eq!(held, MAX_BUFFERS);
 }

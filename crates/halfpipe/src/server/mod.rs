@@ -825,6 +825,37 @@ async fn connect_stream(
     }
 }
 
+/// Shortest time between two log lines about one session's refused streams.
+const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Lets one log line through per interval and counts the events it stands for.
+struct LogBudget {
+    every: Duration,
+    last: Option<Instant>,
+    /// Events since the last line, this one included.
+    pending: u64,
+}
+
+impl LogBudget {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: None,
+            pending: 0,
+        }
+    }
+
+    /// Counts an event at `now`; `Some(n)` when a line is due, standing for `n` events.
+    fn take(&mut self, now: Instant) -> Option<u64> {
+        self.pending += 1;
+        if self.last.is_some_and(|t| now < t + self.every) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.pending))
+    }
+}
+
 async fn run_session(
     state: Arc<State>,
     id: SessionId,
@@ -832,6 +863,9 @@ async fn run_session(
     tunnel: Arc<Tunnel>,
     mut control: mpsc::Receiver<Control>,
 ) {
+    // A client that keeps opening streams at the limit must not flood the log: one line
+    // per LIMIT_LOG_EVERY, saying how many refusals it stands for (metrics count each).
+    let mut limit_log = LogBudget::new(LIMIT_LOG_EVERY);
     while let Some(c) = control.recv().await {
         match c {
             Control::StreamOpened { stream, target } => {
@@ -845,7 +879,9 @@ async fn run_session(
             }
             Control::StreamLimit(stream) => {
                 state.control.metrics.limit_hit("streams_per_session");
-                tracing::warn!(user, session = %id, stream, "stream limit hit: stream refused");
+                if let Some(refused) = limit_log.take(Instant::now()) {
+                    tracing::warn!(user, session = %id, stream, refused, "stream limit hit: stream refused");
+                }
             }
             Control::LegDown { role, error } => {
                 tracing::debug!(user, session = %id, leg = role.name(), error, "leg down");
@@ -963,6 +999,20 @@ fn close_sessions(state: &State, which: impl Fn(&str) -> bool, why: &str) -> usi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_budget_lets_one_line_through_per_interval_and_counts_the_rest() {
+        let mut b = LogBudget::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(b.take(t0), Some(1));
+        for i in 1..=999u64 {
+            assert_eq!(b.take(t0 + Duration::from_millis(i)), None);
+        }
+        // The next line stands for the 999 held back and itself.
+        assert_eq!(b.take(t0 + Duration::from_secs(10)), Some(1000));
+        assert_eq!(b.take(t0 + Duration::from_secs(11)), None);
+        assert_eq!(b.take(t0 + Duration::from_secs(20)), Some(2));
+    }
 
     fn entry(user_key: [u8; 32]) -> (SessionId, SessionEntry) {
         let (tunnel, _control) = Tunnel::new(Side::Server, SessionConfig::default());

@@ -692,6 +692,9 @@ impl Tunnel {
         let mut delayed_acks = crate::transport::tcp::DelayedAcks::default();
         // When the bytes being opened arrived: one clock read per read serves both.
         let mut read_at = Instant::now();
+        // Which allocation `buf` reads into: a new id at every `reserve`, which may move it
+        // (the session counts the buffers its queued bulk holds by these ids).
+        let mut buffer_id: u64 = 0;
         loop {
             loop {
                 match opener.open_next(&mut buf) {
@@ -711,7 +714,7 @@ impl Tunnel {
                         return Ok(false); // replaced by a newer leg
                     }
                     for r in records.drain(..) {
-                        g.session.handle_record(read_at, r)?;
+                        g.session.handle_record_in(read_at, r, buffer_id)?;
                     }
                     Ok::<bool, SessionError>(true)
                 });
@@ -726,6 +729,7 @@ impl Tunnel {
             }
             if buf.capacity() - buf.len() < 64 * 1024 {
                 buf.reserve(128 * 1024);
+                buffer_id += 1;
             }
             match rd.read_buf(&mut buf).await {
                 Ok(0) => {
