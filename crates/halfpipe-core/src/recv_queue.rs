@@ -50,6 +50,12 @@ impl SharedBuffers {
         self.alive.load(Ordering::Relaxed)
     }
 
+    /// A new reader numbers its buffers from the start again: no id of the old one may
+    /// name a buffer of the new one.
+    pub fn new_reader(&mut self) {
+        self.current = None;
+    }
+
     /// `data` (from buffer `buffer`) as a slice that holds its buffer's count until it and
     /// every clone and slice of it are dropped; `Err(data)` when that would take one buffer
     /// more than [`MAX_BUFFERS`].
@@ -246,5 +252,16 @@ mod tests {
         // A buffer already held takes more slices at no count.
         q.push(again.slice(SHARE_FROM..), 1000, &mut shared);
         assert_eq!(shared.alive(), MAX_BUFFERS);
+    }
+
+    #[test]
+    fn a_new_reader_s_ids_never_name_the_old_reader_s_buffers() {
+        let (mut q, mut shared) = (RecvQueue::default(), SharedBuffers::default());
+        let (old, new) = (Bytes::from(vec![1u8; 4096]), Bytes::from(vec![2u8; 4096]));
+        q.push(old.slice(..SHARE_FROM), 1, &mut shared);
+        shared.new_reader();
+        // The new leg's reader starts its ids again: its buffer 1 is another buffer.
+        q.push(new.slice(..SHARE_FROM), 1, &mut shared);
+        assert_eq!(shared.alive(), 2);
     }
 }

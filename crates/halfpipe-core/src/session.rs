@@ -13,7 +13,9 @@
 //! Flow control is by absolute credit, per stream and per session (MAX_STREAM_DATA,
 //! MAX_DATA). The receiver grants credit as the application consumes, so a reader that stops
 //! reading costs at most its window. The retransmit buffer is bounded by the peer's credit
-//! and by this side's own `max_unacked` cap, whichever is smaller.
+//! and by this side's own `max_unacked` cap, whichever is smaller; every frame in it costs
+//! 64 bytes of that cap besides its DATA, new streams are refused while it is full, and a
+//! peer whose OPENs keep asking for replies it never acknowledges is closed at twice the cap.
 //!
 //! Time is injected: callers pass `Instant`s, and [`Session::poll_timeout`] says when to
 //! call [`Session::handle_timeout`] next.
@@ -42,7 +44,7 @@ pub struct SessionConfig {
     pub stream_window: u64,
     /// Receive window for the whole session.
     pub session_window: u64,
-    /// Cap on unacknowledged bytes this side keeps for retransmission.
+    /// Cap on what this side keeps for retransmission: DATA bytes, plus 64 bytes per frame.
     pub max_unacked: u64,
     /// Most concurrent streams.
     pub max_streams: usize,
@@ -503,6 +505,8 @@ impl Session {
 
     /// A new receive leg is up; its first record must start with RESUME.
     pub fn attach_recv_leg(&mut self, now: Instant) {
+        // The new leg's reader numbers its buffers afresh (`handle_record_in`).
+        self.shared_buffers.new_reader();
         self.recv_attached = true;
         self.recv_down_since = None;
         self.leg_seq = None;
@@ -530,12 +534,18 @@ impl Session {
         if self.streams.len() >= self.config.max_streams {
             return Err(SessionError::StreamLimit(self.config.max_streams));
         }
+        if self.tx.cost() >= self.config.max_unacked {
+            // The peer has not acknowledged a full cap (a stalled leg, or a peer that
+            // stopped): no new stream until it does.
+            return Err(SessionError::PeerNotAcknowledging {
+                frames: self.tx.frames.len(),
+            });
+        }
         self.highest_stream += 1;
         let id = self.highest_stream;
         self.streams
             .insert(id, Stream::new(Some(self.tx.next_seq())));
-        self.queue(Frame::Open { stream: id, target });
-        self.check_open()?; // the peer has stopped acknowledging (see `queue`)
+        self.tx.push(Frame::Open { stream: id, target });
         self.schedule_stream_credit(id);
         Ok(id)
     }
@@ -553,7 +563,7 @@ impl Session {
         if !self.streams.contains_key(&stream) {
             return Err(SessionError::StreamClosed(stream));
         }
-        self.queue(Frame::OpenResult { stream, status });
+        self.queue_reply(Frame::OpenResult { stream, status })?;
         if status != ConnectStatus::Succeeded {
             self.drop_stream(stream);
         }
@@ -610,7 +620,7 @@ impl Session {
             .filter(|s| !s.fin_sent)
             .ok_or(SessionError::StreamClosed(stream))?;
         s.fin_sent = true;
-        self.queue(Frame::Fin { stream });
+        self.tx.push(Frame::Fin { stream });
         self.reap(stream);
         Ok(())
     }
@@ -621,7 +631,7 @@ impl Session {
         if !self.streams.contains_key(&stream) {
             return Err(SessionError::StreamClosed(stream));
         }
-        self.queue(Frame::Rst { stream, code });
+        self.tx.push(Frame::Rst { stream, code });
         self.drop_stream(stream);
         Ok(())
     }
@@ -740,13 +750,26 @@ impl Session {
     /// to be alone in its buffer (see [`Session::handle_record_in`]).
     pub fn handle_record(&mut self, now: Instant, record: Bytes) -> Result<(), SessionError> {
         self.records_alone += 1;
-        self.handle_record_in(now, record, (1 << 63) | self.records_alone)
+        self.handle_record_from(now, record, (1 << 63) | self.records_alone)
     }
 
     /// [`Session::handle_record`] for a record opened in read buffer `buffer`, an id below
     /// 2^63 that the caller never gives again once that buffer is replaced. Bulk DATA stays
     /// a slice of its buffer while the session's slices hold few buffers (`recv_queue`).
     pub fn handle_record_in(
+        &mut self,
+        now: Instant,
+        record: Bytes,
+        buffer: BufferId,
+    ) -> Result<(), SessionError> {
+        debug_assert!(
+            buffer < 1 << 63,
+            "buffer ids of 2^63 and up are handle_record's"
+        );
+        self.handle_record_from(now, record, buffer)
+    }
+
+    fn handle_record_from(
         &mut self,
         now: Instant,
         record: Bytes,
@@ -767,9 +790,6 @@ impl Session {
 
     fn handle_frames(&mut self, now: Instant, record: Bytes) -> Result<(), SessionError> {
         for frame in FrameDecoder::new(record)? {
-            if self.closed {
-                break; // a reply closed the session (see `queue`): the rest is moot
-            }
             let frame = frame?;
             if frame.is_sequenced() {
                 let seq = self.leg_seq.ok_or(SessionError::MissingResume)?;
@@ -804,10 +824,10 @@ impl Session {
         match frame {
             Frame::Resume { seq } => self.leg_seq = Some(seq),
             Frame::Ack { next_seq } => {
-                let before = self.tx.unacked_data;
+                let before = self.tx.cost();
                 self.tx.ack(next_seq)?;
-                // Freed retransmit room is credit too (`max_unacked`).
-                if self.tx.unacked_data < before {
+                // Freed retransmit room is credit too (`max_unacked`), DATA or not.
+                if self.tx.cost() < before {
                     self.wake_blocked_writers();
                 }
             }
@@ -846,11 +866,11 @@ impl Session {
                 self.highest_stream = stream;
                 self.last_activity = now;
                 if self.streams.len() >= self.config.max_streams {
-                    self.queue(Frame::Rst {
+                    self.events.push_back(Event::StreamLimit { stream });
+                    self.queue_reply(Frame::Rst {
                         stream,
                         code: ResetCode::LimitReached,
-                    });
-                    self.events.push_back(Event::StreamLimit { stream });
+                    })?;
                 } else {
                     self.streams.insert(stream, Stream::new(None));
                     self.schedule_stream_credit(stream);
@@ -1132,16 +1152,21 @@ impl Session {
         }
     }
 
-    /// Queues a sequenced frame other than DATA (which [`Session::send_capacity`] bounds)
-    /// and CLOSE. Past twice the retransmit cap the peer has stopped acknowledging while
-    /// its OPENs keep asking for replies: the session closes rather than grow.
-    fn queue(&mut self, f: Frame) {
+    /// Queues a frame that answers the peer's OPEN (RST at the stream limit, OPEN_RESULT).
+    /// Past twice the retransmit cap the peer keeps asking for replies it never
+    /// acknowledges: the session closes rather than grow. (This side's own frames are
+    /// bounded otherwise: DATA by [`Session::send_capacity`], OPEN by the refusal of new
+    /// streams while the cap is full, FIN and RST by one each per stream.)
+    fn queue_reply(&mut self, f: Frame) -> Result<(), SessionError> {
         self.tx.push(f);
         if self.tx.cost() > self.config.max_unacked.saturating_mul(2) {
-            self.close_for(SessionError::PeerNotAcknowledging {
+            let e = SessionError::PeerNotAcknowledging {
                 frames: self.tx.frames.len(),
-            });
+            };
+            self.close_for(e.clone());
+            return Err(e);
         }
+        Ok(())
     }
 
     fn close_for(&mut self, e: SessionError) {

@@ -430,7 +430,7 @@ fn a_peer_that_withholds_acks_while_opening_streams_is_closed_before_the_queue_g
         .unwrap();
     let mut sink = Vec::new();
     let mut stream = 0;
-    while !s.is_closed() {
+    let refused = loop {
         stream += 1;
         assert!(stream < 100_000, "the session never closed");
         // Past the first, every OPEN is refused with an RST the peer never acknowledges.
@@ -438,10 +438,17 @@ fn a_peer_that_withholds_acks_while_opening_streams_is_closed_before_the_queue_g
             stream,
             target: TargetAddr::Domain("a.example".into(), 80),
         };
-        s.handle_record(now, record(&[open])).unwrap();
+        if let Err(e) = s.handle_record(now, record(&[open])) {
+            break e;
+        }
         s.poll_transmit(now, &mut sink);
         sink.clear();
-    }
+    };
+    assert!(
+        matches!(refused, SessionError::PeerNotAcknowledging { .. }),
+        "{refused}"
+    );
+    assert!(s.is_closed());
     let (frames, _) = s.unacked();
     assert!(frames <= 2 * 64 * 1024 / 64 + 2, "{frames} frames held");
     assert!(
@@ -990,4 +997,74 @@ fn queued_bulk_holds_at_most_max_buffers_read_buffers() {
     assert_eq!(s.buffered(), ((MAX_BUFFERS + 50) * SHARE_FROM) as u64);
     let held = records.iter().filter(|r| !r.is_unique()).count();
     assert_eq!(held, MAX_BUFFERS);
+}
+
+#[test]
+fn a_client_whose_peer_stops_acknowledging_refuses_new_streams_and_stays_open() {
+    let config = SessionConfig {
+        max_unacked: 64 * 1024,
+        ..SessionConfig::default()
+    };
+    let now = Instant::now();
+    let mut c = Session::new(Side::Client, config, now);
+    c.attach_send_leg(now, None).unwrap();
+    let target = TargetAddr::Ip("192.0.2.1:80".parse().unwrap());
+    let mut sink = Vec::new();
+    let mut opened = 0;
+    let refused = loop {
+        // Applications that connect and give up at once, while no ACK comes back.
+        match c.open_stream(target.clone()) {
+            Ok(id) => c.reset(id, ResetCode::Cancelled).unwrap(),
+            Err(e) => break e,
+        }
+        c.poll_transmit(now, &mut sink);
+        sink.clear();
+        opened += 1;
+        assert!(opened < 100_000, "new streams were never refused");
+    };
+    assert!(
+        matches!(refused, SessionError::PeerNotAcknowledging { .. }),
+        "{refused}"
+    );
+    assert!(!c.is_closed(), "a stalled peer must not close the session");
+    let (frames, _) = c.unacked();
+    assert!(frames <= 64 * 1024 / 64 + 1, "{frames} frames held");
+}
+
+#[test]
+fn a_writer_blocked_by_control_frames_in_the_queue_is_woken_when_they_are_acknowledged() {
+    let config = SessionConfig {
+        max_unacked: 64 * 1024,
+        ..SessionConfig::default()
+    };
+    let now = Instant::now();
+    let mut c = Session::new(Side::Client, config, now);
+    c.attach_send_leg(now, None).unwrap();
+    c.attach_recv_leg(now);
+    let target = TargetAddr::Ip("192.0.2.1:80".parse().unwrap());
+    let kept = c.open_stream(target.clone()).unwrap();
+    // Streams opened and reset until their OPEN and RST frames fill the cap.
+    while let Ok(id) = c.open_stream(target.clone()) {
+        c.reset(id, ResetCode::Cancelled).unwrap();
+    }
+    let mut sink = Vec::new();
+    c.poll_transmit(now, &mut sink);
+    assert_eq!(c.send(kept, &mut Bytes::from_static(b"x")).unwrap(), 0);
+    while c.poll_event().is_some() {}
+    // The peer acknowledges every frame: no DATA was among them, but the room is back.
+    let (frames, data) = c.unacked();
+    assert_eq!(data, 0);
+    c.handle_record(
+        now,
+        record(&[Frame::Ack {
+            next_seq: frames as u64,
+        }]),
+    )
+    .unwrap();
+    let mut events = Vec::new();
+    while let Some(e) = c.poll_event() {
+        events.push(e);
+    }
+    assert!(events.contains(&Event::Writable(kept)), "{events:?}");
+    assert_eq!(c.send(kept, &mut Bytes::from_static(b"x")).unwrap(), 1);
 }

@@ -18,7 +18,8 @@ use crate::tls_stream::ClientTlsStream;
 /// and the session with it, for good. The leg is then re-dialled and the session resumes.
 pub const LEG_USER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// [`tune_socket`], plus [`LEG_USER_TIMEOUT`]: the options of a leg's TCP connection.
+/// [`tune_socket`], plus [`LEG_USER_TIMEOUT`]: the options of a leg's TCP connection
+/// (`tcp://`, `tls://`, and the `ws://`/`wss://` legs, which dial and accept through here).
 fn tune_leg_socket(tcp: &TcpStream) -> io::Result<()> {
     tune_socket(tcp)?;
     socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(LEG_USER_TIMEOUT))

@@ -692,13 +692,21 @@ impl Tunnel {
         let mut delayed_acks = crate::transport::tcp::DelayedAcks::default();
         // When the bytes being opened arrived: one clock read per read serves both.
         let mut read_at = Instant::now();
-        // Which allocation `buf` reads into: a new id at every `reserve`, which may move it
-        // (the session counts the buffers its queued bulk holds by these ids).
-        let mut buffer_id: u64 = 0;
+        // Which allocation each record was opened in, for the session's count of the read
+        // buffers its queued bulk holds: a new id whenever the end of `buf`'s allocation
+        // moves (the opener's or our `reserve` moved it to a new one; splitting records off
+        // the front keeps the end where it is).
+        let (mut buffer_id, mut allocation_end) = (0u64, 0usize);
         loop {
             loop {
                 match opener.open_next(&mut buf) {
-                    Ok(Some(r)) => records.push(r),
+                    Ok(Some(r)) => {
+                        let end = buf.as_ptr() as usize + buf.capacity();
+                        if end != allocation_end {
+                            (buffer_id, allocation_end) = (buffer_id + 1, end);
+                        }
+                        records.push((r, buffer_id));
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         // A record that fails authentication on an authenticated leg means
@@ -713,8 +721,8 @@ impl Tunnel {
                     if g.recv_generation != generation {
                         return Ok(false); // replaced by a newer leg
                     }
-                    for r in records.drain(..) {
-                        g.session.handle_record_in(read_at, r, buffer_id)?;
+                    for (r, buffer) in records.drain(..) {
+                        g.session.handle_record_in(read_at, r, buffer)?;
                     }
                     Ok::<bool, SessionError>(true)
                 });
@@ -729,7 +737,6 @@ impl Tunnel {
             }
             if buf.capacity() - buf.len() < 64 * 1024 {
                 buf.reserve(128 * 1024);
-                buffer_id += 1;
             }
             match rd.read_buf(&mut buf).await {
                 Ok(0) => {
