@@ -36,6 +36,9 @@ pub const MAX_BUFFERS: usize = 128;
 /// may be used for several buffers only if it is never reused after a buffer changes.
 pub type BufferId = u64;
 
+/// The id of a record whose buffer is unknown: it is counted as a buffer of its own.
+pub const RECORD_ALONE: BufferId = BufferId::MAX;
+
 /// Counts the read buffers a session's received slices hold, wherever the slices are.
 #[derive(Debug, Default)]
 pub struct SharedBuffers {
@@ -63,17 +66,18 @@ impl SharedBuffers {
         let same = self
             .current
             .as_ref()
-            .filter(|(id, _)| *id == buffer)
+            .filter(|(id, _)| *id == buffer && buffer != RECORD_ALONE)
             .and_then(|(_, held)| held.upgrade());
         let held = match same {
             Some(held) => held,
             None if self.alive() < MAX_BUFFERS => {
                 self.alive.fetch_add(1, Ordering::Relaxed);
-                Arc::new(Held(Arc::clone(&self.alive)))
+                let held = Arc::new(Held(Arc::clone(&self.alive)));
+                self.current = Some((buffer, Arc::downgrade(&held)));
+                held
             }
             None => return Err(data),
         };
-        self.current = Some((buffer, Arc::downgrade(&held)));
         Ok(Bytes::from_owner(Counted {
             data,
             _buffer: held,

@@ -29,7 +29,7 @@ use crate::frame::{
     CloseCode, Frame, FrameDecoder, FrameError, ResetCode, StreamId, DATA_CHUNK,
     MAX_RECORD_PAYLOAD, MIN_RECORD_PAYLOAD,
 };
-use crate::recv_queue::{BufferId, RecvQueue, SharedBuffers};
+use crate::recv_queue::{BufferId, RecvQueue, SharedBuffers, RECORD_ALONE};
 use crate::target::{ConnectStatus, TargetAddr};
 
 /// Credit each side may assume for a new stream before any MAX_STREAM_DATA arrives.
@@ -345,8 +345,6 @@ pub struct Session {
     shared_buffers: SharedBuffers,
     /// The read buffer of the record being handled.
     record_buffer: BufferId,
-    /// Records handled without a buffer id, each counted as a buffer of its own.
-    records_alone: u64,
     send_attached: bool,
     need_resume: bool,
     /// Sequenced frames received since the last ACK sent.
@@ -393,8 +391,7 @@ impl Session {
             highest_stream: 0,
             tx: SendQueue::default(),
             shared_buffers: SharedBuffers::default(),
-            record_buffer: 0,
-            records_alone: 0,
+            record_buffer: RECORD_ALONE,
             send_attached: false,
             need_resume: false,
             unacked_recv: 0,
@@ -749,27 +746,14 @@ impl Session {
     /// violation: the session is closed and [`Event::Closed`] queued. The record is taken
     /// to be alone in its buffer (see [`Session::handle_record_in`]).
     pub fn handle_record(&mut self, now: Instant, record: Bytes) -> Result<(), SessionError> {
-        self.records_alone += 1;
-        self.handle_record_from(now, record, (1 << 63) | self.records_alone)
+        self.handle_record_in(now, record, RECORD_ALONE)
     }
 
-    /// [`Session::handle_record`] for a record opened in read buffer `buffer`, an id below
-    /// 2^63 that the caller never gives again once that buffer is replaced. Bulk DATA stays
-    /// a slice of its buffer while the session's slices hold few buffers (`recv_queue`).
+    /// [`Session::handle_record`] for a record opened in read buffer `buffer`, an id the
+    /// caller never gives again once that buffer is replaced ([`RECORD_ALONE`]: unknown).
+    /// Bulk DATA stays a slice of its buffer while the session's slices hold few buffers
+    /// (`recv_queue`).
     pub fn handle_record_in(
-        &mut self,
-        now: Instant,
-        record: Bytes,
-        buffer: BufferId,
-    ) -> Result<(), SessionError> {
-        debug_assert!(
-            buffer < 1 << 63,
-            "buffer ids of 2^63 and up are handle_record's"
-        );
-        self.handle_record_from(now, record, buffer)
-    }
-
-    fn handle_record_from(
         &mut self,
         now: Instant,
         record: Bytes,

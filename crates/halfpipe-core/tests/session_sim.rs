@@ -364,16 +364,8 @@ fn window_exhaustion_bounds_buffers_and_writable_follows_reading() {
 
 #[test]
 fn retransmit_buffer_is_capped_when_peer_never_acks() {
-    let config = SessionConfig {
-        max_unacked: 200_000,
-        ..SessionConfig::default()
-    };
-    let now = Instant::now();
-    let mut c = Session::new(Side::Client, config, now);
-    c.attach_send_leg(now, None).unwrap();
-    let id = c
-        .open_stream(TargetAddr::Ip("192.0.2.1:80".parse().unwrap()))
-        .unwrap();
+    let (mut c, now, target) = client_capped_at(200_000);
+    let id = c.open_stream(target).unwrap();
     let mut data = Bytes::from(vec![0u8; 1_000_000]);
     let mut sink = Vec::new();
     for _ in 0..100 {
@@ -391,16 +383,8 @@ fn retransmit_buffer_is_capped_when_peer_never_acks() {
 
 #[test]
 fn one_byte_writes_to_a_peer_that_never_acks_fill_the_cap_with_few_frames() {
-    let config = SessionConfig {
-        max_unacked: 64 * 1024,
-        ..SessionConfig::default()
-    };
-    let now = Instant::now();
-    let mut c = Session::new(Side::Client, config, now);
-    c.attach_send_leg(now, None).unwrap();
-    let id = c
-        .open_stream(TargetAddr::Ip("192.0.2.1:80".parse().unwrap()))
-        .unwrap();
+    let (mut c, now, target) = client_capped_at(64 * 1024);
+    let id = c.open_stream(target).unwrap();
     let mut sink = Vec::new();
     let mut writes = 0;
     while c.send(id, &mut Bytes::from_static(b"x")).unwrap() == 1 {
@@ -417,15 +401,11 @@ fn one_byte_writes_to_a_peer_that_never_acks_fill_the_cap_with_few_frames() {
 
 #[test]
 fn a_peer_that_withholds_acks_while_opening_streams_is_closed_before_the_queue_grows() {
-    let config = SessionConfig {
+    let (mut s, now) = server_with(SessionConfig {
         max_streams: 1,
         max_unacked: 64 * 1024,
         ..SessionConfig::default()
-    };
-    let now = Instant::now();
-    let mut s = Session::new(Side::Server, config, now);
-    s.attach_recv_leg(now);
-    s.attach_send_leg(now, Some(0)).unwrap();
+    });
     s.handle_record(now, record(&[Frame::Resume { seq: 0 }]))
         .unwrap();
     let mut sink = Vec::new();
@@ -559,11 +539,49 @@ fn record(frames: &[Frame]) -> Bytes {
 }
 
 fn fresh_server() -> (Session, Instant) {
+    server_with(SessionConfig::default())
+}
+
+/// A server session under `config` with both legs attached.
+fn server_with(config: SessionConfig) -> (Session, Instant) {
     let now = Instant::now();
-    let mut s = Session::new(Side::Server, SessionConfig::default(), now);
+    let mut s = Session::new(Side::Server, config, now);
     s.attach_recv_leg(now);
     s.attach_send_leg(now, Some(0)).unwrap();
     (s, now)
+}
+
+/// A client session with a send leg whose retransmit cap is `max_unacked`, and a
+/// destination for its streams (never dialled: sessions do not touch the network).
+fn client_capped_at(max_unacked: u64) -> (Session, Instant, TargetAddr) {
+    let config = SessionConfig {
+        max_unacked,
+        ..SessionConfig::default()
+    };
+    let now = Instant::now();
+    let mut c = Session::new(Side::Client, config, now);
+    c.attach_send_leg(now, None).unwrap();
+    (c, now, TargetAddr::Ip("192.0.2.1:80".parse().unwrap()))
+}
+
+/// A server session whose peer has opened stream 1 (sequence numbers 0 and 1 used).
+fn server_with_stream_1() -> (Session, Instant) {
+    let (mut s, now) = fresh_server();
+    let open = Frame::Open {
+        stream: 1,
+        target: TargetAddr::Domain("a.example".into(), 1),
+    };
+    s.handle_record(now, record(&[Frame::Resume { seq: 0 }, open]))
+        .unwrap();
+    (s, now)
+}
+
+/// A record with `len` bytes of DATA for stream 1, in a buffer of its own.
+fn data_record(len: usize) -> Bytes {
+    record(&[Frame::Data {
+        stream: 1,
+        data: Bytes::from(vec![9u8; len]),
+    }])
 }
 
 fn closed_with(s: &mut Session) -> Option<CloseReason> {
@@ -948,22 +966,14 @@ fn a_shrunk_session_window_bounds_the_peer_once_granted_credit_is_used_and_a_lar
 
 #[test]
 fn small_data_queued_for_the_application_does_not_hold_the_record_it_came_in() {
-    let (mut s, now) = fresh_server();
-    let open = Frame::Open {
-        stream: 1,
-        target: TargetAddr::Domain("a.example".into(), 1),
-    };
-    let with_data = |len: usize| Frame::Data {
-        stream: 1,
-        data: Bytes::from(vec![9u8; len]),
-    };
-    let first = record(&[Frame::Resume { seq: 0 }, open, with_data(1)]);
+    let (mut s, now) = server_with_stream_1();
+    let first = data_record(1);
     s.handle_record(now, first.clone()).unwrap();
     // The byte waits for the application, but as a copy: the record is free.
     assert_eq!(s.buffered(), 1);
     assert!(first.is_unique());
     // Bulk stays a slice of its record (copying it would cost the download rate).
-    let bulk = record(&[with_data(16 * 1024)]);
+    let bulk = data_record(16 * 1024);
     s.handle_record(now, bulk.clone()).unwrap();
     assert!(!bulk.is_unique());
     assert!(matches!(s.recv(1), Ok(halfpipe_core::session::Recv::Data(d)) if d.len() == 1));
@@ -974,22 +984,11 @@ fn small_data_queued_for_the_application_does_not_hold_the_record_it_came_in() {
 #[test]
 fn queued_bulk_holds_at_most_max_buffers_read_buffers() {
     use halfpipe_core::recv_queue::{MAX_BUFFERS, SHARE_FROM};
-    let (mut s, now) = fresh_server();
-    let open = Frame::Open {
-        stream: 1,
-        target: TargetAddr::Domain("a.example".into(), 1),
-    };
-    s.handle_record(now, record(&[Frame::Resume { seq: 0 }, open]))
-        .unwrap();
+    let (mut s, now) = server_with_stream_1();
     // Each record alone in its buffer, each with one bulk-sized payload the application
     // never reads, as a hostile peer would send them.
     let records: Vec<Bytes> = (0..MAX_BUFFERS + 50)
-        .map(|_| {
-            record(&[Frame::Data {
-                stream: 1,
-                data: Bytes::from(vec![3u8; SHARE_FROM]),
-            }])
-        })
+        .map(|_| data_record(SHARE_FROM))
         .collect();
     for r in &records {
         s.handle_record(now, r.clone()).unwrap();
@@ -1001,14 +1000,7 @@ fn queued_bulk_holds_at_most_max_buffers_read_buffers() {
 
 #[test]
 fn a_client_whose_peer_stops_acknowledging_refuses_new_streams_and_stays_open() {
-    let config = SessionConfig {
-        max_unacked: 64 * 1024,
-        ..SessionConfig::default()
-    };
-    let now = Instant::now();
-    let mut c = Session::new(Side::Client, config, now);
-    c.attach_send_leg(now, None).unwrap();
-    let target = TargetAddr::Ip("192.0.2.1:80".parse().unwrap());
+    let (mut c, now, target) = client_capped_at(64 * 1024);
     let mut sink = Vec::new();
     let mut opened = 0;
     let refused = loop {
@@ -1033,15 +1025,8 @@ fn a_client_whose_peer_stops_acknowledging_refuses_new_streams_and_stays_open() 
 
 #[test]
 fn a_writer_blocked_by_control_frames_in_the_queue_is_woken_when_they_are_acknowledged() {
-    let config = SessionConfig {
-        max_unacked: 64 * 1024,
-        ..SessionConfig::default()
-    };
-    let now = Instant::now();
-    let mut c = Session::new(Side::Client, config, now);
-    c.attach_send_leg(now, None).unwrap();
+    let (mut c, now, target) = client_capped_at(64 * 1024);
     c.attach_recv_leg(now);
-    let target = TargetAddr::Ip("192.0.2.1:80".parse().unwrap());
     let kept = c.open_stream(target.clone()).unwrap();
     // Streams opened and reset until their OPEN and RST frames fill the cap.
     while let Ok(id) = c.open_stream(target.clone()) {
@@ -1067,4 +1052,30 @@ fn a_writer_blocked_by_control_frames_in_the_queue_is_woken_when_they_are_acknow
     }
     assert!(events.contains(&Event::Writable(kept)), "{events:?}");
     assert_eq!(c.send(kept, &mut Bytes::from_static(b"x")).unwrap(), 1);
+}
+
+#[test]
+fn a_new_receive_leg_s_buffer_ids_never_join_the_old_leg_s_buffers() {
+    use halfpipe_core::recv_queue::{MAX_BUFFERS, SHARE_FROM};
+    let (mut s, now) = server_with_stream_1();
+    // The old leg's reader fills the count with buffers 1..=MAX_BUFFERS.
+    let old: Vec<Bytes> = (0..MAX_BUFFERS).map(|_| data_record(SHARE_FROM)).collect();
+    for (id, r) in (1..).zip(&old) {
+        s.handle_record_in(now, r.clone(), id).unwrap();
+    }
+    assert!(old.iter().all(|r| !r.is_unique()));
+    // A new leg, whose reader counts from 1 again: its buffer MAX_BUFFERS is another
+    // buffer, so with the count full its bulk is copied, not added to the old one's.
+    s.attach_recv_leg(now);
+    let resume = Frame::Resume {
+        seq: 1 + MAX_BUFFERS as u64,
+    };
+    s.handle_record(now, record(&[resume])).unwrap();
+    let new = data_record(SHARE_FROM);
+    s.handle_record_in(now, new.clone(), MAX_BUFFERS as u64)
+        .unwrap();
+    assert!(
+        new.is_unique(),
+        "the new leg's buffer joined an old one's count"
+    );
 }

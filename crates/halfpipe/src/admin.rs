@@ -27,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 
-use crate::control::wall_ms;
+use crate::control::{parse_deadline, wall_ms};
 use crate::server::ServerHandle;
 
 /// Largest request body accepted.
@@ -473,14 +473,11 @@ async fn dispatch(
             }
             let expires = match body.get("expires_in").and_then(Value::as_str) {
                 None => None,
-                Some(s) => {
-                    let d = humantime::parse_duration(s)
-                        .map_err(|e| Fail::bad(format!("expires_in {s:?}: {e}")))?;
-                    Some(
-                        crate::control::ms_after(wall_ms(), d)
-                            .ok_or_else(|| Fail::bad(format!("expires_in {s:?} is too long")))?,
-                    )
-                }
+                Some(s) => Some(
+                    parse_deadline("expires_in", s, wall_ms())
+                        .map_err(Fail::bad)?
+                        .1,
+                ),
             };
             let (info, secret) = cp
                 .tokens()
@@ -557,14 +554,11 @@ async fn dispatch(
         Endpoint::KeysRotate => {
             let overlap = match body.get("overlap").and_then(Value::as_str) {
                 None => None,
-                Some(s) => {
-                    let d = humantime::parse_duration(s)
-                        .map_err(|e| Fail::bad(format!("overlap {s:?}: {e}")))?;
-                    if crate::control::ms_after(wall_ms(), d).is_none() {
-                        return Err(Fail::bad(format!("overlap {s:?} is too long")));
-                    }
-                    Some(d)
-                }
+                Some(s) => Some(
+                    parse_deadline("overlap", s, wall_ms())
+                        .map_err(Fail::bad)?
+                        .0,
+                ),
             };
             server.rotate_keys(overlap).map_err(conflict)?
         }

@@ -784,16 +784,15 @@ async fn run_ctl(args: CtlArgs) -> Result<()> {
                     },
             } => {
                 let expires_at_ms = match expires_in {
-                    Some(d) => {
-                        let after = humantime::parse_duration(d)
-                            .map_err(|e| CtlError::Protocol(format!("--expires-in {d:?}: {e}")))?;
-                        Some(
-                            halfpipe::control::ms_after(halfpipe::control::wall_ms(), after)
-                                .ok_or_else(|| {
-                                    CtlError::Protocol(format!("--expires-in {d:?} is too long"))
-                                })?,
+                    Some(d) => Some(
+                        halfpipe::control::parse_deadline(
+                            "--expires-in",
+                            d,
+                            halfpipe::control::wall_ms(),
                         )
-                    }
+                        .map_err(CtlError::Protocol)?
+                        .1,
+                    ),
                     None => None,
                 };
                 let mut policy = json!({ "allowed_destinations": allow });

@@ -197,6 +197,18 @@ pub fn ms_after(now_ms: u64, d: std::time::Duration) -> Option<u64> {
         .and_then(|ms| now_ms.checked_add(ms))
 }
 
+/// A duration an admin typed (`humantime`: "30d", "12h") and the Unix milliseconds at which
+/// it ends from `now_ms`; the error names the setting `what` and says what is wrong.
+pub fn parse_deadline(
+    what: &str,
+    text: &str,
+    now_ms: u64,
+) -> Result<(std::time::Duration, u64), String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("{what} {text:?}: {e}"))?;
+    let at = ms_after(now_ms, d).ok_or_else(|| format!("{what} {text:?} is too long"))?;
+    Ok((d, at))
+}
+
 fn require(path: &std::path::Path, dir: &std::path::Path) -> Result<(), ControlError> {
     if path.exists() {
         Ok(())
@@ -740,7 +752,7 @@ impl ControlPlane {
 mod tests {
     use std::time::Duration;
 
-    use super::ms_after;
+    use super::{ms_after, parse_deadline};
 
     #[test]
     fn a_deadline_past_what_milliseconds_can_hold_is_refused_not_wrapped() {
@@ -753,5 +765,16 @@ mod tests {
         let far = humantime::parse_duration("600000000years").unwrap();
         assert_eq!(ms_after(1_000, far), None);
         assert_eq!(ms_after(0, Duration::MAX), None);
+        assert_eq!(
+            parse_deadline("expires_in", "2s", 1_000),
+            Ok((Duration::from_secs(2), 3_000))
+        );
+        assert_eq!(
+            parse_deadline("overlap", "600000000years", 1_000),
+            Err("overlap \"600000000years\" is too long".to_string())
+        );
+        assert!(parse_deadline("overlap", "soon", 1_000)
+            .unwrap_err()
+            .starts_with("overlap \"soon\": "));
     }
 }

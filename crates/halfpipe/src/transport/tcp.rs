@@ -196,10 +196,7 @@ mod tests {
     #[tokio::test]
     async fn both_ends_of_a_leg_give_up_on_a_peer_that_stops_reading() {
         // Leg URLs name a port: take a free one.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
+        let port = crate::quickstart::Ports::pick([0; 4]).unwrap().uplink;
         let url: LegUrl = format!("tcp://127.0.0.1:{port}").parse().unwrap();
         let listener = TcpLegListener::bind(&url, None).await.unwrap();
         let (dialled, accepted) =

@@ -1067,24 +1067,14 @@ mod tests {
         // handshake finishes first.
         let (gen_a, wake_a) = tunnel.claim_slot(LegEnd::Send);
         let (gen_b, wake_b) = tunnel.claim_slot(LegEnd::Send);
-        tunnel
-            .start_send_leg(
-                gen_b,
-                wake_b,
-                Box::new(io_b),
-                keys_b.client_sealer().unwrap(),
-                0,
-            )
-            .unwrap();
-        tunnel
-            .start_send_leg(
-                gen_a,
-                wake_a,
-                Box::new(io_a),
-                keys_a.client_sealer().unwrap(),
-                0,
-            )
-            .unwrap();
+        for (generation, wake, io, keys) in
+            [(gen_b, wake_b, io_b, keys_b), (gen_a, wake_a, io_a, keys_a)]
+        {
+            let sealer = keys.client_sealer().unwrap();
+            tunnel
+                .start_send_leg(generation, wake, Box::new(io), sealer, 0)
+                .unwrap();
+        }
         assert_eq!(lock(&tunnel.inner).send_generation, gen_b);
         // The live leg carries the RESUME; the superseded one is closed unused.
         let mut buf = [0u8; 64];

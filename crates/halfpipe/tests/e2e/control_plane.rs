@@ -640,24 +640,23 @@ async fn the_unix_socket_serves_the_api_and_refuses_oversized_bodies() {
     assert!(matches!(e, CtlError::Server { status: 413, .. }), "{e}");
     assert_eq!(e.exit_code(), 2);
     // Durations past what a millisecond clock holds are refused, never wrapped.
-    let far = serde_json::json!({ "name": "x", "caps": "status", "expires_in": "600000000years" });
-    let e = client
-        .call("POST", "/v1/tokens", Some(far))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&e, CtlError::Server { status: 400, .. }) && e.to_string().contains("too long"),
-        "{e}"
-    );
-    let far = serde_json::json!({ "overlap": "600000000years" });
-    let e = client
-        .call("POST", "/v1/keys/rotate", Some(far))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&e, CtlError::Server { status: 400, .. }) && e.to_string().contains("too long"),
-        "{e}"
-    );
+    for (path, far) in [
+        (
+            "/v1/tokens",
+            serde_json::json!({ "name": "x", "caps": "status", "expires_in": "600000000years" }),
+        ),
+        (
+            "/v1/keys/rotate",
+            serde_json::json!({ "overlap": "600000000years" }),
+        ),
+    ] {
+        let e = client.call("POST", path, Some(far)).await.unwrap_err();
+        assert!(
+            matches!(&e, CtlError::Server { status: 400, .. })
+                && e.to_string().contains("too long"),
+            "{path}: {e}"
+        );
+    }
     let e = client.call("GET", "/v1/nothing", None).await.unwrap_err();
     assert!(matches!(e, CtlError::Server { status: 404, .. }), "{e}");
 }
