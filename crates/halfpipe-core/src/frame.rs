@@ -29,6 +29,12 @@ pub const DATA_CHUNK: usize = MIN_RECORD_PAYLOAD - DATA_HEADER_LEN - 64;
 /// A stream identifier; streams are opened by the client only, numbered 1, 2, 3, ...
 pub type StreamId = u32;
 
+/// A map keyed by stream id. Lookups happen several times per record, so it hashes with
+/// `foldhash` (a few instructions for a `u32`, against about a hundred for std's SipHash),
+/// seeded at random per map so that a peer choosing stream ids cannot aim for collisions;
+/// a session holds at most `max_streams` of them in any case.
+pub type StreamMap<V> = std::collections::HashMap<StreamId, V, foldhash::fast::RandomState>;
+
 /// Why a stream was reset, carried in RST.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]

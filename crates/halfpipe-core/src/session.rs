@@ -20,13 +20,13 @@
 //! Time is injected: callers pass `Instant`s, and [`Session::poll_timeout`] says when to
 //! call [`Session::handle_timeout`] next.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::frame::{
-    CloseCode, Frame, FrameDecoder, FrameError, ResetCode, StreamId, DATA_CHUNK,
+    CloseCode, Frame, FrameDecoder, FrameError, ResetCode, StreamId, StreamMap, DATA_CHUNK,
     MAX_RECORD_PAYLOAD, MIN_RECORD_PAYLOAD,
 };
 use crate::recv_queue::{BufferId, RecvQueue, SharedBuffers, RECORD_ALONE};
@@ -336,7 +336,7 @@ pub struct Session {
     config: SessionConfig,
     closed: bool,
     events: VecDeque<Event>,
-    streams: HashMap<StreamId, Stream>,
+    streams: StreamMap<Stream>,
     highest_stream: StreamId,
 
     tx: SendQueue,
@@ -387,7 +387,7 @@ impl Session {
             config,
             closed: false,
             events: VecDeque::new(),
-            streams: HashMap::new(),
+            streams: StreamMap::default(),
             highest_stream: 0,
             tx: SendQueue::default(),
             shared_buffers: SharedBuffers::default(),
@@ -1026,6 +1026,9 @@ impl Session {
     /// Writes pending MAX_STREAM_DATA frames that fit, for streams the peer already knows.
     fn write_credit_updates(&mut self, out: &mut Vec<u8>, start: usize, max_payload: usize) {
         const LEN: usize = 1 + 4 + 8;
+        if self.credit_updates.is_empty() {
+            return; // the usual case, twice per record
+        }
         let tx_next = self.tx.tx_next;
         let mut sent = Vec::new();
         for &stream in &self.credit_updates {

@@ -19,12 +19,11 @@
 //! opens streams. What a side must decide (a new stream to connect, a leg gone, the session
 //! over) arrives on its bounded control channel.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use halfpipe_core::frame::{CloseCode, ResetCode, StreamId};
+use halfpipe_core::frame::{CloseCode, ResetCode, StreamId, StreamMap};
 use halfpipe_core::handshake::{LegKeys, LegRole};
 use halfpipe_core::record::{RecordError, RecordOpener, RecordSealer};
 use halfpipe_core::session::{CloseReason, Event, Session, SessionConfig, SessionError, Side};
@@ -76,7 +75,7 @@ pub enum Control {
 
 struct Inner {
     session: Session,
-    signals: HashMap<StreamId, Arc<StreamSignals>>,
+    signals: StreamMap<Arc<StreamSignals>>,
     /// The deadline the timer task sleeps towards (`None`: no deadline).
     timer_at: Option<Instant>,
     /// Generation of the send leg whose writer may transmit. Checked under this lock by
@@ -203,7 +202,7 @@ impl Tunnel {
         let t = Arc::new(Self {
             inner: Mutex::new(Inner {
                 session: Session::new(side, config, Instant::now()),
-                signals: HashMap::new(),
+                signals: StreamMap::default(),
                 timer_at: None,
                 send_generation: 0,
                 recv_generation: 0,

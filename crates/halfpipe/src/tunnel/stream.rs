@@ -29,6 +29,9 @@ const APP_READ_MIN: usize = 16 * 1024;
 /// shrink to [`APP_READ_MIN`]. One bulk stream never reaches it (it holds at most
 /// [`APP_READ`]); without it, 64 streams against a full window held 8 MiB, 1024 held 128.
 const READ_AHEAD_BUDGET: usize = 1024 * 1024;
+/// Least room left in a stream's read buffer after a short read for the next read to go
+/// into it rather than into a new allocation.
+const SHORT_READ_SPARE: usize = 4 * 1024;
 
 /// A throttle's answer for a batch of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,9 +246,13 @@ impl Tunnel {
         let mut held = self.read_ahead.hold(initial.len());
         let mut pending = initial;
         // One buffer, refilled in place: `split` hands the filled part to the session and
-        // `reserve` reclaims the allocation once the session has released it.
+        // `reserve` reclaims the allocation once the session has released it. After a read
+        // that came back short, the next one goes into the rest of the same allocation, so
+        // a request/response stream fills one buffer over many exchanges instead of taking
+        // a fresh one per read (each read's bytes hold theirs until acknowledged).
         let mut want = APP_READ_MIN;
         let mut buf = BytesMut::with_capacity(want);
+        let mut filled = false;
         loop {
             while !pending.is_empty() {
                 let (sent, wants_tx) = self.locked(|g| g.session.send(stream, &mut pending));
@@ -265,11 +272,10 @@ impl Tunnel {
             if sig.is_reset() {
                 return (rd, PumpEnd::Reset);
             }
-            let allowed = self.read_ahead.allowance(want);
-            buf.reserve(allowed);
+            let limit = read_room(&mut buf, self.read_ahead.allowance(want), filled);
             // A reset arriving while the application is quiet must not wait for its next
             // byte (`read_buf` is cancel-safe: nothing read is lost).
-            let mut limited = (&mut rd).take(allowed as u64);
+            let mut limited = (&mut rd).take(limit as u64);
             let read = tokio::select! {
                 r = limited.read_buf(&mut buf) => r,
                 _ = sig.writable.notified() => continue,
@@ -280,8 +286,10 @@ impl Tunnel {
                     return (rd, PumpEnd::Done);
                 }
                 Ok(n) => {
-                    // A read the budget cut short says nothing about the stream's rate.
-                    want = next_read_size(want, n + (want - allowed));
+                    // A read the budget or the buffer's rest cut short says nothing about
+                    // the stream's rate.
+                    want = next_read_size(want, n + (want - limit));
+                    filled = n == limit;
                     if let Some(t) = &throttle {
                         if !pace(|| t.read_from_socket(n)).await {
                             self.reset_stream(stream, &sig, ResetCode::LimitReached);
@@ -390,6 +398,18 @@ fn next_read_size(want: usize, got: usize) -> usize {
     }
 }
 
+/// Makes room in `buf` for a pump's next read of at most `allowed` bytes and returns how
+/// many it may read. After a read that filled its room (bulk) the buffer is grown to
+/// `allowed`, reclaiming its allocation when the session has released it. After a short
+/// one, the rest of the allocation takes the next read while at least
+/// [`SHORT_READ_SPARE`] is left.
+fn read_room(buf: &mut BytesMut, allowed: usize, filled: bool) -> usize {
+    if filled || buf.capacity() < SHORT_READ_SPARE {
+        buf.reserve(allowed);
+    }
+    allowed.min(buf.capacity())
+}
+
 /// Asks the throttle until it lets the bytes pass (a wait charges nothing, so the bytes
 /// are charged by the call that says go); false when it stops the stream.
 async fn pace(mut ask: impl FnMut() -> Pace) -> bool {
@@ -433,7 +453,11 @@ fn drain(session: &mut Session, stream: StreamId, chunks: &mut Vec<Bytes>) -> Dr
 /// error leaves the chunks for the pump, whose own write then reports it.
 fn write_now(socket: &TcpStream, chunks: &mut Vec<Bytes>) {
     while !chunks.is_empty() {
-        let Ok(n) = socket.try_write_vectored(IoSlices::of(chunks).get()) else {
+        let written = match chunks.as_slice() {
+            [one] => socket.try_write(one), // a round trip's usual single chunk
+            _ => socket.try_write_vectored(IoSlices::of(chunks).get()),
+        };
+        let Ok(n) = written else {
             return;
         };
         if n == 0 {
@@ -465,7 +489,10 @@ async fn write_all_chunks(
     chunks: &mut Vec<Bytes>,
 ) -> std::io::Result<()> {
     while !chunks.is_empty() {
-        let n = wr.write_vectored(IoSlices::of(chunks).get()).await?;
+        let n = match chunks.as_slice() {
+            [one] => wr.write(one).await?,
+            _ => wr.write_vectored(IoSlices::of(chunks).get()).await?,
+        };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -505,6 +532,39 @@ mod tests {
     use super::super::tests::leg_keys;
     use super::super::Control;
     use super::*;
+
+    #[test]
+    fn short_reads_share_one_allocation_and_bulk_reads_get_their_full_room() {
+        let mut buf = BytesMut::with_capacity(APP_READ_MIN);
+        let start = buf.as_ptr() as usize;
+        let mut held = Vec::new(); // what the session still holds (unacknowledged)
+                                   // Short reads: each goes right after the last, in the same allocation.
+        for i in 0..100 {
+            let room = read_room(&mut buf, APP_READ_MIN, false);
+            assert_eq!(
+                buf.as_ptr() as usize,
+                start + i * 10,
+                "read {i} moved to a new buffer"
+            );
+            assert!((10..=APP_READ_MIN).contains(&room));
+            buf.extend_from_slice(&[i as u8; 10]);
+            held.push(buf.split().freeze());
+        }
+        // A read that filled its room asks for the full allowance again.
+        let room = read_room(&mut buf, 4 * APP_READ_MIN, true);
+        assert_eq!(room, 4 * APP_READ_MIN);
+        assert!(buf.capacity() >= 4 * APP_READ_MIN);
+        // Too little left for a short read's successor: a new allocation too.
+        let mut small = BytesMut::with_capacity(APP_READ_MIN);
+        small.extend_from_slice(&vec![0; APP_READ_MIN - SHORT_READ_SPARE + 1]);
+        held.push(small.split().freeze());
+        assert_eq!(read_room(&mut small, APP_READ_MIN, false), APP_READ_MIN);
+        // The bytes handed on are intact.
+        assert!(held[..100]
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b[..] == [i as u8; 10]));
+    }
 
     #[test]
     fn reads_shrink_to_the_minimum_as_the_pumps_hold_the_read_ahead_budget() {
