@@ -1024,11 +1024,22 @@ impl Session {
     // ---- internals -----------------------------------------------------------------
 
     /// Writes pending MAX_STREAM_DATA frames that fit, for streams the peer already knows.
+    /// Appends the pending MAX_STREAM_DATA frames that fit. Inline: called twice per record,
+    /// almost always with nothing pending.
+    #[inline]
     fn write_credit_updates(&mut self, out: &mut Vec<u8>, start: usize, max_payload: usize) {
-        const LEN: usize = 1 + 4 + 8;
-        if self.credit_updates.is_empty() {
-            return; // the usual case, twice per record
+        if !self.credit_updates.is_empty() {
+            self.write_pending_credit_updates(out, start, max_payload);
         }
+    }
+
+    fn write_pending_credit_updates(
+        &mut self,
+        out: &mut Vec<u8>,
+        start: usize,
+        max_payload: usize,
+    ) {
+        const LEN: usize = 1 + 4 + 8;
         let tx_next = self.tx.tx_next;
         let mut sent = Vec::new();
         for &stream in &self.credit_updates {

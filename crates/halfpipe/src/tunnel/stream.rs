@@ -67,6 +67,10 @@ pub(super) struct StreamSignals {
     /// and the application's socket is closed with a TCP reset, never a clean FIN, so a
     /// cut-short stream cannot pass for a complete one.
     reset: std::sync::atomic::AtomicBool,
+    /// Wakes the application-to-session pump out of its wait for the application when the
+    /// stream is reset. Apart from `writable` so that the pump can keep one waiter
+    /// registered across its reads, instead of registering and unregistering one per read.
+    reset_wake: Notify,
     /// The application socket's writer, while the stream's pump lends it (see [`Lent`]).
     lent: Mutex<Lent>,
 }
@@ -95,6 +99,7 @@ impl StreamSignals {
         self.reset.store(true, std::sync::atomic::Ordering::Release);
         self.readable.notify_one();
         self.writable.notify_one();
+        self.reset_wake.notify_waiters();
     }
 
     fn is_reset(&self) -> bool {
@@ -253,6 +258,9 @@ impl Tunnel {
         let mut want = APP_READ_MIN;
         let mut buf = BytesMut::with_capacity(want);
         let mut filled = false;
+        // Created before the first check of the flag, so no reset after it goes unseen.
+        let reset = sig.reset_wake.notified();
+        tokio::pin!(reset);
         loop {
             while !pending.is_empty() {
                 let (sent, wants_tx) = self.locked(|g| g.session.send(stream, &mut pending));
@@ -277,8 +285,9 @@ impl Tunnel {
             // byte (`read_buf` is cancel-safe: nothing read is lost).
             let mut limited = (&mut rd).take(limit as u64);
             let read = tokio::select! {
+                biased;
                 r = limited.read_buf(&mut buf) => r,
-                _ = sig.writable.notified() => continue,
+                _ = &mut reset => return (rd, PumpEnd::Reset),
             };
             match read {
                 Ok(0) => {
@@ -856,6 +865,28 @@ mod tests {
         })
         .await;
         // The session itself goes on.
+        assert!(!p.client.is_closed() && !p.exit.is_closed());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_reaches_an_application_that_sends_nothing() {
+        let mut p = stream_pair(false).await;
+        // Both pumps wait: the client's for its application, which stays quiet throughout.
+        until_lent(&p.client, p.client_stream).await;
+        p.exit.reset(p.exit_stream, ResetCode::Cancelled);
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(20), p.app.read(&mut buf))
+            .await
+            .expect("a quiet application never learnt of the reset");
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "a reset stream must end in a TCP reset"
+        );
+        until("the client's pumps ending", || {
+            signals(&p.client, p.client_stream).is_none()
+        })
+        .await;
         assert!(!p.client.is_closed() && !p.exit.is_closed());
     }
 
