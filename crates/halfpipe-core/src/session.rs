@@ -1023,9 +1023,8 @@ impl Session {
 
     // ---- internals -----------------------------------------------------------------
 
-    /// Writes pending MAX_STREAM_DATA frames that fit, for streams the peer already knows.
-    /// Appends the pending MAX_STREAM_DATA frames that fit. Inline: called twice per record,
-    /// almost always with nothing pending.
+    /// Writes the pending MAX_STREAM_DATA frames that fit, for streams the peer already
+    /// knows. Inline: called twice per record, almost always with nothing pending.
     #[inline]
     fn write_credit_updates(&mut self, out: &mut Vec<u8>, start: usize, max_payload: usize) {
         if !self.credit_updates.is_empty() {
@@ -1033,6 +1032,7 @@ impl Session {
         }
     }
 
+    /// [`Session::write_credit_updates`] when some are pending.
     fn write_pending_credit_updates(
         &mut self,
         out: &mut Vec<u8>,

@@ -257,7 +257,7 @@ impl Tunnel {
         // a fresh one per read (each read's bytes hold theirs until acknowledged).
         let mut want = APP_READ_MIN;
         let mut buf = BytesMut::with_capacity(want);
-        let mut filled = false;
+        let mut last = LastRead::default();
         // Created before the first check of the flag, so no reset after it goes unseen.
         let reset = sig.reset_wake.notified();
         tokio::pin!(reset);
@@ -280,7 +280,7 @@ impl Tunnel {
             if sig.is_reset() {
                 return (rd, PumpEnd::Reset);
             }
-            let limit = read_room(&mut buf, self.read_ahead.allowance(want), filled);
+            let limit = read_room(&mut buf, self.read_ahead.allowance(want), last);
             // A reset arriving while the application is quiet must not wait for its next
             // byte (`read_buf` is cancel-safe: nothing read is lost).
             let mut limited = (&mut rd).take(limit as u64);
@@ -298,7 +298,7 @@ impl Tunnel {
                     // A read the budget or the buffer's rest cut short says nothing about
                     // the stream's rate.
                     want = next_read_size(want, n + (want - limit));
-                    filled = n == limit;
+                    last = LastRead { len: n, limit };
                     if let Some(t) = &throttle {
                         if !pace(|| t.read_from_socket(n)).await {
                             self.reset_stream(stream, &sig, ResetCode::LimitReached);
@@ -407,13 +407,29 @@ fn next_read_size(want: usize, got: usize) -> usize {
     }
 }
 
+/// How a pump's last read went: what it got and what it was allowed (see [`read_room`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct LastRead {
+    len: usize,
+    limit: usize,
+}
+
+impl LastRead {
+    /// Whether it took all the room it had (bulk).
+    fn filled(self) -> bool {
+        self.len > 0 && self.len == self.limit
+    }
+}
+
 /// Makes room in `buf` for a pump's next read of at most `allowed` bytes and returns how
 /// many it may read. After a read that filled its room (bulk) the buffer is grown to
 /// `allowed`, reclaiming its allocation when the session has released it. After a short
-/// one, the rest of the allocation takes the next read while at least
-/// [`SHORT_READ_SPARE`] is left.
-fn read_room(buf: &mut BytesMut, allowed: usize, filled: bool) -> usize {
-    if filled || buf.capacity() < SHORT_READ_SPARE {
+/// one, the rest of the allocation takes the next read while it holds at least
+/// [`SHORT_READ_SPARE`] and twice the last read, so that a request/response stream fills
+/// one buffer over many exchanges without cutting a message of the size it sends in two.
+fn read_room(buf: &mut BytesMut, allowed: usize, last: LastRead) -> usize {
+    let rest_will_do = !last.filled() && buf.capacity() >= SHORT_READ_SPARE.max(2 * last.len);
+    if !rest_will_do {
         buf.reserve(allowed);
     }
     allowed.min(buf.capacity())
@@ -546,28 +562,47 @@ mod tests {
     fn short_reads_share_one_allocation_and_bulk_reads_get_their_full_room() {
         let mut buf = BytesMut::with_capacity(APP_READ_MIN);
         let start = buf.as_ptr() as usize;
-        let mut held = Vec::new(); // what the session still holds (unacknowledged)
-                                   // Short reads: each goes right after the last, in the same allocation.
+        // What the session still holds (unacknowledged), keeping the allocation shared.
+        let mut held = Vec::new();
+        let mut last = LastRead::default();
+        // Short reads: each goes right after the last, in the same allocation.
         for i in 0..100 {
-            let room = read_room(&mut buf, APP_READ_MIN, false);
-            assert_eq!(
-                buf.as_ptr() as usize,
-                start + i * 10,
-                "read {i} moved to a new buffer"
-            );
-            assert!((10..=APP_READ_MIN).contains(&room));
+            let limit = read_room(&mut buf, APP_READ_MIN, last);
+            assert_eq!(buf.as_ptr() as usize, start + i * 10, "read {i} moved");
+            assert!((10..=APP_READ_MIN).contains(&limit));
             buf.extend_from_slice(&[i as u8; 10]);
             held.push(buf.split().freeze());
+            last = LastRead { len: 10, limit };
         }
         // A read that filled its room asks for the full allowance again.
-        let room = read_room(&mut buf, 4 * APP_READ_MIN, true);
-        assert_eq!(room, 4 * APP_READ_MIN);
+        let bulk = LastRead {
+            len: 4096,
+            limit: 4096,
+        };
+        assert_eq!(
+            read_room(&mut buf, 4 * APP_READ_MIN, bulk),
+            4 * APP_READ_MIN
+        );
         assert!(buf.capacity() >= 4 * APP_READ_MIN);
         // Too little left for a short read's successor: a new allocation too.
         let mut small = BytesMut::with_capacity(APP_READ_MIN);
         small.extend_from_slice(&vec![0; APP_READ_MIN - SHORT_READ_SPARE + 1]);
         held.push(small.split().freeze());
-        assert_eq!(read_room(&mut small, APP_READ_MIN, false), APP_READ_MIN);
+        let short = LastRead {
+            len: 10,
+            limit: APP_READ_MIN,
+        };
+        assert_eq!(read_room(&mut small, APP_READ_MIN, short), APP_READ_MIN);
+        // A rest that could not take the last read's size twice: a new allocation, so a
+        // 10 KiB message repeated is never cut in two.
+        let mut mid = BytesMut::with_capacity(APP_READ_MIN);
+        mid.extend_from_slice(&[1; 10 * 1024]);
+        held.push(mid.split().freeze());
+        let ten_k = LastRead {
+            len: 10 * 1024,
+            limit: APP_READ_MIN,
+        };
+        assert_eq!(read_room(&mut mid, APP_READ_MIN, ten_k), APP_READ_MIN);
         // The bytes handed on are intact.
         assert!(held[..100]
             .iter()
@@ -887,6 +922,14 @@ mod tests {
             signals(&p.client, p.client_stream).is_none()
         })
         .await;
+        // The exit's own pumps stop as well: its target sees the reset too.
+        let read = tokio::time::timeout(Duration::from_secs(20), p.target.read(&mut buf))
+            .await
+            .expect("the exit's pumps went on after the reset");
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
         assert!(!p.client.is_closed() && !p.exit.is_closed());
     }
 
