@@ -616,22 +616,24 @@ impl Tunnel {
             } = leg;
             out.clear();
             starts.clear();
-            let closed = {
+            let (closed, drained) = {
                 let mut g = lock(&self.inner);
                 if g.send_generation != *generation {
                     return Transmitted::Gone; // replaced by a newer leg
                 }
                 let now = Instant::now();
+                let mut drained = false;
                 while out.len() < WRITE_BATCH {
                     let start = sealer.begin(out);
                     if g.session.poll_transmit_up_to(now, out, max_payload) == 0 {
                         out.truncate(start);
+                        drained = true;
                         break;
                     }
                     sealer.reserve_tag(out);
                     starts.push(start);
                 }
-                g.session.is_closed()
+                (g.session.is_closed(), drained)
             };
             if out.is_empty() {
                 return match closed {
@@ -655,6 +657,11 @@ impl Tunnel {
             self.stats
                 .bytes_sent
                 .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            // The batch took everything there was: what was queued since woke the writer
+            // (whoever queues while this leg is held does), so no second look is needed.
+            if drained && !closed {
+                return Transmitted::Idle;
+            }
         }
         Transmitted::Budget
     }
