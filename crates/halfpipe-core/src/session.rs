@@ -343,8 +343,6 @@ pub struct Session {
     /// The read buffers received bulk holds, queued or with the application (see
     /// `recv_queue`).
     shared_buffers: SharedBuffers,
-    /// The read buffer of the record being handled.
-    record_buffer: BufferId,
     send_attached: bool,
     need_resume: bool,
     /// Sequenced frames received since the last ACK sent.
@@ -391,7 +389,6 @@ impl Session {
             highest_stream: 0,
             tx: SendQueue::default(),
             shared_buffers: SharedBuffers::default(),
-            record_buffer: RECORD_ALONE,
             send_attached: false,
             need_resume: false,
             unacked_recv: 0,
@@ -759,20 +756,24 @@ impl Session {
         record: Bytes,
         buffer: BufferId,
     ) -> Result<(), SessionError> {
-        self.record_buffer = buffer;
         if self.closed {
             return Err(SessionError::SessionClosed);
         }
         self.last_rx = now;
         self.silence_reported = false;
-        let r = self.handle_frames(now, record);
+        let r = self.handle_frames(now, record, buffer);
         if let Err(e) = &r {
             self.close_for(e.clone());
         }
         r
     }
 
-    fn handle_frames(&mut self, now: Instant, record: Bytes) -> Result<(), SessionError> {
+    fn handle_frames(
+        &mut self,
+        now: Instant,
+        record: Bytes,
+        buffer: BufferId,
+    ) -> Result<(), SessionError> {
         for frame in FrameDecoder::new(record)? {
             let frame = frame?;
             if frame.is_sequenced() {
@@ -793,7 +794,7 @@ impl Session {
                 if self.ack_due.is_none() {
                     self.ack_due = Some(now + self.config.ack_delay);
                 }
-                self.handle_sequenced(now, frame)?;
+                self.handle_sequenced(now, frame, buffer)?;
                 if self.closed {
                     return Ok(());
                 }
@@ -838,7 +839,13 @@ impl Session {
         Ok(())
     }
 
-    fn handle_sequenced(&mut self, now: Instant, frame: Frame) -> Result<(), SessionError> {
+    /// Handles a sequenced frame of a record opened in read buffer `buffer`.
+    fn handle_sequenced(
+        &mut self,
+        now: Instant,
+        frame: Frame,
+        buffer: BufferId,
+    ) -> Result<(), SessionError> {
         match frame {
             Frame::Open { stream, target } => {
                 if self.side != Side::Server {
@@ -876,7 +883,7 @@ impl Session {
                     }
                 }
             }
-            Frame::Data { stream, data } => self.handle_data(now, stream, data)?,
+            Frame::Data { stream, data } => self.handle_data(now, stream, data, buffer)?,
             Frame::Fin { stream } => {
                 self.check_known(stream)?;
                 if let Some(s) = self.streams.get_mut(&stream) {
@@ -906,6 +913,7 @@ impl Session {
         now: Instant,
         stream: StreamId,
         data: Bytes,
+        buffer: BufferId,
     ) -> Result<(), SessionError> {
         self.check_known(stream)?;
         let n = data.len() as u64;
@@ -929,8 +937,7 @@ impl Session {
         s.received += n;
         if n > 0 {
             let was_empty = s.queue.is_empty();
-            s.queue
-                .push(data, self.record_buffer, &mut self.shared_buffers);
+            s.queue.push(data, buffer, &mut self.shared_buffers);
             if was_empty {
                 self.events.push_back(Event::Readable(stream));
             }

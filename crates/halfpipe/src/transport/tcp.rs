@@ -194,7 +194,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn both_ends_of_a_leg_give_up_on_a_peer_that_stops_reading() {
+    async fn both_ends_of_a_leg_carry_the_user_timeout_and_nodelay() {
         // Leg URLs name a port: take a free one.
         let port = crate::quickstart::Ports::pick([0; 4]).unwrap().uplink;
         let url: LegUrl = format!("tcp://127.0.0.1:{port}").parse().unwrap();

@@ -865,16 +865,6 @@ impl Tunnel {
         })
     }
 
-    /// Resets a stream (e.g. the exit refused it for a limit); its pumps here stop too and
-    /// close their socket with a TCP reset.
-    pub fn reset(&self, stream: StreamId, code: ResetCode) {
-        self.with_session(|s| s.reset(stream, code).ok());
-        let sig = lock(&self.inner).signals.remove(&stream);
-        if let Some(sig) = sig {
-            sig.mark_reset();
-        }
-    }
-
     /// Closes the session.
     pub fn close(&self, code: CloseCode) {
         self.with_session(|s| s.close(code));

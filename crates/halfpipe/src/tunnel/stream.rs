@@ -908,7 +908,10 @@ mod tests {
         let mut p = stream_pair(false).await;
         // Both pumps wait: the client's for its application, which stays quiet throughout.
         until_lent(&p.client, p.client_stream).await;
-        p.exit.reset(p.exit_stream, ResetCode::Cancelled);
+        // The exit resets it as its pumps do on a socket error or a limit.
+        let exit_sig = signals(&p.exit, p.exit_stream).expect("the exit stream's signals");
+        p.exit
+            .reset_stream(p.exit_stream, &exit_sig, ResetCode::Cancelled);
         let mut buf = [0u8; 8];
         let read = tokio::time::timeout(Duration::from_secs(20), p.app.read(&mut buf))
             .await
